@@ -1,0 +1,47 @@
+# limbtrack: longitudinal limb volumetry on serial MRI (see README.md and DESIGN.md).
+# Wiring only: every step is a thin call into the importable package `pipeline/`.
+import json
+import sys
+
+from snakemake.utils import min_version, validate
+
+from pipeline.workflow import load_subjects, session_labels
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+# Command-line values such as day0=2024-03-01 may arrive parsed as dates or numbers.
+for _key in ("subject", "day0", "input_dir", "results_dir", "events", "subjects_sheet"):
+    config[_key] = str(config.get(_key, ""))
+validate(config, "config/schema.yaml")
+
+PY = sys.executable
+RESULTS = config["results_dir"].rstrip("/")
+SUBJECTS = load_subjects(config)
+SUBJECT_DIR = f"{RESULTS}/{{subject}}"
+SESSION_DIR = f"{SUBJECT_DIR}/ses-{{session}}"
+SESSION_STEM = f"{SESSION_DIR}/sub-{{subject}}_ses-{{session}}"
+
+
+wildcard_constraints:
+    subject="[A-Za-z0-9]+",
+    session=r"[0-9]{8}(T[0-9]{6})?",
+
+
+include: "rules/common.smk"
+include: "rules/ingest.smk"
+include: "rules/analysis.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        expand(
+            f"{SUBJECT_DIR}/{{name}}",
+            subject=sorted(SUBJECTS),
+            name=["volumes.tsv", "longitudinal.tsv", "summary.json", "report.html"],
+        ),
+    default_target: True

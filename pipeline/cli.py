@@ -1,0 +1,55 @@
+"""``limbtrack`` command: one subcommand per stage, each the same ``main(argv)`` a rule calls.
+
+Examples::
+
+    limbtrack phantom sample_data/demo          # the demo patient (DICOM + truth)
+    limbtrack index --input-dir DIR --out-dir OUT
+    limbtrack convert --sessions-json OUT/sessions.json --session 20240225 --subject demo --out-dir D
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+COMMANDS = {
+    "phantom": ("pipeline.phantom", "write a serial bilateral thigh MRI phantom with ground truth"),
+    "index": ("pipeline.dicom_index", "index a DICOM folder and select series per study"),
+    "convert": ("pipeline.convert", "convert a session's series to NIfTI + JSON sidecars"),
+    "segment": ("pipeline.segment", "segment one session into a label map"),
+    "measure": ("pipeline.measure", "volumes per session, side and structure"),
+    "longitudinal": ("pipeline.longitudinal", "asymmetry, change, response pattern, summary"),
+    "report": ("pipeline.report", "the self-contained HTML report of a subject"),
+}
+
+
+def usage() -> str:
+    lines = [f"limbtrack {__version__}: longitudinal limb volumetry on serial MRI", "",
+             "usage: limbtrack COMMAND [options]   (limbtrack COMMAND --help for options)", "",
+             "commands:"]
+    lines += [f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "The whole workflow: snakemake --cores 2 --config input_dir=PATH subject=ID "
+              "day0=YYYY-MM-DD affected_side=left|right|auto results_dir=PATH"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if args[0] == "--version":
+        print(f"limbtrack {__version__}")
+        return 0
+    if args[0] not in COMMANDS:
+        print(f"limbtrack: unknown command {args[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[args[0]][0])
+    return int(module.main(args[1:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,367 @@
+"""Longitudinal analysis: asymmetry, change from baseline, response pattern, clinical events.
+
+Definitions (DESIGN.md):
+
+* ``asymmetry_pct = 100 * (affected / contralateral - 1)``; not available when the
+  contralateral volume is 0 or the limb is missing;
+* ``change_from_baseline_pct = 100 * (affected / affected_at_baseline - 1)``;
+* baseline = the last session on or before day 0, else the first session;
+* the response pattern follows the rules of :func:`classify` with thresholds from the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .io_utils import read_tsv, sha256_file, write_json_atomic, write_tsv_atomic
+from .labels import STRUCTURES
+
+LONGITUDINAL_COLUMNS = ("subject", "study_date", "day", "structure", "affected_ml",
+                        "contralateral_ml", "difference_ml", "asymmetry_pct",
+                        "change_from_baseline_pct")
+CLASSES = ("pseudo-progression", "progression", "response", "stable", "indeterminate")
+EVENT_CATEGORIES = ("infusion", "CRS grade", "drug", "other")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Response-pattern thresholds (config ``response:``). pp = percentage points."""
+
+    flare_asymmetry_pp: float = 5.0
+    flare_lesion_ratio: float = 1.2
+    flare_lesion_min_ml: float = 1.0
+    flare_edema_ratio: float = 1.2
+    flare_edema_min_ml: float = 10.0
+    resolved_asymmetry_pp: float = 2.0
+    response_lesion_min_ml: float = 1.0
+    response_lesion_ratio: float = 0.7
+    response_asymmetry_pp: float = 5.0
+
+
+@dataclass
+class Visit:
+    """One session's affected / contralateral volumes (mL) per structure."""
+
+    study_date: str
+    day: int
+    affected_ml: dict[str, float]
+    contralateral_ml: dict[str, float | None]
+
+    def asymmetry_pct(self, structure: str = "soft_tissue") -> float | None:
+        contra = self.contralateral_ml.get(structure)
+        if not contra:
+            return None
+        return 100.0 * (self.affected_ml[structure] / contra - 1.0)
+
+
+@dataclass
+class Pattern:
+    """The response pattern with its reasons in words and numbers."""
+
+    classification: str
+    reasons: list[str] = field(default_factory=list)
+    flares: list[dict[str, Any]] = field(default_factory=list)
+
+
+def visits_from_rows(rows: Sequence[Mapping[str, str]]) -> list[Visit]:
+    """Visits (sorted by date) from volumes.tsv rows."""
+    by_date: dict[str, Visit] = {}
+    for r in rows:
+        v = by_date.setdefault(r["study_date"], Visit(r["study_date"], int(r["day"]), {}, {}))
+        value = None if r["volume_ml"] in ("n/a", "") else float(r["volume_ml"])
+        if r["role"] == "affected":
+            v.affected_ml[r["structure"]] = value if value is not None else 0.0
+        else:
+            v.contralateral_ml[r["structure"]] = value
+    return sorted(by_date.values(), key=lambda v: v.study_date)
+
+
+def baseline_index(visits: Sequence[Visit]) -> int:
+    """Index of the last visit on or before day 0, else of the first visit."""
+    before = [i for i, v in enumerate(visits) if v.day <= 0]
+    return before[-1] if before else 0
+
+
+def _pct(new: float, old: float) -> float | None:
+    return None if old == 0 else 100.0 * (new / old - 1.0)
+
+
+def longitudinal_rows(subject: str, visits: Sequence[Visit]) -> list[dict[str, Any]]:
+    """Rows of longitudinal.tsv: one per visit and structure."""
+    base = visits[baseline_index(visits)]
+    rows = []
+    for v in visits:
+        for s in STRUCTURES:
+            aff = v.affected_ml[s]
+            contra = v.contralateral_ml.get(s)
+            rows.append(dict(
+                subject=subject, study_date=v.study_date, day=v.day, structure=s,
+                affected_ml=round(aff, 3),
+                contralateral_ml=None if contra is None else round(contra, 3),
+                difference_ml=None if contra is None else round(aff - contra, 3),
+                asymmetry_pct=_round(v.asymmetry_pct(s)),
+                change_from_baseline_pct=_round(_pct(aff, base.affected_ml[s])),
+            ))
+    return rows
+
+
+def _round(x: float | None, nd: int = 2) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+def _flare_criteria(v: Visit, base: Visit, t: Thresholds) -> list[str]:
+    out = []
+    a, a0 = v.asymmetry_pct(), base.asymmetry_pct()
+    if a is not None and a0 is not None and a - a0 >= t.flare_asymmetry_pp:
+        out.append(f"soft-tissue asymmetry {a:+.1f} % vs {a0:+.1f} % at baseline "
+                   f"({a - a0:+.1f} pp, threshold +{t.flare_asymmetry_pp:g} pp)")
+    for s, ratio, min_ml in (("marrow_lesion", t.flare_lesion_ratio, t.flare_lesion_min_ml),
+                             ("edema", t.flare_edema_ratio, t.flare_edema_min_ml)):
+        x, x0 = v.affected_ml[s], base.affected_ml[s]
+        if x >= ratio * x0 and x - x0 >= min_ml:
+            out.append(f"{s.replace('_', ' ')} {x:.1f} mL vs {x0:.1f} mL at baseline "
+                       f"(x{x / x0:.2f}, +{x - x0:.1f} mL; thresholds x{ratio:g} and "
+                       f"+{min_ml:g} mL)" if x0 > 0 else
+                       f"{s.replace('_', ' ')} {x:.1f} mL vs none at baseline "
+                       f"(threshold +{min_ml:g} mL)")
+    return out
+
+
+def _resolved(v: Visit, base: Visit, t: Thresholds) -> tuple[bool, str]:
+    a, a0 = v.asymmetry_pct(), base.asymmetry_pct()
+    asym_ok = a is None or a0 is None or a - a0 <= t.resolved_asymmetry_pp
+    les, les0 = v.affected_ml["marrow_lesion"], base.affected_ml["marrow_lesion"]
+    ede, ede0 = v.affected_ml["edema"], base.affected_ml["edema"]
+    ok = asym_ok and les <= les0 and ede <= ede0
+    asym_txt = ("asymmetry not available" if a is None or a0 is None
+                else f"asymmetry {a:+.1f} % vs {a0:+.1f} % at baseline")
+    return ok, (f"{asym_txt}; lesion {les:.1f} mL (baseline {les0:.1f}); "
+                f"edema {ede:.1f} mL (baseline {ede0:.1f})")
+
+
+def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
+    """Response pattern of DESIGN.md.
+
+    * ``pseudo-progression``: a flare after baseline, and the last session resolved;
+    * ``progression``: the last session still flares against baseline;
+    * ``response``: no flare, and at the last session a baseline lesion >= 1 mL is down to
+      <= 0.7 x baseline, or asymmetry is >= 5 pp below baseline;
+    * ``stable``: none of these; ``indeterminate``: fewer than two sessions.
+    """
+    t = t or Thresholds()
+    if len(visits) < 2:
+        return Pattern("indeterminate", [f"{len(visits)} session(s): at least two are needed"])
+    b = baseline_index(visits)
+    base = visits[b]
+    later = list(visits[b + 1:])
+    if not later:
+        return Pattern("indeterminate", [f"no session after the baseline (day {base.day})"])
+    flares = []
+    for v in later:
+        crit = _flare_criteria(v, base, t)
+        if crit:
+            flares.append({"study_date": v.study_date, "day": v.day, "criteria": crit})
+    last = later[-1]
+    last_flare = _flare_criteria(last, base, t)
+    resolved, resolved_txt = _resolved(last, base, t)
+    reasons = [f"Baseline: {base.study_date} (day {base.day}); last session: "
+               f"{last.study_date} (day {last.day})."]
+    for f in flares:
+        reasons.append(f"Flare at day {f['day']}: " + "; ".join(f["criteria"]) + ".")
+    if last_flare:
+        reasons.append(f"The last session (day {last.day}) still flares against baseline.")
+        return Pattern("progression", reasons, flares)
+    if flares and resolved:
+        reasons.append(f"Resolved by day {last.day}: {resolved_txt}.")
+        return Pattern("pseudo-progression", reasons, flares)
+    if flares:
+        reasons.append(f"Not resolved at day {last.day} ({resolved_txt}), no flare either.")
+        return Pattern("stable", reasons, flares)
+    les0, les = base.affected_ml["marrow_lesion"], last.affected_ml["marrow_lesion"]
+    a0, a = base.asymmetry_pct(), last.asymmetry_pct()
+    if les0 >= t.response_lesion_min_ml and les <= t.response_lesion_ratio * les0:
+        reasons.append(f"No flare; marrow lesion {les:.1f} mL at day {last.day} vs {les0:.1f} mL "
+                       f"at baseline (x{les / les0:.2f}, threshold x{t.response_lesion_ratio:g}).")
+        return Pattern("response", reasons, flares)
+    if a is not None and a0 is not None and a0 - a >= t.response_asymmetry_pp:
+        reasons.append(f"No flare; soft-tissue asymmetry {a:+.1f} % at day {last.day} vs "
+                       f"{a0:+.1f} % at baseline ({a - a0:+.1f} pp).")
+        return Pattern("response", reasons, flares)
+    reasons.append(f"No flare and no response criterion met at day {last.day} "
+                   f"({resolved_txt}).")
+    return Pattern("stable", reasons, flares)
+
+
+def read_events(path: str | Path | None, day0: str) -> list[dict[str, Any]]:
+    """Clinical events from a TSV with columns ``day`` or ``date``, ``label``, ``category``.
+
+    Raises ValueError naming the file and row for a row that cannot be placed on the timeline.
+    """
+    if not path:
+        return []
+    d0 = dt.date.fromisoformat(day0)
+    events = []
+    for n, row in enumerate(read_tsv(path), start=2):
+        try:
+            if row.get("date") not in (None, "", "n/a"):
+                date = dt.date.fromisoformat(row["date"])
+                day = (date - d0).days
+            else:
+                day = int(row["day"])
+                date = d0 + dt.timedelta(days=day)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}, line {n}: needs a 'day' (integer) or 'date' "
+                             f"(YYYY-MM-DD) column ({err})") from None
+        category = (row.get("category") or "other").strip()
+        events.append({"day": day, "date": date.isoformat(),
+                       "label": (row.get("label") or "").strip(),
+                       "category": category if category in EVENT_CATEGORIES else "other"})
+    return sorted(events, key=lambda e: e["day"])
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of limbtrack, Python and the libraries that shape the numbers."""
+    out = {"limbtrack": __version__, "python": platform.python_version()}
+    for pkg in ("numpy", "scipy", "SimpleITK", "scikit-image", "pydicom", "nibabel",
+                "snakemake", "matplotlib", "jinja2"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def input_checksums(sessions_index: Mapping[str, Any]) -> dict[str, Any]:
+    """SHA-256 of every input file used, relative to the input folder, and of the list."""
+    root = Path(sessions_index.get("input_dir", "."))
+    files = []
+    for s in sessions_index.get("sessions", []):
+        for role in ("anatomical", "fluid"):
+            for f in s[role]["files"]:
+                p = Path(f)
+                try:
+                    rel = str(p.relative_to(root))
+                except ValueError:
+                    rel = p.name
+                files.append({"path": rel, "sha256": sha256_file(p)})
+    files.sort(key=lambda x: x["path"])
+    digest = hashlib.sha256("".join(f["path"] + f["sha256"] for f in files).encode()).hexdigest()
+    return {"n_files": len(files), "sha256_of_list": digest, "files": files}
+
+
+def build_summary(
+    subject: str, day0: str, visits: Sequence[Visit], pattern: Pattern,
+    side_info: Mapping[str, Any], sessions_index: Mapping[str, Any],
+    session_files: Mapping[str, Mapping[str, str]], qc: Mapping[str, Mapping[str, Any]],
+    events: list[dict[str, Any]], thresholds: Thresholds, settings: Mapping[str, Any],
+) -> dict[str, Any]:
+    """summary.json content (DESIGN.md output contract plus provenance)."""
+    base = visits[baseline_index(visits)] if visits else None
+    warnings: list[str] = []
+    by_label = {s["session"]: s for s in sessions_index.get("sessions", [])}
+    extents = {s["session"]: s for s in side_info.get("sessions", [])}
+    sessions = []
+    for label, files in session_files.items():
+        entry = by_label.get(label, {})
+        ext = extents.get(label, {})
+        s_warn = [f"session {label}: {w}" for w in qc.get(label, {}).get("warnings", [])]
+        warnings.extend(s_warn)
+
+        def describe(role: str, entry: Mapping[str, Any] = entry) -> str:
+            e = entry.get(role, {})
+            return f"{e.get('description', '')} (series {e.get('series_number', '?')})"
+
+        sessions.append({
+            "session": label, "study_date": entry.get("study_date"), "day": ext.get("day"),
+            "files": dict(files), "anatomical_series": describe("anatomical"),
+            "fluid_series": describe("fluid"), "z_range_mm": ext.get("z_range_mm"),
+            "n_slices": ext.get("n_slices"), "warnings": s_warn,
+        })
+    ranges = [s["z_range_mm"] for s in sessions if s.get("z_range_mm")]
+    common = None
+    if ranges:
+        common = [max(r[0] for r in ranges), min(r[1] for r in ranges)]
+        widths = [r[1] - r[0] for r in ranges]
+        if max(widths) - min(widths) > 1.0 or any(abs(r[0] - common[0]) > 1.0 for r in ranges):
+            warnings.append("sessions cover different cranio-caudal extents; volumes are not yet "
+                            "restricted to the common extent (needs registration, issue 5)")
+    for r in sessions_index.get("refused_studies", []):
+        warnings.append(f"study {r.get('study_date') or 'without date'} not used: {r['reason']}")
+    return {
+        "subject": subject,
+        "affected_side": side_info["affected_side"],
+        "affected_side_source": side_info.get("affected_side_source", "configuration"),
+        "day0": day0,
+        "baseline_study_date": base.study_date if base else None,
+        "baseline_day": base.day if base else None,
+        "classification": pattern.classification,
+        "classification_note": "A pattern consistent with this label, from volume measurements; "
+                               "a measurement aid, not a diagnosis.",
+        "reasons": pattern.reasons,
+        "flares": pattern.flares,
+        "warnings": warnings,
+        "sessions": sessions,
+        "extent_mm": {"common_z_range_mm": common,
+                      "note": "volumes are summed over every slice of each session"},
+        "events": events,
+        "thresholds": asdict(thresholds),
+        "settings": dict(settings),
+        "software": software_versions(),
+        "inputs": input_checksums(sessions_index),
+        "run_date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="limbtrack longitudinal", description=__doc__.split("\n")[0])
+    p.add_argument("--subject", required=True)
+    p.add_argument("--day0", required=True)
+    p.add_argument("--subject-dir", required=True, type=Path)
+    p.add_argument("--volumes", required=True, type=Path)
+    p.add_argument("--side-json", required=True, type=Path)
+    p.add_argument("--sessions-json", required=True, type=Path)
+    p.add_argument("--qc", nargs="*", default=[], type=Path, help="segmentation QC sidecars")
+    p.add_argument("--events", default="", help="events TSV (optional)")
+    p.add_argument("--thresholds-json", default="{}")
+    p.add_argument("--settings-json", default="{}")
+    p.add_argument("--out-tsv", required=True, type=Path)
+    p.add_argument("--out-summary", required=True, type=Path)
+    args = p.parse_args(argv)
+
+    thresholds = Thresholds(**json.loads(args.thresholds_json))
+    visits = visits_from_rows(read_tsv(args.volumes))
+    pattern = classify(visits, thresholds)
+    side_info = json.loads(args.side_json.read_text(encoding="utf-8"))
+    index = json.loads(args.sessions_json.read_text(encoding="utf-8"))
+    qc = {}
+    session_files: dict[str, dict[str, str]] = {}
+    for q in args.qc:
+        label = q.name.split("_ses-")[1].split("_")[0]
+        qc[label] = json.loads(q.read_text(encoding="utf-8"))
+        stem = q.name[: -len("_dseg.json")]
+        rel = q.parent.relative_to(args.subject_dir)
+        session_files[label] = {"t1": str(rel / f"{stem}_T1w.nii.gz"),
+                                "fluid": str(rel / f"{stem}_fluid.nii.gz"),
+                                "dseg": str(rel / f"{stem}_dseg.nii.gz")}
+    session_files = dict(sorted(session_files.items()))
+    events = read_events(args.events or None, args.day0)
+    summary = build_summary(args.subject, args.day0, visits, pattern, side_info, index,
+                            session_files, qc, events, thresholds, json.loads(args.settings_json))
+    write_tsv_atomic(args.out_tsv, longitudinal_rows(args.subject, visits), LONGITUDINAL_COLUMNS)
+    write_json_atomic(args.out_summary, summary)
+    print(f"{args.subject}: {pattern.classification}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,454 @@
+"""Per-session segmentation: left/right limb, bone, marrow lesion and edema -> one label map.
+
+The label map (values in :mod:`pipeline.labels`) is written on the fluid-sensitive series' grid.
+The T1-weighted series is resampled onto that grid through physical space (never assumed
+aligned). Left and right come from the image geometry: the limb whose centroid has the larger
+LPS x coordinate is the patient's left.
+
+Method (each step's numbers go to the QC sidecar):
+
+1. N4 bias-field correction of the T1-weighted image on a shrunk copy; the same receive field
+   divides the fluid image (one coil, one session).
+2. Limbs: T1 half-maximum edge threshold between background and the tissue just inside the skin
+   (unbiased under partial volume), holes filled per axial slice, components; two touching
+   thighs are split by a two-seed watershed on the distance transform.
+3. Bone: the dark cortical ring on T1 (below half the muscle level), thin septa removed by an
+   opening, holes filled: cortex plus marrow cavity.
+4. Marrow lesion: marrow voxels whose fluid signal exceeds the contralateral marrow's 99th
+   percentile (seed), grown by hysteresis down to half-way between lesion and marrow, with T1 at
+   or below muscle-plus-partial-volume.
+5. Edema: soft tissue whose fluid signal exceeds the contralateral soft tissue's 99.5th
+   percentile (seed), grown by hysteresis to half-way between edema and muscle, specks removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from numpy.typing import NDArray
+from scipy import ndimage
+from skimage import filters, measure, morphology, segmentation
+
+from . import __version__
+from .io_utils import atomic_path, write_json_atomic
+from .labels import BONE, EDEMA, LESION, SIDE_OFFSET, SOFT_TISSUE
+
+BoolArray = NDArray[np.bool_]
+FloatArray = NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """Tunable settings; defaults mirror config/config.yaml (segment: ...)."""
+
+    n4_shrink: int = 4
+    n4_iterations: tuple[int, ...] = (50, 40, 30)
+    min_limb_area_mm2: float = 400.0
+    lesion_seed_percentile: float = 99.0
+    lesion_t1_max_rel_muscle: float = 1.4
+    edema_seed_percentile: float = 99.5
+    edema_seed_min_rel_muscle: float = 1.45
+    min_lesion_component_mm3: float = 100.0
+    min_edema_component_mm3: float = 60.0
+
+
+@dataclass
+class SegmentResult:
+    """Label map (SimpleITK image on the fluid grid) and QC statistics."""
+
+    labels: sitk.Image
+    qc: dict[str, Any] = field(default_factory=dict)
+
+
+def read_image(path: str | Path) -> sitk.Image:
+    """Read an image as float32 with its geometry."""
+    return sitk.ReadImage(str(path), sitk.sitkFloat32)
+
+
+def resample_to(moving: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Resample `moving` onto `reference`'s grid through physical space (linear, 0 outside)."""
+    same = (
+        moving.GetSize() == reference.GetSize()
+        and np.allclose(moving.GetSpacing(), reference.GetSpacing(), atol=1e-4)
+        and np.allclose(moving.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+        and np.allclose(moving.GetDirection(), reference.GetDirection(), atol=1e-5)
+    )
+    if same:
+        return moving
+    return sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0,
+                         sitk.sitkFloat32)
+
+
+def n4_log_bias(image: sitk.Image, mask: sitk.Image, settings: SegmentSettings) -> sitk.Image:
+    """Log bias field of `image` at full resolution, estimated by N4 on a shrunk copy."""
+    size = image.GetSize()
+    shrink = max(1, min(settings.n4_shrink, min(size[0], size[1]) // 48))
+    shrink_z = 1 if size[2] < 4 * shrink else shrink
+    factors = [shrink, shrink, shrink_z]
+    small = sitk.Shrink(image, factors)
+    small_mask = sitk.Shrink(mask, factors)
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetMaximumNumberOfIterations(list(settings.n4_iterations))
+    corrector.Execute(small, small_mask)
+    return corrector.GetLogBiasFieldAsImage(image)
+
+
+def _fill_per_slice(mask: BoolArray) -> BoolArray:
+    out = np.empty_like(mask)
+    for k in range(mask.shape[0]):
+        out[k] = ndimage.binary_fill_holes(mask[k])
+    return out
+
+
+def limb_masks(
+    t1: FloatArray, spacing_zyx_mm: tuple[float, float, float], x_of_column_mm: FloatArray,
+    settings: SegmentSettings, qc: dict[str, Any],
+) -> dict[str, BoolArray]:
+    """Left and right limb masks (Z, Y, X) from a bias-corrected T1 image.
+
+    Parameters
+    ----------
+    t1 : ndarray of shape (Z, Y, X)
+        Bias-corrected T1-weighted image, axial slices along axis 0.
+    spacing_zyx_mm : tuple of float
+        Voxel spacing in mm.
+    x_of_column_mm : ndarray of shape (X,)
+        LPS x coordinate (mm) of each column at the image centre; larger is the patient's left.
+    """
+    pixel_mm2 = spacing_zyx_mm[1] * spacing_zyx_mm[2]
+    body, info = body_mask(t1)
+    qc.update(info)
+    left = np.zeros_like(body)
+    right = np.zeros_like(body)
+    min_px = settings.min_limb_area_mm2 / pixel_mm2
+    n_split = 0
+    single_slices = 0
+    for k in range(body.shape[0]):
+        lab, n = ndimage.label(body[k])
+        parts: list[BoolArray] = []
+        for i in range(1, n + 1):
+            comp = lab == i
+            if comp.sum() < min_px:
+                continue
+            halves = split_touching(comp)
+            if halves is not None and min(h.sum() for h in halves) >= min_px:
+                parts.extend(halves)
+                n_split += 1
+            else:
+                parts.append(comp)
+        parts = sorted(parts, key=lambda c: -int(c.sum()))[:2]
+        xs = []
+        for comp in parts:
+            cols = np.nonzero(comp.any(axis=0))[0]
+            xs.append(float(np.average(x_of_column_mm[cols], weights=comp.sum(axis=0)[cols])))
+        if len(parts) == 2:
+            is_left = [xs[0] > xs[1], xs[1] > xs[0]]
+        else:
+            single_slices += len(parts)
+            is_left = [x > 0.0 for x in xs]
+        for comp, lft in zip(parts, is_left):
+            (left if lft else right)[k] |= comp
+    qc.update(slices_split=n_split, slices_single_limb=single_slices)
+    return {"left": left, "right": right}
+
+
+def body_mask(t1: FloatArray) -> tuple[BoolArray, dict[str, float]]:
+    """Everything that is not air (Z, Y, X), with the skin edge placed at half maximum.
+
+    A low threshold (12 % of the way from air to the brightest tissue) with holes filled per
+    slice gives the topology, robust to dark strands crossing the fat. The outer edge is then
+    refined voxel by voxel: a voxel in the boundary band belongs to the limb when its signal is
+    at least half-way between air and the tissue just inside it (mean of the first inner voxel
+    layer within 7 x 7 voxels), which places the edge where partial volume is about 50 %.
+    """
+    air = float(np.percentile(t1, 30))
+    hi = float(np.percentile(t1, 99.5))
+    rough = _fill_per_slice(t1 > air + 0.12 * (hi - air))
+    rough = ndimage.binary_opening(rough, structure=np.ones((1, 3, 3), bool))
+    outside = ~ndimage.binary_dilation(rough, structure=np.ones((1, 3, 3), bool), iterations=3)
+    bg = float(np.mean(t1[outside])) if outside.any() else air
+    plane = np.ones((1, 3, 3), bool)
+    core = ndimage.binary_erosion(rough, structure=plane, iterations=2)
+    # The reference is the first voxel layer fully inside the skin edge: thin, dimmer skin
+    # dominates it, as it dominates the partial-volume voxels on the edge.
+    layer = ndimage.binary_erosion(rough, structure=plane) & ~core
+    weight = ndimage.uniform_filter(layer.astype(np.float32), size=(1, 7, 7))
+    local = ndimage.uniform_filter(np.where(layer, t1, 0).astype(np.float32), size=(1, 7, 7))
+    inside_level = np.divide(local, weight, out=np.full_like(local, hi), where=weight > 1e-3)
+    band = ndimage.binary_dilation(rough, structure=plane, iterations=2) & ~core
+    edge = band & (t1 >= bg + 0.5 * (inside_level - bg))
+    body = _fill_per_slice(core | edge)
+    body = ndimage.binary_opening(body, structure=plane)
+    return body, {"background_level": bg, "rough_threshold": air + 0.12 * (hi - air)}
+
+
+def split_touching(mask2d: BoolArray) -> tuple[BoolArray, BoolArray] | None:
+    """Split one 2-D component holding two touching limbs by a two-seed watershed.
+
+    Seeds are the distance-transform maxima on either side of the narrowest column of the
+    component's left-right occupancy profile. Returns None when the profile has no waist
+    (a single limb).
+    """
+    profile = mask2d.sum(axis=0).astype(float)
+    cols = np.nonzero(profile)[0]
+    c0, c1 = int(cols[0]), int(cols[-1])
+    width = c1 - c0
+    if width < 10:
+        return None
+    lo, hi = c0 + width // 4, c1 - width // 4
+    waist = lo + int(np.argmin(profile[lo:hi + 1]))
+    if profile[waist] > 0.85 * min(profile[c0:waist].max(), profile[waist:c1 + 1].max()):
+        return None
+    dist = ndimage.distance_transform_edt(mask2d)
+    markers = np.zeros(mask2d.shape, dtype=np.int32)
+    for m, (a, b) in enumerate(((c0, waist), (waist + 1, c1 + 1)), start=1):
+        sub = dist[:, a:b]
+        r, c = np.unravel_index(int(np.argmax(sub)), sub.shape)
+        markers[r, a + c] = m
+    ws = segmentation.watershed(-dist, markers, mask=mask2d)
+    return ws == 1, ws == 2
+
+
+def _muscle_level_t1(t1: FloatArray, limb: BoolArray) -> tuple[float, float]:
+    """Muscle and fat T1 levels in a limb: the two classes of an Otsu split of tissue signal."""
+    vals = t1[limb]
+    fat = float(np.percentile(vals, 97))
+    tissue = vals[vals > 0.15 * fat]
+    split = filters.threshold_otsu(tissue)
+    return float(np.median(tissue[tissue < split])), float(np.median(tissue[tissue >= split]))
+
+
+def bone_mask(t1: FloatArray, limb: BoolArray, muscle: float, pixel_mm: float) -> BoolArray:
+    """Cortex and marrow cavity (Z, Y, X) inside one limb.
+
+    Per slice: voxels darker than half the muscle level (cortex is ~0) away from the skin, holes
+    filled; among compact components (solidity >= 0.85, under 30 % of the limb's section) the one
+    enclosing the largest cavity wins, so septa and fascia loops are not taken for bone. Where
+    partial volume lifts a thin (metaphyseal) cortex above that level and the ring is open, the
+    level is raised step by step (0.65, 0.8 x muscle) until a ring closes.
+    """
+    inner = ndimage.binary_erosion(limb, structure=np.ones((1, 3, 3), bool),
+                                   iterations=max(1, int(round(4.0 / pixel_mm))))
+    out = np.zeros_like(limb)
+    min_px = 40.0 / pixel_mm**2
+    for k in range(limb.shape[0]):
+        limb_px = float(limb[k].sum())
+        if limb_px == 0:
+            continue
+        for level in (0.5, 0.65, 0.8):
+            best = _best_ring(((t1[k] < level * muscle) & inner[k]), min_px, 0.3 * limb_px)
+            if best is not None:
+                out[k] = best
+                break
+    return out
+
+
+def _best_ring(dark: BoolArray, min_px: float, max_px: float) -> BoolArray | None:
+    filled = ndimage.binary_fill_holes(dark)
+    lab, n = ndimage.label(filled)
+    best, best_cavity = None, 0.0
+    for region in measure.regionprops(lab):
+        if not min_px <= region.area <= max_px or region.solidity < 0.85:
+            continue
+        comp = lab == region.label
+        cavity = float((comp & ~dark).sum())
+        if cavity > best_cavity:
+            best, best_cavity = comp, cavity
+    return best
+
+
+def _hysteresis(image: FloatArray, region: BoolArray, low: float, high: float) -> BoolArray:
+    img = np.where(region, image, -np.inf).astype(np.float32)
+    return filters.apply_hysteresis_threshold(img, low, high)
+
+
+def _remove_small(mask: BoolArray, min_mm3: float, voxel_mm3: float) -> BoolArray:
+    return morphology.remove_small_objects(mask, max_size=max(0, int(round(min_mm3 / voxel_mm3)) - 1))
+
+
+def segment_arrays(
+    t1: FloatArray, fluid: FloatArray, spacing_zyx_mm: tuple[float, float, float],
+    x_of_column_mm: FloatArray, settings: SegmentSettings,
+) -> tuple[NDArray[np.uint8], dict[str, Any]]:
+    """Label map (Z, Y, X) from bias-corrected T1 and fluid images on one axial grid."""
+    qc: dict[str, Any] = {}
+    voxel_mm3 = float(np.prod(spacing_zyx_mm))
+    pixel_mm = float(np.sqrt(spacing_zyx_mm[1] * spacing_zyx_mm[2]))
+    limbs = limb_masks(t1, spacing_zyx_mm, x_of_column_mm, settings, qc)
+    present = [s for s in ("right", "left") if limbs[s].sum() * voxel_mm3 > 10_000]
+    qc["sides_present"] = present
+    labels = np.zeros(t1.shape, dtype=np.uint8)
+    per_side: dict[str, dict[str, Any]] = {}
+    for side in present:
+        limb = limbs[side]
+        muscle, fat = _muscle_level_t1(t1, limb)
+        bone = bone_mask(t1, limb, muscle, pixel_mm) & limb
+        cortex = bone & (t1 < 0.5 * muscle)
+        marrow = bone & ~ndimage.binary_dilation(cortex, structure=np.ones((1, 3, 3), bool))
+        soft = limb & ~bone
+        per_side[side] = dict(limb=limb, bone=bone, marrow=marrow, soft=soft,
+                              t1_muscle=muscle, t1_fat=fat)
+    for side in present:
+        s = per_side[side]
+        ref = per_side.get("left" if side == "right" else "right")
+        # Reference distributions: the contralateral limb (the patient's own control);
+        # with one limb only, the same limb's robust levels.
+        ref_soft = fluid[ref["soft"]] if ref else fluid[s["soft"]]
+        ref_marrow = fluid[ref["marrow"]] if ref and ref["marrow"].any() else fluid[s["marrow"]]
+        soft_vals = ref_soft[ref_soft > 0]
+        split = filters.threshold_otsu(soft_vals) if soft_vals.size > 10 else 0.0
+        muscle_fl = float(np.median(soft_vals[soft_vals >= split])) if soft_vals.size else 0.0
+        # Marrow lesion.
+        lesion = np.zeros_like(s["limb"])
+        lesion_info: dict[str, Any] = {}
+        if s["marrow"].any() and ref_marrow.size:
+            seed_thr = max(float(np.percentile(ref_marrow, settings.lesion_seed_percentile)),
+                           1.3 * muscle_fl)
+            t1_ok = t1 <= settings.lesion_t1_max_rel_muscle * s["t1_muscle"]
+            seeds = s["marrow"] & (fluid > seed_thr) & t1_ok
+            if seeds.any():
+                core = float(np.median(fluid[seeds]))
+                background = float(np.median(ref_marrow))
+                low = max(0.5 * (core + background), float(np.percentile(ref_marrow, 95)))
+                lesion = _hysteresis(fluid, s["bone"], low, seed_thr)
+                lesion = _remove_small(lesion, settings.min_lesion_component_mm3, voxel_mm3)
+                lesion_info = dict(seed_threshold=seed_thr, low_threshold=low, core=core,
+                                   marrow_reference=background)
+        # Edema.
+        edema = np.zeros_like(s["limb"])
+        edema_info: dict[str, Any] = {}
+        if soft_vals.size:
+            seed_thr = max(float(np.percentile(soft_vals, settings.edema_seed_percentile)),
+                           settings.edema_seed_min_rel_muscle * muscle_fl)
+            seeds = s["soft"] & (fluid > seed_thr)
+            if seeds.any():
+                # Edematous muscle sets the level (seeds with muscle-like T1); fluid strands in
+                # fat are brighter, and half-way to muscle is also near half-way to fat for them.
+                muscle_like = seeds & (np.abs(t1 / s["t1_muscle"] - 1.0) < 0.4)
+                core_vals = fluid[muscle_like] if muscle_like.sum() > 20 else fluid[seeds]
+                core = float(np.median(core_vals))
+                low = max(0.5 * (core + muscle_fl), 1.2 * muscle_fl)
+                edema = _hysteresis(fluid, s["soft"], low, seed_thr)
+                edema = _remove_small(edema, settings.min_edema_component_mm3, voxel_mm3)
+                edema_info = dict(seed_threshold=seed_thr, low_threshold=low, core=core,
+                                  muscle_reference=muscle_fl)
+        off = SIDE_OFFSET[side]
+        labels[s["limb"]] = off + SOFT_TISSUE
+        labels[edema & s["soft"]] = off + EDEMA
+        labels[s["bone"]] = off + BONE
+        labels[lesion & s["bone"]] = off + LESION
+        qc[side] = dict(t1_muscle=s["t1_muscle"], t1_fat=s["t1_fat"], fluid_muscle=muscle_fl,
+                        lesion=lesion_info, edema=edema_info,
+                        bone_slices=int(s["bone"].any(axis=(1, 2)).sum()),
+                        limb_slices=int(s["limb"].any(axis=(1, 2)).sum()))
+    return labels, qc
+
+
+def segment_session(
+    t1_path: str | Path, fluid_path: str | Path, settings: SegmentSettings | None = None
+) -> SegmentResult:
+    """Segment one session; the label map is on the fluid-sensitive image's grid."""
+    settings = settings or SegmentSettings()
+    t_start = time.perf_counter()
+    fluid_native = read_image(fluid_path)
+    t1_native = read_image(t1_path)
+    # Work on an LPS-ordered copy so that axis 0 of the array runs inferior-superior (axial
+    # slices); permutations and flips only, undone at the end.
+    fluid = sitk.DICOMOrient(fluid_native, "LPS")
+    t1 = resample_to(t1_native, fluid)
+    warnings: list[str] = []
+    if t1 is not t1_native:
+        warnings.append("T1-weighted series resampled onto the fluid-sensitive grid")
+
+    t1_arr = sitk.GetArrayFromImage(t1)
+    otsu = sitk.OtsuThreshold(t1, 0, 1)
+    log_bias = n4_log_bias(t1, otsu, settings)
+    gain = np.exp(sitk.GetArrayFromImage(log_bias)).astype(np.float32)
+    t1c = (t1_arr / gain).astype(np.float32)
+    fluid_c = (sitk.GetArrayFromImage(fluid) / gain).astype(np.float32)
+    t_n4 = time.perf_counter()
+
+    spacing_xyz = fluid.GetSpacing()
+    spacing_zyx = (spacing_xyz[2], spacing_xyz[1], spacing_xyz[0])
+    nx, ny, nz = fluid.GetSize()
+    x_of_column = np.array(
+        [fluid.TransformContinuousIndexToPhysicalPoint((i, (ny - 1) / 2, (nz - 1) / 2))[0]
+         for i in range(nx)], dtype=np.float32)
+    labels_arr, qc = segment_arrays(t1c, fluid_c, spacing_zyx, x_of_column, settings)
+    t_seg = time.perf_counter()
+
+    labels = sitk.GetImageFromArray(labels_arr)
+    labels.CopyInformation(fluid)
+    labels = sitk.Cast(labels, sitk.sitkUInt8)
+    # Back onto the fluid series' own orientation.
+    labels = sitk.Resample(labels, fluid_native, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                           sitk.sitkUInt8)
+    if len(qc["sides_present"]) < 2:
+        warnings.append(f"only {len(qc['sides_present'])} limb(s) found in the field of view")
+    qc.update(
+        warnings=warnings,
+        bias_gain_range=[float(gain.min()), float(gain.max())],
+        seconds={"n4": round(t_n4 - t_start, 2), "segment": round(t_seg - t_n4, 2)},
+        settings={k: (list(v) if isinstance(v, tuple) else v)
+                  for k, v in settings.__dict__.items()},
+        software=f"limbtrack {__version__}",
+    )
+    return SegmentResult(labels, qc)
+
+
+def write_labels(result: SegmentResult, out_path: str | Path, qc_path: str | Path) -> None:
+    """Write the label map (uint8 NIfTI) and its QC sidecar atomically."""
+    with atomic_path(out_path) as tmp:
+        sitk.WriteImage(result.labels, str(tmp), useCompression=True)
+    write_json_atomic(qc_path, _jsonable(result.qc))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return round(float(obj), 4)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def settings_from_json(text: str | None) -> SegmentSettings:
+    """Settings from a JSON object (config 'segment' section); unknown keys are refused."""
+    if not text:
+        return SegmentSettings()
+    values = json.loads(text)
+    known = SegmentSettings.__dataclass_fields__
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown segment settings: {', '.join(unknown)}")
+    if "n4_iterations" in values:
+        values["n4_iterations"] = tuple(values["n4_iterations"])
+    return SegmentSettings(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="limbtrack segment", description=__doc__.split("\n")[0])
+    p.add_argument("--t1", required=True, type=Path)
+    p.add_argument("--fluid", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="label map .nii.gz")
+    p.add_argument("--qc", required=True, type=Path, help="QC sidecar .json")
+    p.add_argument("--settings-json", default=None, help="segment settings as a JSON object")
+    args = p.parse_args(argv)
+    result = segment_session(args.t1, args.fluid, settings_from_json(args.settings_json))
+    write_labels(result, args.out, args.qc)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

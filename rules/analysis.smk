@@ -1,0 +1,75 @@
+# segment (per session) -> measure (all sessions) -> longitudinal (pattern, summary)
+
+
+rule segment:
+    input:
+        t1=f"{SESSION_STEM}_T1w.nii.gz",
+        fluid=f"{SESSION_STEM}_fluid.nii.gz",
+    output:
+        dseg=f"{SESSION_STEM}_dseg.nii.gz",
+        qc=f"{SESSION_STEM}_dseg.json",
+    params:
+        settings=json.dumps(config["segment"]),
+    log:
+        f"{SUBJECT_DIR}/logs/segment_ses-{{session}}.log",
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=30,
+    shell:
+        "{PY} -m pipeline.segment --t1 {input.t1:q} --fluid {input.fluid:q}"
+        " --out {output.dseg:q} --qc {output.qc:q} --settings-json {params.settings:q}"
+        " > {log:q} 2>&1"
+
+
+rule measure:
+    input:
+        sessions_json=f"{SUBJECT_DIR}/sessions.json",
+        dseg=session_files(f"{SESSION_STEM}_dseg.nii.gz"),
+    output:
+        volumes=f"{SUBJECT_DIR}/volumes.tsv",
+        side=f"{SUBJECT_DIR}/side.json",
+    params:
+        day0=subject_value("day0"),
+        affected_side=subject_value("affected_side"),
+    log:
+        f"{SUBJECT_DIR}/logs/measure.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "{PY} -m pipeline.measure --subject {wildcards.subject} --day0 {params.day0}"
+        " --affected-side {params.affected_side} --sessions-json {input.sessions_json:q}"
+        " --dseg {input.dseg:q} --out {output.volumes:q} --side-json {output.side:q}"
+        " > {log:q} 2>&1"
+
+
+rule longitudinal:
+    input:
+        volumes=f"{SUBJECT_DIR}/volumes.tsv",
+        side=f"{SUBJECT_DIR}/side.json",
+        sessions_json=f"{SUBJECT_DIR}/sessions.json",
+        qc=session_files(f"{SESSION_STEM}_dseg.json"),
+    output:
+        longitudinal=f"{SUBJECT_DIR}/longitudinal.tsv",
+        summary=f"{SUBJECT_DIR}/summary.json",
+    params:
+        day0=subject_value("day0"),
+        subject_dir=SUBJECT_DIR,
+        events=events_arg,
+        thresholds=json.dumps(config["response"]),
+        settings=json.dumps({"series": config["series"], "segment": config["segment"]}),
+    log:
+        f"{SUBJECT_DIR}/logs/longitudinal.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "{PY} -m pipeline.longitudinal --subject {wildcards.subject} --day0 {params.day0}"
+        " --subject-dir {params.subject_dir:q} --volumes {input.volumes:q}"
+        " --side-json {input.side:q} --sessions-json {input.sessions_json:q}"
+        " --qc {input.qc:q} {params.events} --thresholds-json {params.thresholds:q}"
+        " --settings-json {params.settings:q}"
+        " --out-tsv {output.longitudinal:q} --out-summary {output.summary:q} > {log:q} 2>&1"

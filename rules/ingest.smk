@@ -1,0 +1,44 @@
+# index (checkpoint: which sessions exist) -> convert (one session's two series to NIfTI)
+
+
+checkpoint index:
+    output:
+        index_tsv=f"{SUBJECT_DIR}/index.tsv",
+        problems_tsv=f"{SUBJECT_DIR}/problems.tsv",
+        sessions_json=f"{SUBJECT_DIR}/sessions.json",
+        sessions_tsv=f"{SUBJECT_DIR}/sessions.tsv",
+    params:
+        input_dir=subject_value("input_dir"),
+        out_dir=SUBJECT_DIR,
+        series=series_args(),
+    log:
+        f"{SUBJECT_DIR}/logs/index.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=30,
+    shell:
+        "{PY} -m pipeline.dicom_index --input-dir {params.input_dir:q} --out-dir {params.out_dir:q}"
+        " {params.series} > {log:q} 2>&1"
+
+
+rule convert:
+    input:
+        sessions_json=f"{SUBJECT_DIR}/sessions.json",
+    output:
+        t1=f"{SESSION_STEM}_T1w.nii.gz",
+        fluid=f"{SESSION_STEM}_fluid.nii.gz",
+        t1_json=f"{SESSION_STEM}_T1w.json",
+        fluid_json=f"{SESSION_STEM}_fluid.json",
+    params:
+        out_dir=SESSION_DIR,
+    log:
+        f"{SUBJECT_DIR}/logs/convert_ses-{{session}}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    shell:
+        "{PY} -m pipeline.convert --sessions-json {input.sessions_json:q}"
+        " --session {wildcards.session} --subject {wildcards.subject}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
