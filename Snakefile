@@ -18,7 +18,7 @@ for _key in ("subject", "day0", "input_dir", "results_dir", "events", "subjects_
     config[_key] = str(config.get(_key, ""))
 validate(config, "config/schema.yaml")
 
-PY = sys.executable
+PYTHON = sys.executable  # the interpreter running Snakemake runs the steps too
 RESULTS = config["results_dir"].rstrip("/")
 SUBJECTS = load_subjects(config)
 SUBJECT_DIR = f"{RESULTS}/{{subject}}"

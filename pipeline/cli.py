@@ -4,7 +4,8 @@ Examples::
 
     limbtrack phantom sample_data/demo          # the demo patient (DICOM + truth)
     limbtrack index --input-dir DIR --out-dir OUT
-    limbtrack convert --sessions-json OUT/sessions.json --session 20240225 --subject demo --out-dir D
+    limbtrack convert --sessions-json OUT/sessions.json --session 20240225 --subject demo \
+        --out-dir D
 """
 
 from __future__ import annotations
@@ -27,12 +28,19 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = [f"limbtrack {__version__}: longitudinal limb volumetry on serial MRI", "",
-             "usage: limbtrack COMMAND [options]   (limbtrack COMMAND --help for options)", "",
-             "commands:"]
+    lines = [
+        f"limbtrack {__version__}: longitudinal limb volumetry on serial MRI",
+        "",
+        "usage: limbtrack COMMAND [options]   (limbtrack COMMAND --help for options)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "The whole workflow: snakemake --cores 2 --config input_dir=PATH subject=ID "
-              "day0=YYYY-MM-DD affected_side=left|right|auto results_dir=PATH"]
+    lines += [
+        "",
+        "The whole workflow: snakemake --cores 2 --config input_dir=PATH subject=ID "
+        "day0=YYYY-MM-DD affected_side=left|right|auto results_dir=PATH",
+    ]
     return "\n".join(lines)
 
 

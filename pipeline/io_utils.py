@@ -5,16 +5,34 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
+import numbers
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 MM3_PER_ML = 1000.0
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+
+def _current_umask() -> int:
+    """The process umask now (not at import: a caller may change it later).
+
+    Read from /proc where possible, because os.umask can only be read by setting it, which
+    races with other threads creating files.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def mm3_to_ml(volume_mm3: float) -> float:
@@ -39,7 +57,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         # mkstemp creates 0600; give the file the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, final)
     finally:
         if tmp.exists():
@@ -68,7 +86,8 @@ def write_tsv_atomic(
 ) -> None:
     """Write dict rows as a tab-separated table with a header, atomically.
 
-    Floats are written with up to 6 significant decimals; None becomes 'n/a' (BIDS convention).
+    Floats (numpy ones too) below 1e5 are rounded to 4 decimals, larger ones written with 6
+    significant digits; None and NaN become 'n/a' (BIDS convention).
     """
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
@@ -81,10 +100,13 @@ def write_tsv_atomic(
 def _format_cell(value: Any) -> str:
     if value is None:
         return "n/a"
-    if isinstance(value, float):
-        if value != value:  # NaN
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        value = float(value)  # numpy float32 etc. are not float subclasses
+        if math.isnan(value):
             return "n/a"
-        return f"{value:.6g}" if abs(value) >= 1e5 else f"{round(value, 4):g}"
+        # '+ 0.0' turns -0.0 into 0.0; '.15g' (not ':g', which keeps only 6 significant digits
+        # and turned 2345.678 mL into 2345.68) prints the rounded value in full.
+        return f"{value:.6g}" if abs(value) >= 1e5 else f"{round(value, 4) + 0.0:.15g}"
     return str(value).replace("\t", " ").replace("\n", " ")
 
 

@@ -26,9 +26,17 @@ from . import __version__
 from .io_utils import read_tsv, sha256_file, write_json_atomic, write_tsv_atomic
 from .labels import STRUCTURES
 
-LONGITUDINAL_COLUMNS = ("subject", "study_date", "day", "structure", "affected_ml",
-                        "contralateral_ml", "difference_ml", "asymmetry_pct",
-                        "change_from_baseline_pct")
+LONGITUDINAL_COLUMNS = (
+    "subject",
+    "study_date",
+    "day",
+    "structure",
+    "affected_ml",
+    "contralateral_ml",
+    "difference_ml",
+    "asymmetry_pct",
+    "change_from_baseline_pct",
+)
 CLASSES = ("pseudo-progression", "progression", "response", "stable", "indeterminate")
 EVENT_CATEGORIES = ("infusion", "CRS grade", "drug", "other")
 
@@ -104,14 +112,19 @@ def longitudinal_rows(subject: str, visits: Sequence[Visit]) -> list[dict[str, A
         for s in STRUCTURES:
             aff = v.affected_ml[s]
             contra = v.contralateral_ml.get(s)
-            rows.append(dict(
-                subject=subject, study_date=v.study_date, day=v.day, structure=s,
-                affected_ml=round(aff, 3),
-                contralateral_ml=None if contra is None else round(contra, 3),
-                difference_ml=None if contra is None else round(aff - contra, 3),
-                asymmetry_pct=_round(v.asymmetry_pct(s)),
-                change_from_baseline_pct=_round(_pct(aff, base.affected_ml[s])),
-            ))
+            rows.append(
+                dict(
+                    subject=subject,
+                    study_date=v.study_date,
+                    day=v.day,
+                    structure=s,
+                    affected_ml=round(aff, 3),
+                    contralateral_ml=None if contra is None else round(contra, 3),
+                    difference_ml=None if contra is None else round(aff - contra, 3),
+                    asymmetry_pct=_round(v.asymmetry_pct(s)),
+                    change_from_baseline_pct=_round(_pct(aff, base.affected_ml[s])),
+                )
+            )
     return rows
 
 
@@ -119,34 +132,61 @@ def _round(x: float | None, nd: int = 2) -> float | None:
     return None if x is None else round(x, nd)
 
 
+def _at_least(x: float, threshold: float) -> bool:
+    """``x >= threshold`` up to floating-point noise.
+
+    Volumes come rounded to 0.001 mL, so a change of exactly +5.0 pp or exactly x0.7 must meet
+    its threshold: 100 * (115/100 - 1) - 100 * (110/100 - 1) is 4.99999999999998 and
+    0.7 * 3.0 is 2.0999999999999996 in binary floating point.
+    """
+    return x >= threshold - 1e-9 * max(1.0, abs(threshold))
+
+
+def _at_most(x: float, threshold: float) -> bool:
+    """``x <= threshold`` up to floating-point noise (see :func:`_at_least`)."""
+    return x <= threshold + 1e-9 * max(1.0, abs(threshold))
+
+
 def _flare_criteria(v: Visit, base: Visit, t: Thresholds) -> list[str]:
     out = []
     a, a0 = v.asymmetry_pct(), base.asymmetry_pct()
-    if a is not None and a0 is not None and a - a0 >= t.flare_asymmetry_pp:
-        out.append(f"soft-tissue asymmetry {a:+.1f} % vs {a0:+.1f} % at baseline "
-                   f"({a - a0:+.1f} pp, threshold +{t.flare_asymmetry_pp:g} pp)")
-    for s, ratio, min_ml in (("marrow_lesion", t.flare_lesion_ratio, t.flare_lesion_min_ml),
-                             ("edema", t.flare_edema_ratio, t.flare_edema_min_ml)):
+    if a is not None and a0 is not None and _at_least(a - a0, t.flare_asymmetry_pp):
+        out.append(
+            f"soft-tissue asymmetry {a:+.1f} % vs {a0:+.1f} % at baseline "
+            f"({a - a0:+.1f} pp, threshold +{t.flare_asymmetry_pp:g} pp)"
+        )
+    for s, ratio, min_ml in (
+        ("marrow_lesion", t.flare_lesion_ratio, t.flare_lesion_min_ml),
+        ("edema", t.flare_edema_ratio, t.flare_edema_min_ml),
+    ):
         x, x0 = v.affected_ml[s], base.affected_ml[s]
-        if x >= ratio * x0 and x - x0 >= min_ml:
-            out.append(f"{s.replace('_', ' ')} {x:.1f} mL vs {x0:.1f} mL at baseline "
-                       f"(x{x / x0:.2f}, +{x - x0:.1f} mL; thresholds x{ratio:g} and "
-                       f"+{min_ml:g} mL)" if x0 > 0 else
-                       f"{s.replace('_', ' ')} {x:.1f} mL vs none at baseline "
-                       f"(threshold +{min_ml:g} mL)")
+        if _at_least(x, ratio * x0) and _at_least(x - x0, min_ml):
+            out.append(
+                f"{s.replace('_', ' ')} {x:.1f} mL vs {x0:.1f} mL at baseline "
+                f"(x{x / x0:.2f}, +{x - x0:.1f} mL; thresholds x{ratio:g} and "
+                f"+{min_ml:g} mL)"
+                if x0 > 0
+                else f"{s.replace('_', ' ')} {x:.1f} mL vs none at baseline "
+                f"(threshold +{min_ml:g} mL)"
+            )
     return out
 
 
 def _resolved(v: Visit, base: Visit, t: Thresholds) -> tuple[bool, str]:
     a, a0 = v.asymmetry_pct(), base.asymmetry_pct()
-    asym_ok = a is None or a0 is None or a - a0 <= t.resolved_asymmetry_pp
+    asym_ok = a is None or a0 is None or _at_most(a - a0, t.resolved_asymmetry_pp)
     les, les0 = v.affected_ml["marrow_lesion"], base.affected_ml["marrow_lesion"]
     ede, ede0 = v.affected_ml["edema"], base.affected_ml["edema"]
-    ok = asym_ok and les <= les0 and ede <= ede0
-    asym_txt = ("asymmetry not available" if a is None or a0 is None
-                else f"asymmetry {a:+.1f} % vs {a0:+.1f} % at baseline")
-    return ok, (f"{asym_txt}; lesion {les:.1f} mL (baseline {les0:.1f}); "
-                f"edema {ede:.1f} mL (baseline {ede0:.1f})")
+    ok = asym_ok and _at_most(les, les0) and _at_most(ede, ede0)
+    asym_txt = (
+        "asymmetry not available"
+        if a is None or a0 is None
+        else f"asymmetry {a:+.1f} % vs {a0:+.1f} % at baseline"
+    )
+    return ok, (
+        f"{asym_txt}; lesion {les:.1f} mL (baseline {les0:.1f}); "
+        f"edema {ede:.1f} mL (baseline {ede0:.1f})"
+    )
 
 
 def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
@@ -163,10 +203,10 @@ def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
         return Pattern("indeterminate", [f"{len(visits)} session(s): at least two are needed"])
     b = baseline_index(visits)
     base = visits[b]
-    later = list(visits[b + 1:])
+    later = list(visits[b + 1 :])
     if not later:
         return Pattern("indeterminate", [f"no session after the baseline (day {base.day})"])
-    flares = []
+    flares: list[dict[str, Any]] = []
     for v in later:
         crit = _flare_criteria(v, base, t)
         if crit:
@@ -174,10 +214,13 @@ def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
     last = later[-1]
     last_flare = _flare_criteria(last, base, t)
     resolved, resolved_txt = _resolved(last, base, t)
-    reasons = [f"Baseline: {base.study_date} (day {base.day}); last session: "
-               f"{last.study_date} (day {last.day})."]
+    reasons = [
+        f"Baseline: {base.study_date} (day {base.day}); last session: "
+        f"{last.study_date} (day {last.day})."
+    ]
     for f in flares:
-        reasons.append(f"Flare at day {f['day']}: " + "; ".join(f["criteria"]) + ".")
+        criteria: list[str] = f["criteria"]
+        reasons.append(f"Flare at day {f['day']}: " + "; ".join(criteria) + ".")
     if last_flare:
         reasons.append(f"The last session (day {last.day}) still flares against baseline.")
         return Pattern("progression", reasons, flares)
@@ -189,16 +232,19 @@ def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
         return Pattern("stable", reasons, flares)
     les0, les = base.affected_ml["marrow_lesion"], last.affected_ml["marrow_lesion"]
     a0, a = base.asymmetry_pct(), last.asymmetry_pct()
-    if les0 >= t.response_lesion_min_ml and les <= t.response_lesion_ratio * les0:
-        reasons.append(f"No flare; marrow lesion {les:.1f} mL at day {last.day} vs {les0:.1f} mL "
-                       f"at baseline (x{les / les0:.2f}, threshold x{t.response_lesion_ratio:g}).")
+    if _at_least(les0, t.response_lesion_min_ml) and _at_most(les, t.response_lesion_ratio * les0):
+        reasons.append(
+            f"No flare; marrow lesion {les:.1f} mL at day {last.day} vs {les0:.1f} mL "
+            f"at baseline (x{les / les0:.2f}, threshold x{t.response_lesion_ratio:g})."
+        )
         return Pattern("response", reasons, flares)
-    if a is not None and a0 is not None and a0 - a >= t.response_asymmetry_pp:
-        reasons.append(f"No flare; soft-tissue asymmetry {a:+.1f} % at day {last.day} vs "
-                       f"{a0:+.1f} % at baseline ({a - a0:+.1f} pp).")
+    if a is not None and a0 is not None and _at_least(a0 - a, t.response_asymmetry_pp):
+        reasons.append(
+            f"No flare; soft-tissue asymmetry {a:+.1f} % at day {last.day} vs "
+            f"{a0:+.1f} % at baseline ({a - a0:+.1f} pp)."
+        )
         return Pattern("response", reasons, flares)
-    reasons.append(f"No flare and no response criterion met at day {last.day} "
-                   f"({resolved_txt}).")
+    reasons.append(f"No flare and no response criterion met at day {last.day} ({resolved_txt}).")
     return Pattern("stable", reasons, flares)
 
 
@@ -220,20 +266,35 @@ def read_events(path: str | Path | None, day0: str) -> list[dict[str, Any]]:
                 day = int(row["day"])
                 date = d0 + dt.timedelta(days=day)
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}, line {n}: needs a 'day' (integer) or 'date' "
-                             f"(YYYY-MM-DD) column ({err})") from None
+            raise ValueError(
+                f"{path}, line {n}: needs a 'day' (integer) or 'date' (YYYY-MM-DD) column ({err})"
+            ) from None
         category = (row.get("category") or "other").strip()
-        events.append({"day": day, "date": date.isoformat(),
-                       "label": (row.get("label") or "").strip(),
-                       "category": category if category in EVENT_CATEGORIES else "other"})
+        events.append(
+            {
+                "day": day,
+                "date": date.isoformat(),
+                "label": (row.get("label") or "").strip(),
+                "category": category if category in EVENT_CATEGORIES else "other",
+            }
+        )
     return sorted(events, key=lambda e: e["day"])
 
 
 def software_versions() -> dict[str, str]:
     """Versions of limbtrack, Python and the libraries that shape the numbers."""
     out = {"limbtrack": __version__, "python": platform.python_version()}
-    for pkg in ("numpy", "scipy", "SimpleITK", "scikit-image", "pydicom", "nibabel",
-                "snakemake", "matplotlib", "jinja2"):
+    for pkg in (
+        "numpy",
+        "scipy",
+        "SimpleITK",
+        "scikit-image",
+        "pydicom",
+        "nibabel",
+        "snakemake",
+        "matplotlib",
+        "jinja2",
+    ):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -260,10 +321,17 @@ def input_checksums(sessions_index: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_summary(
-    subject: str, day0: str, visits: Sequence[Visit], pattern: Pattern,
-    side_info: Mapping[str, Any], sessions_index: Mapping[str, Any],
-    session_files: Mapping[str, Mapping[str, str]], qc: Mapping[str, Mapping[str, Any]],
-    events: list[dict[str, Any]], thresholds: Thresholds, settings: Mapping[str, Any],
+    subject: str,
+    day0: str,
+    visits: Sequence[Visit],
+    pattern: Pattern,
+    side_info: Mapping[str, Any],
+    sessions_index: Mapping[str, Any],
+    session_files: Mapping[str, Mapping[str, str]],
+    qc: Mapping[str, Mapping[str, Any]],
+    events: list[dict[str, Any]],
+    thresholds: Thresholds,
+    settings: Mapping[str, Any],
 ) -> dict[str, Any]:
     """summary.json content (DESIGN.md output contract plus provenance)."""
     base = visits[baseline_index(visits)] if visits else None
@@ -281,20 +349,29 @@ def build_summary(
             e = entry.get(role, {})
             return f"{e.get('description', '')} (series {e.get('series_number', '?')})"
 
-        sessions.append({
-            "session": label, "study_date": entry.get("study_date"), "day": ext.get("day"),
-            "files": dict(files), "anatomical_series": describe("anatomical"),
-            "fluid_series": describe("fluid"), "z_range_mm": ext.get("z_range_mm"),
-            "n_slices": ext.get("n_slices"), "warnings": s_warn,
-        })
+        sessions.append(
+            {
+                "session": label,
+                "study_date": entry.get("study_date"),
+                "day": ext.get("day"),
+                "files": dict(files),
+                "anatomical_series": describe("anatomical"),
+                "fluid_series": describe("fluid"),
+                "z_range_mm": ext.get("z_range_mm"),
+                "n_slices": ext.get("n_slices"),
+                "warnings": s_warn,
+            }
+        )
     ranges = [s["z_range_mm"] for s in sessions if s.get("z_range_mm")]
     common = None
     if ranges:
         common = [max(r[0] for r in ranges), min(r[1] for r in ranges)]
         widths = [r[1] - r[0] for r in ranges]
         if max(widths) - min(widths) > 1.0 or any(abs(r[0] - common[0]) > 1.0 for r in ranges):
-            warnings.append("sessions cover different cranio-caudal extents; volumes are not yet "
-                            "restricted to the common extent (needs registration, issue 5)")
+            warnings.append(
+                "sessions cover different cranio-caudal extents; volumes are not yet "
+                "restricted to the common extent (needs registration, issue 5)"
+            )
     for r in sessions_index.get("refused_studies", []):
         warnings.append(f"study {r.get('study_date') or 'without date'} not used: {r['reason']}")
     return {
@@ -306,19 +383,21 @@ def build_summary(
         "baseline_day": base.day if base else None,
         "classification": pattern.classification,
         "classification_note": "A pattern consistent with this label, from volume measurements; "
-                               "a measurement aid, not a diagnosis.",
+        "a measurement aid, not a diagnosis.",
         "reasons": pattern.reasons,
         "flares": pattern.flares,
         "warnings": warnings,
         "sessions": sessions,
-        "extent_mm": {"common_z_range_mm": common,
-                      "note": "volumes are summed over every slice of each session"},
+        "extent_mm": {
+            "common_z_range_mm": common,
+            "note": "volumes are summed over every slice of each session",
+        },
         "events": events,
         "thresholds": asdict(thresholds),
         "settings": dict(settings),
         "software": software_versions(),
         "inputs": input_checksums(sessions_index),
-        "run_date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "run_date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
     }
 
 
@@ -350,13 +429,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         qc[label] = json.loads(q.read_text(encoding="utf-8"))
         stem = q.name[: -len("_dseg.json")]
         rel = q.parent.relative_to(args.subject_dir)
-        session_files[label] = {"t1": str(rel / f"{stem}_T1w.nii.gz"),
-                                "fluid": str(rel / f"{stem}_fluid.nii.gz"),
-                                "dseg": str(rel / f"{stem}_dseg.nii.gz")}
+        session_files[label] = {
+            "t1": str(rel / f"{stem}_T1w.nii.gz"),
+            "fluid": str(rel / f"{stem}_fluid.nii.gz"),
+            "dseg": str(rel / f"{stem}_dseg.nii.gz"),
+        }
     session_files = dict(sorted(session_files.items()))
     events = read_events(args.events or None, args.day0)
-    summary = build_summary(args.subject, args.day0, visits, pattern, side_info, index,
-                            session_files, qc, events, thresholds, json.loads(args.settings_json))
+    summary = build_summary(
+        args.subject,
+        args.day0,
+        visits,
+        pattern,
+        side_info,
+        index,
+        session_files,
+        qc,
+        events,
+        thresholds,
+        json.loads(args.settings_json),
+    )
     write_tsv_atomic(args.out_tsv, longitudinal_rows(args.subject, visits), LONGITUDINAL_COLUMNS)
     write_json_atomic(args.out_summary, summary)
     print(f"{args.subject}: {pattern.classification}")

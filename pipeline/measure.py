@@ -38,7 +38,9 @@ class SessionVolumes:
     n_slices: int
 
 
-def volumes_from_labels(labels: NDArray[np.integer[Any]], voxel_mm3: float) -> dict[str, dict[str, float]]:
+def volumes_from_labels(
+    labels: NDArray[np.integer[Any]], voxel_mm3: float
+) -> dict[str, dict[str, float]]:
     """Volume (mL) of every structure on both sides of a label map.
 
     Parameters
@@ -60,18 +62,32 @@ def volumes_from_labels(labels: NDArray[np.integer[Any]], voxel_mm3: float) -> d
     }
 
 
-def measure_label_map(path: str | Path) -> tuple[dict[str, dict[str, float]], tuple[float, float], int]:
+def measure_label_map(
+    path: str | Path,
+) -> tuple[dict[str, dict[str, float]], tuple[float, float], int]:
     """Volumes of a label map file, its superior-inferior extent (mm, RAS z) and slice count."""
     img = nib.load(str(path))
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise ValueError(f"{path}: not a NIfTI label map")
     data = np.asanyarray(img.dataobj)
     zooms = img.header.get_zooms()[:3]
     voxel_mm3 = float(np.prod(zooms))
-    corners = np.array([[i, j, k] for i in (0, data.shape[0] - 1) for j in (0, data.shape[1] - 1)
-                        for k in (0, data.shape[2] - 1)], dtype=float)
+    corners = np.array(
+        [
+            [i, j, k]
+            for i in (0, data.shape[0] - 1)
+            for j in (0, data.shape[1] - 1)
+            for k in (0, data.shape[2] - 1)
+        ],
+        dtype=float,
+    )
     z = nib.affines.apply_affine(img.affine, corners)[:, 2]
     axis = int(np.argmax(np.abs(img.affine[2, :3])))
-    return volumes_from_labels(data, voxel_mm3), (float(z.min()), float(z.max())), int(
-        data.shape[axis])
+    return (
+        volumes_from_labels(data, voxel_mm3),
+        (float(z.min()), float(z.max())),
+        int(data.shape[axis]),
+    )
 
 
 def infer_affected_side(sessions: Sequence[SessionVolumes]) -> tuple[str | None, str]:
@@ -81,17 +97,23 @@ def infer_affected_side(sessions: Sequence[SessionVolumes]) -> tuple[str | None,
     edema (>= 10 mL more); else the larger soft-tissue volume (>= 2 % more). None when no side
     stands out.
     """
+
     def total(side: str, structure: str) -> float:
         return sum(s.volumes_ml[side][structure] for s in sessions)
 
-    for structure, margin_ml, rel in (("marrow_lesion", 1.0, 0.0), ("edema", 10.0, 0.0),
-                                      ("soft_tissue", 0.0, 0.02)):
+    for structure, margin_ml, rel in (
+        ("marrow_lesion", 1.0, 0.0),
+        ("edema", 10.0, 0.0),
+        ("soft_tissue", 0.0, 0.02),
+    ):
         left, right = total("left", structure), total("right", structure)
         diff = left - right
         if abs(diff) >= max(margin_ml, rel * max(left, right)) and max(left, right) > 0:
             side = "left" if diff > 0 else "right"
-            return side, (f"{structure.replace('_', ' ')}: left {left:.1f} mL vs right "
-                          f"{right:.1f} mL summed over {len(sessions)} session(s)")
+            return side, (
+                f"{structure.replace('_', ' ')}: left {left:.1f} mL vs right "
+                f"{right:.1f} mL summed over {len(sessions)} session(s)"
+            )
     return None, "no side has more lesion, edema or soft tissue than the other"
 
 
@@ -100,17 +122,26 @@ def session_day(study_date: str, day0: str) -> int:
     return (dt.date.fromisoformat(study_date) - dt.date.fromisoformat(day0)).days
 
 
-def volume_rows(subject: str, sessions: Sequence[SessionVolumes], affected_side: str
-                ) -> list[dict[str, Any]]:
+def volume_rows(
+    subject: str, sessions: Sequence[SessionVolumes], affected_side: str
+) -> list[dict[str, Any]]:
     """Rows of volumes.tsv (DESIGN.md output contract)."""
     rows = []
     for s in sessions:
         for side in (affected_side, other_side(affected_side)):
             role = "affected" if side == affected_side else "contralateral"
             for structure in STRUCTURES:
-                rows.append(dict(subject=subject, study_date=s.study_date, day=s.day, side=side,
-                                 role=role, structure=structure,
-                                 volume_ml=round(s.volumes_ml[side][structure], 3)))
+                rows.append(
+                    dict(
+                        subject=subject,
+                        study_date=s.study_date,
+                        day=s.day,
+                        side=side,
+                        role=role,
+                        structure=structure,
+                        volume_ml=round(s.volumes_ml[side][structure], 3),
+                    )
+                )
     return rows
 
 
@@ -130,13 +161,18 @@ def measure_subject(
     measured = []
     for s in sorted(sessions, key=lambda s: s["study_date"]):
         vols, z_range, n = measure_label_map(s["dseg"])
-        measured.append(SessionVolumes(s["session"], s["study_date"],
-                                       session_day(s["study_date"], day0), vols, z_range, n))
+        measured.append(
+            SessionVolumes(
+                s["session"], s["study_date"], session_day(s["study_date"], day0), vols, z_range, n
+            )
+        )
     if affected_side == "auto":
         side, why = infer_affected_side(measured)
         if side is None:
-            raise ValueError(f"affected_side=auto: cannot tell the affected side ({why}); "
-                             "give affected_side=left or right")
+            raise ValueError(
+                f"affected_side=auto: cannot tell the affected side ({why}); "
+                "give affected_side=left or right"
+            )
         return measured, side, f"automatic: {why}"
     if affected_side not in SIDES:
         raise ValueError(f"affected_side must be left, right or auto, not {affected_side!r}")
@@ -149,27 +185,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--day0", required=True, help="YYYY-MM-DD")
     p.add_argument("--affected-side", required=True, choices=["left", "right", "auto"])
     p.add_argument("--sessions-json", required=True, type=Path)
-    p.add_argument("--dseg", nargs="+", required=True, type=Path,
-                   help="label maps, file names containing _ses-<session>_")
+    p.add_argument(
+        "--dseg",
+        nargs="+",
+        required=True,
+        type=Path,
+        help="label maps, file names containing _ses-<session>_",
+    )
     p.add_argument("--out", required=True, type=Path, help="volumes.tsv")
-    p.add_argument("--side-json", required=True, type=Path,
-                   help="where to write the resolved affected side and extents")
+    p.add_argument(
+        "--side-json",
+        required=True,
+        type=Path,
+        help="where to write the resolved affected side and extents",
+    )
     args = p.parse_args(argv)
     index = json.loads(args.sessions_json.read_text(encoding="utf-8"))
     dates = {s["session"]: s["study_date"] for s in index["sessions"]}
     sessions = []
     for path in args.dseg:
-        label = path.name.split("_ses-")[1].split("_")[0]
+        label = path.name.split("_ses-")[1].split("_")[0] if "_ses-" in path.name else ""
+        if label not in dates:
+            p.error(
+                f"{path}: session {label or '(no _ses-<label>_ in the name)'} is not "
+                f"listed in {args.sessions_json}"
+            )
         sessions.append({"session": label, "study_date": dates[label], "dseg": str(path)})
     measured, side, how = measure_subject(args.subject, args.day0, sessions, args.affected_side)
     write_tsv_atomic(args.out, volume_rows(args.subject, measured, side), VOLUME_COLUMNS)
 
-    write_json_atomic(args.side_json, {
-        "affected_side": side, "affected_side_source": how,
-        "sessions": [{"session": m.session, "study_date": m.study_date, "day": m.day,
-                      "z_range_mm": list(m.z_range_mm), "n_slices": m.n_slices}
-                     for m in measured],
-    })
+    write_json_atomic(
+        args.side_json,
+        {
+            "affected_side": side,
+            "affected_side_source": how,
+            "sessions": [
+                {
+                    "session": m.session,
+                    "study_date": m.study_date,
+                    "day": m.day,
+                    "z_range_mm": list(m.z_range_mm),
+                    "n_slices": m.n_slices,
+                }
+                for m in measured
+            ],
+        },
+    )
     print(f"{args.subject}: affected side {side} ({how}); {len(measured)} sessions")
     return 0
 

@@ -34,9 +34,19 @@ from .io_utils import mm3_to_ml, write_json_atomic
 from .labels import BONE, EDEMA, LESION, SIDE_OFFSET, SOFT_TISSUE, STRUCTURE_CLASSES
 
 # Tissue codes used by the sampler (not the label map).
-AIR, SKIN, FAT, FASCIA, MUSCLE, CORTEX, FATTY_MARROW, RED_MARROW, TUMOUR, EDEMA_MUSCLE, EDEMA_FAT = (
-    range(11)
-)
+(
+    AIR,
+    SKIN,
+    FAT,
+    FASCIA,
+    MUSCLE,
+    CORTEX,
+    FATTY_MARROW,
+    RED_MARROW,
+    TUMOUR,
+    EDEMA_MUSCLE,
+    EDEMA_FAT,
+) = range(11)
 N_TISSUES = 11
 
 #: Relative signal per tissue code: (T1-weighted, STIR).
@@ -221,7 +231,9 @@ def _fields(spec: PhantomSpec) -> _Fields:
     z_half = spec.n_slices * spec.slice_mm / 2 + 40
     lo = np.array([-half_x, -half_y, _z_centre(spec) - z_half])
     step = np.array([1.0, 1.0, 3.0])
-    shape = tuple(int(np.ceil(2 * h / s)) + 2 for h, s in zip((half_x, half_y, z_half), step))
+    shape = tuple(
+        int(np.ceil(2 * h / s)) + 2 for h, s in zip((half_x, half_y, z_half), step, strict=False)
+    )
     shape_zyx = shape[::-1]
     feathery = _standard_field(rng, shape_zyx, (6.0, 1.6, 1.6))  # elongated along the fibres
     reticular = _standard_field(rng, shape_zyx, (2.0, 3.0, 3.0))
@@ -263,8 +275,11 @@ def _tissue_at(
         theta = np.arctan2(v, u)
         rr = np.hypot(u, v)
         ph = fields.leg_phase[side]
-        shape = 1 + 0.07 * np.cos(2 * theta + 0.3) + 0.025 * np.cos(3 * theta + ph[0]) + 0.015 * (
-            np.cos(5 * theta + ph[1])
+        shape = (
+            1
+            + 0.07 * np.cos(2 * theta + 0.3)
+            + 0.025 * np.cos(3 * theta + ph[0])
+            + 0.015 * (np.cos(5 * theta + ph[1]))
         )
         r_skin = r0[box] * shape * scale
         near = rr < r_skin + 2
@@ -277,8 +292,10 @@ def _tissue_at(
         t = np.full(idx.size, AIR, dtype=np.int8)
         inside = rr < r_skin_n
         t[inside] = SKIN
-        fat_t = spec.subcutaneous_fat_fraction * r0n * (1 + 0.35 * np.cos(theta - 1.2 + ph[2] * 0.2))
-        r_fascia = (r_skin_n - 1.2 - fat_t * (scale if affected else 1.0) ** 0.5)
+        fat_t = (
+            spec.subcutaneous_fat_fraction * r0n * (1 + 0.35 * np.cos(theta - 1.2 + ph[2] * 0.2))
+        )
+        r_fascia = r_skin_n - 1.2 - fat_t * (scale if affected else 1.0) ** 0.5
         t[rr < r_skin_n - 1.2] = FAT
         # Deep fascia: a thin dark layer between fat and muscle.
         t[rr < r_fascia] = FASCIA
@@ -434,8 +451,7 @@ def truth_of(spec: PhantomSpec, rendered: dict[str, Any]) -> tuple[dict[str, Any
         volumes[side] = {
             structure: round(
                 mm3_to_ml(
-                    float(sum(class_frac[SIDE_OFFSET[side] + c].sum() for c in classes))
-                    * voxel_mm3
+                    float(sum(class_frac[SIDE_OFFSET[side] + c].sum() for c in classes)) * voxel_mm3
                 ),
                 4,
             )
@@ -471,26 +487,44 @@ def write_series(
 ) -> list[Path]:
     """Write one axial series as MR Image Storage files, one per slice, named by instance."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import UID, ExplicitVRLittleEndian
 
     series_uid = _uid(spec.seed, study["uid"], series_number)
     frame_uid = _uid(spec.seed, study["uid"], "frame")
     out_dir.mkdir(parents=True, exist_ok=True)
     seq = {
-        "T1w": dict(desc="T1 TSE AX", ss="SE", sv="SK\\SP", so="", tr=550.0, te=12.0, ti=None,
-                    etl=3, proto="t1_tse_tra"),
-        "STIR": dict(desc="STIR AX", ss="SE\\IR", sv="SK\\SP\\MP", so="IR", tr=4200.0, te=45.0,
-                     ti=150.0, etl=11, proto="tir_tra_stir"),
+        "T1w": dict(
+            desc="T1 TSE AX",
+            ss="SE",
+            sv="SK\\SP",
+            so="",
+            tr=550.0,
+            te=12.0,
+            ti=None,
+            etl=3,
+            proto="t1_tse_tra",
+        ),
+        "STIR": dict(
+            desc="STIR AX",
+            ss="SE\\IR",
+            sv="SK\\SP\\MP",
+            so="IR",
+            tr=4200.0,
+            te=45.0,
+            ti=150.0,
+            etl=11,
+            proto="tir_tra_stir",
+        ),
     }[kind]
     nz, ny, nx = grid.shape_zyx
     paths = []
     for inst, k in enumerate(_instance_order(nz, spec.slice_order), start=1):
         sop_uid = _uid(series_uid, k)
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.MediaStorageSOPClassUID = UID(MR_IMAGE_STORAGE)
+        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = "1.2.826.0.1.3680043.8.498.1"
+        meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.8.498.1")
         ds = Dataset()
         ds.file_meta = meta
         ds.SpecificCharacterSet = "ISO_IR 100"
@@ -586,14 +620,27 @@ def generate(spec: PhantomSpec, out_dir: Path) -> dict[str, Any]:
             "id": str(n),
         }
         study_dir = out_dir / "dicom" / f"ST{n:04d}"
-        write_series(study_dir / "SE0003", images["T1w"], grid, spec=spec, study=study,
-                     series_number=3, kind="T1w")
-        write_series(study_dir / "SE0004", images["STIR"], grid, spec=spec, study=study,
-                     series_number=4, kind="STIR")
+        write_series(
+            study_dir / "SE0003",
+            images["T1w"],
+            grid,
+            spec=spec,
+            study=study,
+            series_number=3,
+            kind="T1w",
+        )
+        write_series(
+            study_dir / "SE0004",
+            images["STIR"],
+            grid,
+            spec=spec,
+            study=study,
+            series_number=4,
+            kind="STIR",
+        )
         label_path = out_dir / "truth" / f"ses-{study['date']}_truth_dseg.nii.gz"
         label_path.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(np.transpose(labels, (2, 1, 0)), _affine_ras(grid)),
-                 label_path)
+        nib.save(nib.Nifti1Image(np.transpose(labels, (2, 1, 0)), _affine_ras(grid)), label_path)
         asym = None
         if set(spec.sides) == {"left", "right"}:
             other = "right" if spec.affected_side == "left" else "left"
@@ -667,23 +714,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--day0", default=d.day0, help="infusion date YYYY-MM-DD")
     p.add_argument("--affected-side", choices=["left", "right"], default=d.affected_side)
-    p.add_argument("--sides", default="both", choices=["both", "left", "right"],
-                   help="limbs in the field of view")
-    p.add_argument("--sessions", default=None,
-                   help="DAY:SWELLING:LESION_ML:EDEMA[:TABLE_SHIFT_MM],... "
-                   "(default: the demo patient's five visits)")
+    p.add_argument(
+        "--sides",
+        default="both",
+        choices=["both", "left", "right"],
+        help="limbs in the field of view",
+    )
+    p.add_argument(
+        "--sessions",
+        default=None,
+        help="DAY:SWELLING:LESION_ML:EDEMA[:TABLE_SHIFT_MM],... "
+        "(default: the demo patient's five visits)",
+    )
     p.add_argument("--leg-radius-mm", type=float, default=d.leg_radius_mm)
-    p.add_argument("--gap-mm", type=float, default=d.gap_mm,
-                   help="gap between the thighs; 0 or negative: touching")
-    p.add_argument("--lesion-z", type=float, default=d.lesion_z_fraction,
-                   help="lesion centre as a fraction of the covered length, 0 distal - 1 proximal")
+    p.add_argument(
+        "--gap-mm",
+        type=float,
+        default=d.gap_mm,
+        help="gap between the thighs; 0 or negative: touching",
+    )
+    p.add_argument(
+        "--lesion-z",
+        type=float,
+        default=d.lesion_z_fraction,
+        help="lesion centre as a fraction of the covered length, 0 distal - 1 proximal",
+    )
     p.add_argument("--pixel-mm", type=float, default=d.pixel_mm)
     p.add_argument("--slice-mm", type=float, default=d.slice_mm)
     p.add_argument("--slices", type=int, default=d.n_slices)
     p.add_argument("--matrix", default=f"{d.matrix[0]}x{d.matrix[1]}", help="COLUMNSxROWS")
     p.add_argument("--position", choices=sorted(POSITION_IOP), default=d.position)
-    p.add_argument("--slice-order", choices=["ascending", "descending", "interleaved"],
-                   default=d.slice_order)
+    p.add_argument(
+        "--slice-order", choices=["ascending", "descending", "interleaved"], default=d.slice_order
+    )
     p.add_argument("--snr-t1", type=float, default=d.snr_t1)
     p.add_argument("--snr-stir", type=float, default=d.snr_stir)
     p.add_argument("--bias", type=float, default=d.bias, help="peak-to-peak bias, 0.2 = 20 %%")
@@ -694,11 +757,23 @@ def spec_from_args(args: argparse.Namespace) -> PhantomSpec:
     nx, ny = (int(v) for v in args.matrix.lower().split("x"))
     sides = ("right", "left") if args.sides == "both" else (args.sides,)
     kwargs: dict[str, Any] = dict(
-        subject=args.subject, seed=args.seed, day0=args.day0, affected_side=args.affected_side,
-        sides=sides, leg_radius_mm=args.leg_radius_mm, gap_mm=args.gap_mm,
-        lesion_z_fraction=args.lesion_z, pixel_mm=args.pixel_mm, slice_mm=args.slice_mm,
-        n_slices=args.slices, matrix=(nx, ny), position=args.position,
-        slice_order=args.slice_order, snr_t1=args.snr_t1, snr_stir=args.snr_stir, bias=args.bias,
+        subject=args.subject,
+        seed=args.seed,
+        day0=args.day0,
+        affected_side=args.affected_side,
+        sides=sides,
+        leg_radius_mm=args.leg_radius_mm,
+        gap_mm=args.gap_mm,
+        lesion_z_fraction=args.lesion_z,
+        pixel_mm=args.pixel_mm,
+        slice_mm=args.slice_mm,
+        n_slices=args.slices,
+        matrix=(nx, ny),
+        position=args.position,
+        slice_order=args.slice_order,
+        snr_t1=args.snr_t1,
+        snr_stir=args.snr_stir,
+        bias=args.bias,
     )
     if args.sessions:
         kwargs["sessions"] = parse_sessions(args.sessions)
@@ -711,9 +786,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     truth = generate(spec, args.out_dir)
     for s in truth["sessions"]:
         v = s["volumes_ml"][spec.affected_side]
-        print(f"{s['study_date']} day {s['day']:>4}: {spec.affected_side} limb {v['limb']:.1f} mL, "
-              f"lesion {v['marrow_lesion']:.2f} mL, edema {v['edema']:.1f} mL, "
-              f"asymmetry {s['soft_tissue_asymmetry_pct']} %")
+        print(
+            f"{s['study_date']} day {s['day']:>4}: {spec.affected_side} limb {v['limb']:.1f} mL, "
+            f"lesion {v['marrow_lesion']:.2f} mL, edema {v['edema']:.1f} mL, "
+            f"asymmetry {s['soft_tissue_asymmetry_pct']} %"
+        )
     digest = hashlib.sha256(json.dumps(truth, sort_keys=True).encode()).hexdigest()[:12]
     print(f"wrote {args.out_dir} (truth digest {digest})")
     return 0
@@ -730,6 +807,7 @@ def to_sitk(array_zyx: NDArray[Any], grid: Grid) -> Any:
     img = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx))
     img.SetOrigin(tuple(float(v) for v in grid.origin))
     img.SetSpacing((grid.pixel_mm, grid.pixel_mm, grid.slice_mm))
-    img.SetDirection(tuple(float(v) for v in np.column_stack(
-        [grid.row_dir, grid.col_dir, grid.normal]).ravel()))
+    img.SetDirection(
+        tuple(float(v) for v in np.column_stack([grid.row_dir, grid.col_dir, grid.normal]).ravel())
+    )
     return img

@@ -42,6 +42,7 @@ from .io_utils import atomic_path, write_json_atomic
 from .labels import BONE, EDEMA, LESION, SIDE_OFFSET, SOFT_TISSUE
 
 BoolArray = NDArray[np.bool_]
+_DISK1 = ndimage.generate_binary_structure(2, 1)
 FloatArray = NDArray[np.float32]
 
 
@@ -52,6 +53,7 @@ class SegmentSettings:
     n4_shrink: int = 4
     n4_iterations: tuple[int, ...] = (50, 40, 30)
     min_limb_area_mm2: float = 400.0
+    edge_fraction: float = 0.37
     lesion_seed_percentile: float = 99.0
     lesion_t1_max_rel_muscle: float = 1.4
     edema_seed_percentile: float = 99.5
@@ -83,8 +85,9 @@ def resample_to(moving: sitk.Image, reference: sitk.Image) -> sitk.Image:
     )
     if same:
         return moving
-    return sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0,
-                         sitk.sitkFloat32)
+    return sitk.Resample(
+        moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    )
 
 
 def n4_log_bias(image: sitk.Image, mask: sitk.Image, settings: SegmentSettings) -> sitk.Image:
@@ -109,8 +112,11 @@ def _fill_per_slice(mask: BoolArray) -> BoolArray:
 
 
 def limb_masks(
-    t1: FloatArray, spacing_zyx_mm: tuple[float, float, float], x_of_column_mm: FloatArray,
-    settings: SegmentSettings, qc: dict[str, Any],
+    t1: FloatArray,
+    spacing_zyx_mm: tuple[float, float, float],
+    x_of_column_mm: FloatArray,
+    settings: SegmentSettings,
+    qc: dict[str, Any],
 ) -> dict[str, BoolArray]:
     """Left and right limb masks (Z, Y, X) from a bias-corrected T1 image.
 
@@ -124,7 +130,7 @@ def limb_masks(
         LPS x coordinate (mm) of each column at the image centre; larger is the patient's left.
     """
     pixel_mm2 = spacing_zyx_mm[1] * spacing_zyx_mm[2]
-    body, info = body_mask(t1)
+    body, info = body_mask(t1, settings.edge_fraction)
     qc.update(info)
     left = np.zeros_like(body)
     right = np.zeros_like(body)
@@ -154,20 +160,23 @@ def limb_masks(
         else:
             single_slices += len(parts)
             is_left = [x > 0.0 for x in xs]
-        for comp, lft in zip(parts, is_left):
+        for comp, lft in zip(parts, is_left, strict=False):
             (left if lft else right)[k] |= comp
     qc.update(slices_split=n_split, slices_single_limb=single_slices)
     return {"left": left, "right": right}
 
 
-def body_mask(t1: FloatArray) -> tuple[BoolArray, dict[str, float]]:
+def body_mask(t1: FloatArray, edge_fraction: float = 0.37) -> tuple[BoolArray, dict[str, float]]:
     """Everything that is not air (Z, Y, X), with the skin edge placed at half maximum.
 
     A low threshold (12 % of the way from air to the brightest tissue) with holes filled per
     slice gives the topology, robust to dark strands crossing the fat. The outer edge is then
     refined voxel by voxel: a voxel in the boundary band belongs to the limb when its signal is
-    at least half-way between air and the tissue just inside it (mean of the first inner voxel
-    layer within 7 x 7 voxels), which places the edge where partial volume is about 50 %.
+    at least `edge_fraction` of the way from air to the tissue just inside it (mean of the first
+    inner voxel layer within 7 x 7 voxels). That layer mixes skin with the brighter
+    subcutaneous fat, while a voxel on the edge holds mostly skin (on T1 about half as bright
+    as fat), so the fraction that puts the edge at 50 % partial volume is below one half:
+    0.37 keeps the limb volume within about 0.6 % for pixels of 0.9 to 1.8 mm (phantom).
     """
     air = float(np.percentile(t1, 30))
     hi = float(np.percentile(t1, 99.5))
@@ -184,7 +193,7 @@ def body_mask(t1: FloatArray) -> tuple[BoolArray, dict[str, float]]:
     local = ndimage.uniform_filter(np.where(layer, t1, 0).astype(np.float32), size=(1, 7, 7))
     inside_level = np.divide(local, weight, out=np.full_like(local, hi), where=weight > 1e-3)
     band = ndimage.binary_dilation(rough, structure=plane, iterations=2) & ~core
-    edge = band & (t1 >= bg + 0.5 * (inside_level - bg))
+    edge = band & (t1 >= bg + edge_fraction * (inside_level - bg))
     body = _fill_per_slice(core | edge)
     body = ndimage.binary_opening(body, structure=plane)
     return body, {"background_level": bg, "rough_threshold": air + 0.12 * (hi - air)}
@@ -204,8 +213,8 @@ def split_touching(mask2d: BoolArray) -> tuple[BoolArray, BoolArray] | None:
     if width < 10:
         return None
     lo, hi = c0 + width // 4, c1 - width // 4
-    waist = lo + int(np.argmin(profile[lo:hi + 1]))
-    if profile[waist] > 0.85 * min(profile[c0:waist].max(), profile[waist:c1 + 1].max()):
+    waist = lo + int(np.argmin(profile[lo : hi + 1]))
+    if profile[waist] > 0.85 * min(profile[c0:waist].max(), profile[waist : c1 + 1].max()):
         return None
     dist = ndimage.distance_transform_edt(mask2d)
     markers = np.zeros(mask2d.shape, dtype=np.int32)
@@ -235,8 +244,9 @@ def bone_mask(t1: FloatArray, limb: BoolArray, muscle: float, pixel_mm: float) -
     partial volume lifts a thin (metaphyseal) cortex above that level and the ring is open, the
     level is raised step by step (0.65, 0.8 x muscle) until a ring closes.
     """
-    inner = ndimage.binary_erosion(limb, structure=np.ones((1, 3, 3), bool),
-                                   iterations=max(1, int(round(4.0 / pixel_mm))))
+    inner = ndimage.binary_erosion(
+        limb, structure=np.ones((1, 3, 3), bool), iterations=max(1, int(round(4.0 / pixel_mm)))
+    )
     out = np.zeros_like(limb)
     min_px = 40.0 / pixel_mm**2
     for k in range(limb.shape[0]):
@@ -252,7 +262,9 @@ def bone_mask(t1: FloatArray, limb: BoolArray, muscle: float, pixel_mm: float) -
 
 
 def _best_ring(dark: BoolArray, min_px: float, max_px: float) -> BoolArray | None:
-    filled = ndimage.binary_fill_holes(dark)
+    # The opening strips thin dark lines (septa, vessels) that touch the cortex, so that the
+    # bone's own outline decides its compactness.
+    filled = ndimage.binary_opening(ndimage.binary_fill_holes(dark), structure=_DISK1)
     lab, n = ndimage.label(filled)
     best, best_cavity = None, 0.0
     for region in measure.regionprops(lab):
@@ -271,12 +283,115 @@ def _hysteresis(image: FloatArray, region: BoolArray, low: float, high: float) -
 
 
 def _remove_small(mask: BoolArray, min_mm3: float, voxel_mm3: float) -> BoolArray:
-    return morphology.remove_small_objects(mask, max_size=max(0, int(round(min_mm3 / voxel_mm3)) - 1))
+    return morphology.remove_small_objects(
+        mask, max_size=max(0, int(round(min_mm3 / voxel_mm3)) - 1)
+    )
+
+
+def _per_slice_median(values: FloatArray, region: BoolArray) -> FloatArray:
+    """Median of `values` within `region` for each slice; slices without region take the
+    nearest slice's value (NaN everywhere when the region is empty)."""
+    nz = values.shape[0]
+    out = np.full(nz, np.nan, dtype=np.float32)
+    for k in range(nz):
+        if region[k].any():
+            out[k] = np.median(values[k][region[k]])
+    have = np.nonzero(~np.isnan(out))[0]
+    if have.size:
+        nearest = have[np.abs(np.arange(nz)[:, None] - have[None, :]).argmin(axis=1)]
+        out = out[nearest]
+    return out
+
+
+def marrow_lesion(
+    t1: FloatArray,
+    fluid: FloatArray,
+    limb: dict[str, Any],
+    ref: dict[str, Any],
+    muscle_fl: float,
+    settings: SegmentSettings,
+    voxel_mm3: float,
+) -> tuple[BoolArray, dict[str, Any]]:
+    """Marrow lesion of one limb: fluid-bright, T1-dark marrow, against the contralateral marrow.
+
+    Seeds: marrow voxels above the contralateral marrow's `lesion_seed_percentile` of fluid
+    signal with T1 at or below muscle (plus partial-volume slack). Growth: voxels of the bone
+    that are closer to the lesion than to the contralateral marrow *of the same slice* (red
+    metaphyseal or fatty diaphyseal marrow differ) on both fluid and T1, connected to a seed.
+    """
+    ref_marrow = fluid[ref["marrow"]] if ref["marrow"].any() else fluid[limb["marrow"]]
+    if not limb["marrow"].any() or ref_marrow.size == 0:
+        return np.zeros_like(limb["limb"]), {}
+    seed_thr = max(
+        float(np.percentile(ref_marrow, settings.lesion_seed_percentile)), 1.3 * muscle_fl
+    )
+    t1_ok = t1 <= settings.lesion_t1_max_rel_muscle * limb["t1_muscle"]
+    seeds = limb["marrow"] & (fluid > seed_thr) & t1_ok
+    if not seeds.any():
+        return np.zeros_like(limb["limb"]), {"seed_threshold": seed_thr}
+    core_fl = float(np.median(fluid[seeds]))
+    core_t1 = float(np.median(t1[seeds]))
+    ref_region = ref["marrow"] if ref["marrow"].any() else limb["marrow"] & ~seeds
+    bg_fl = _per_slice_median(fluid, ref_region)[:, None, None]
+    bg_t1 = _per_slice_median(t1, ref_region)[:, None, None]
+    closer = (fluid > 0.5 * (core_fl + bg_fl)) & (t1 < 0.5 * (core_t1 + bg_t1)) & limb["bone"]
+    lab, _ = ndimage.label(closer | seeds)
+    keep = np.unique(lab[seeds])
+    lesion = np.isin(lab, keep[keep > 0])
+    lesion = _remove_small(lesion, settings.min_lesion_component_mm3, voxel_mm3)
+    return lesion, dict(
+        seed_threshold=seed_thr,
+        core_fluid=core_fl,
+        core_t1=core_t1,
+        marrow_reference_fluid=float(np.nanmedian(bg_fl)),
+        marrow_reference_t1=float(np.nanmedian(bg_t1)),
+    )
+
+
+def edema_mask(
+    t1: FloatArray,
+    fluid: FloatArray,
+    limb: dict[str, Any],
+    ref_soft: FloatArray,
+    muscle_fl: float,
+    settings: SegmentSettings,
+    voxel_mm3: float,
+) -> tuple[BoolArray, dict[str, Any]]:
+    """Edema of one limb: soft tissue brighter on the fluid image than the contralateral soft
+    tissue's `edema_seed_percentile` (seeds), grown down to half-way between muscle and
+    edematous muscle. The edematous-muscle level is re-estimated from the grown region (seeds
+    alone are biased upward by the seed threshold); specks are removed."""
+    if ref_soft.size == 0:
+        return np.zeros_like(limb["limb"]), {}
+    seed_thr = max(
+        float(np.percentile(ref_soft, settings.edema_seed_percentile)),
+        settings.edema_seed_min_rel_muscle * muscle_fl,
+    )
+    seeds = limb["soft"] & (fluid > seed_thr)
+    if not seeds.any():
+        return np.zeros_like(limb["limb"]), {"seed_threshold": seed_thr}
+    # Edematous muscle sets the level (muscle-like T1); fluid strands in fat are brighter and
+    # half-way to muscle is also close to half-way to fat for them.
+    muscle_like = np.abs(t1 / limb["t1_muscle"] - 1.0) < 0.4
+    region = seeds
+    core = low = 0.0
+    for _ in range(3):
+        vals = fluid[region & muscle_like]
+        core = float(np.median(vals if vals.size > 20 else fluid[region]))
+        low = max(0.5 * (core + muscle_fl), 1.2 * muscle_fl)
+        region = _hysteresis(fluid, limb["soft"], low, seed_thr)
+    edema = _remove_small(region, settings.min_edema_component_mm3, voxel_mm3)
+    return edema, dict(
+        seed_threshold=seed_thr, low_threshold=low, core=core, muscle_reference=muscle_fl
+    )
 
 
 def segment_arrays(
-    t1: FloatArray, fluid: FloatArray, spacing_zyx_mm: tuple[float, float, float],
-    x_of_column_mm: FloatArray, settings: SegmentSettings,
+    t1: FloatArray,
+    fluid: FloatArray,
+    spacing_zyx_mm: tuple[float, float, float],
+    x_of_column_mm: FloatArray,
+    settings: SegmentSettings,
 ) -> tuple[NDArray[np.uint8], dict[str, Any]]:
     """Label map (Z, Y, X) from bias-corrected T1 and fluid images on one axial grid."""
     qc: dict[str, Any] = {}
@@ -294,61 +409,34 @@ def segment_arrays(
         cortex = bone & (t1 < 0.5 * muscle)
         marrow = bone & ~ndimage.binary_dilation(cortex, structure=np.ones((1, 3, 3), bool))
         soft = limb & ~bone
-        per_side[side] = dict(limb=limb, bone=bone, marrow=marrow, soft=soft,
-                              t1_muscle=muscle, t1_fat=fat)
+        per_side[side] = dict(
+            limb=limb, bone=bone, marrow=marrow, soft=soft, t1_muscle=muscle, t1_fat=fat
+        )
     for side in present:
         s = per_side[side]
-        ref = per_side.get("left" if side == "right" else "right")
-        # Reference distributions: the contralateral limb (the patient's own control);
-        # with one limb only, the same limb's robust levels.
-        ref_soft = fluid[ref["soft"]] if ref else fluid[s["soft"]]
-        ref_marrow = fluid[ref["marrow"]] if ref and ref["marrow"].any() else fluid[s["marrow"]]
-        soft_vals = ref_soft[ref_soft > 0]
+        # The contralateral limb is the patient's own control; with one limb only, the same
+        # limb's robust levels stand in.
+        ref = per_side.get("left" if side == "right" else "right") or s
+        soft_vals = fluid[ref["soft"]]
+        soft_vals = soft_vals[soft_vals > 0]
         split = filters.threshold_otsu(soft_vals) if soft_vals.size > 10 else 0.0
         muscle_fl = float(np.median(soft_vals[soft_vals >= split])) if soft_vals.size else 0.0
-        # Marrow lesion.
-        lesion = np.zeros_like(s["limb"])
-        lesion_info: dict[str, Any] = {}
-        if s["marrow"].any() and ref_marrow.size:
-            seed_thr = max(float(np.percentile(ref_marrow, settings.lesion_seed_percentile)),
-                           1.3 * muscle_fl)
-            t1_ok = t1 <= settings.lesion_t1_max_rel_muscle * s["t1_muscle"]
-            seeds = s["marrow"] & (fluid > seed_thr) & t1_ok
-            if seeds.any():
-                core = float(np.median(fluid[seeds]))
-                background = float(np.median(ref_marrow))
-                low = max(0.5 * (core + background), float(np.percentile(ref_marrow, 95)))
-                lesion = _hysteresis(fluid, s["bone"], low, seed_thr)
-                lesion = _remove_small(lesion, settings.min_lesion_component_mm3, voxel_mm3)
-                lesion_info = dict(seed_threshold=seed_thr, low_threshold=low, core=core,
-                                   marrow_reference=background)
-        # Edema.
-        edema = np.zeros_like(s["limb"])
-        edema_info: dict[str, Any] = {}
-        if soft_vals.size:
-            seed_thr = max(float(np.percentile(soft_vals, settings.edema_seed_percentile)),
-                           settings.edema_seed_min_rel_muscle * muscle_fl)
-            seeds = s["soft"] & (fluid > seed_thr)
-            if seeds.any():
-                # Edematous muscle sets the level (seeds with muscle-like T1); fluid strands in
-                # fat are brighter, and half-way to muscle is also near half-way to fat for them.
-                muscle_like = seeds & (np.abs(t1 / s["t1_muscle"] - 1.0) < 0.4)
-                core_vals = fluid[muscle_like] if muscle_like.sum() > 20 else fluid[seeds]
-                core = float(np.median(core_vals))
-                low = max(0.5 * (core + muscle_fl), 1.2 * muscle_fl)
-                edema = _hysteresis(fluid, s["soft"], low, seed_thr)
-                edema = _remove_small(edema, settings.min_edema_component_mm3, voxel_mm3)
-                edema_info = dict(seed_threshold=seed_thr, low_threshold=low, core=core,
-                                  muscle_reference=muscle_fl)
+        lesion, lesion_info = marrow_lesion(t1, fluid, s, ref, muscle_fl, settings, voxel_mm3)
+        edema, edema_info = edema_mask(t1, fluid, s, soft_vals, muscle_fl, settings, voxel_mm3)
         off = SIDE_OFFSET[side]
         labels[s["limb"]] = off + SOFT_TISSUE
         labels[edema & s["soft"]] = off + EDEMA
         labels[s["bone"]] = off + BONE
         labels[lesion & s["bone"]] = off + LESION
-        qc[side] = dict(t1_muscle=s["t1_muscle"], t1_fat=s["t1_fat"], fluid_muscle=muscle_fl,
-                        lesion=lesion_info, edema=edema_info,
-                        bone_slices=int(s["bone"].any(axis=(1, 2)).sum()),
-                        limb_slices=int(s["limb"].any(axis=(1, 2)).sum()))
+        qc[side] = dict(
+            t1_muscle=s["t1_muscle"],
+            t1_fat=s["t1_fat"],
+            fluid_muscle=muscle_fl,
+            lesion=lesion_info,
+            edema=edema_info,
+            bone_slices=int(s["bone"].any(axis=(1, 2)).sum()),
+            limb_slices=int(s["limb"].any(axis=(1, 2)).sum()),
+        )
     return labels, qc
 
 
@@ -380,8 +468,12 @@ def segment_session(
     spacing_zyx = (spacing_xyz[2], spacing_xyz[1], spacing_xyz[0])
     nx, ny, nz = fluid.GetSize()
     x_of_column = np.array(
-        [fluid.TransformContinuousIndexToPhysicalPoint((i, (ny - 1) / 2, (nz - 1) / 2))[0]
-         for i in range(nx)], dtype=np.float32)
+        [
+            fluid.TransformContinuousIndexToPhysicalPoint((i, (ny - 1) / 2, (nz - 1) / 2))[0]
+            for i in range(nx)
+        ],
+        dtype=np.float32,
+    )
     labels_arr, qc = segment_arrays(t1c, fluid_c, spacing_zyx, x_of_column, settings)
     t_seg = time.perf_counter()
 
@@ -389,16 +481,18 @@ def segment_session(
     labels.CopyInformation(fluid)
     labels = sitk.Cast(labels, sitk.sitkUInt8)
     # Back onto the fluid series' own orientation.
-    labels = sitk.Resample(labels, fluid_native, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                           sitk.sitkUInt8)
+    labels = sitk.Resample(
+        labels, fluid_native, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
+    )
     if len(qc["sides_present"]) < 2:
         warnings.append(f"only {len(qc['sides_present'])} limb(s) found in the field of view")
     qc.update(
         warnings=warnings,
         bias_gain_range=[float(gain.min()), float(gain.max())],
         seconds={"n4": round(t_n4 - t_start, 2), "segment": round(t_seg - t_n4, 2)},
-        settings={k: (list(v) if isinstance(v, tuple) else v)
-                  for k, v in settings.__dict__.items()},
+        settings={
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.__dict__.items()
+        },
         software=f"limbtrack {__version__}",
     )
     return SegmentResult(labels, qc)

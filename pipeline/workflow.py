@@ -14,8 +14,10 @@ from typing import Any
 
 from .io_utils import read_tsv
 
-SUBJECT_RE = re.compile(r"^[A-Za-z0-9]+$")
+SUBJECT_RE = re.compile(r"[A-Za-z0-9]+")
+DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 SIDES = ("left", "right", "auto")
+REQUIRED_COLUMNS = ("subject", "input_dir", "day0", "affected_side")
 
 
 class ConfigError(ValueError):
@@ -24,20 +26,30 @@ class ConfigError(ValueError):
 
 def _check_subject(subject: dict[str, str], where: str) -> dict[str, str]:
     sid = subject["subject"]
-    if not SUBJECT_RE.match(sid):
-        raise ConfigError(f"{where}: subject {sid!r} must be letters and digits only "
-                          "(it becomes part of file names)")
+    if not SUBJECT_RE.fullmatch(sid):
+        raise ConfigError(
+            f"{where}: subject {sid!r} must be letters and digits only "
+            "(it becomes part of file names)"
+        )
     try:
+        # Python 3.11 also accepts 20240301 or 2024-W09-5; the outputs promise YYYY-MM-DD.
+        if not DATE_RE.fullmatch(subject["day0"]):
+            raise ValueError(subject["day0"])
         dt.date.fromisoformat(subject["day0"])
     except ValueError:
-        raise ConfigError(f"{where}: day0 {subject['day0']!r} of subject {sid} is not a date "
-                          "YYYY-MM-DD") from None
+        raise ConfigError(
+            f"{where}: day0 {subject['day0']!r} of subject {sid} is not a date YYYY-MM-DD"
+        ) from None
     if subject["affected_side"] not in SIDES:
-        raise ConfigError(f"{where}: affected_side of subject {sid} must be left, right or "
-                          f"auto, not {subject['affected_side']!r}")
-    if not Path(subject["input_dir"]).is_dir():
-        raise ConfigError(f"{where}: input_dir {subject['input_dir']!r} of subject {sid} is not "
-                          "a folder")
+        raise ConfigError(
+            f"{where}: affected_side of subject {sid} must be left, right or "
+            f"auto, not {subject['affected_side']!r}"
+        )
+    # Path("") is the current folder: an empty cell must not pass as a study folder.
+    if not subject["input_dir"] or not Path(subject["input_dir"]).is_dir():
+        raise ConfigError(
+            f"{where}: input_dir {subject['input_dir']!r} of subject {sid} is not a folder"
+        )
     return subject
 
 
@@ -56,20 +68,40 @@ def load_subjects(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     sheet = str(config.get("subjects_sheet") or "")
     rows: list[dict[str, str]]
     if sheet:
-        rows = [dict(r) for r in read_tsv(sheet)]
-        where = sheet
+        try:
+            rows = [dict(r) for r in read_tsv(sheet)]
+        except OSError as err:
+            raise ConfigError(f"subjects_sheet {sheet!r} cannot be read ({err})") from None
+        if not rows:
+            raise ConfigError(
+                f"{sheet}: no subjects listed (a header line, then one line per subject)"
+            )
+        wheres = [f"{sheet}, subject row {n}" for n in range(1, len(rows) + 1)]
+        missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
+        if missing:
+            raise ConfigError(
+                f"{sheet}: missing column(s) {', '.join(missing)}; the subjects "
+                f"sheet needs {', '.join(REQUIRED_COLUMNS)} (and optionally "
+                "events), tab-separated"
+            )
     else:
-        rows = [{k: str(config.get(k, "")) for k in
-                 ("subject", "input_dir", "day0", "affected_side", "events")}]
-        where = "config"
+        rows = [
+            {
+                k: str(config.get(k, ""))
+                for k in ("subject", "input_dir", "day0", "affected_side", "events")
+            }
+        ]
+        wheres = ["config"]
     subjects: dict[str, dict[str, str]] = {}
-    for row in rows:
+    for row, where in zip(rows, wheres, strict=True):
         row = {k: (v or "").strip() for k, v in row.items() if k}
         events = row.get("events", "auto") or "auto"
         row["events"] = default_events(row["input_dir"]) if events == "auto" else events
         if row["events"] and not Path(row["events"]).is_file():
-            raise ConfigError(f"{where}: events file {row['events']!r} of subject "
-                              f"{row.get('subject')} does not exist")
+            raise ConfigError(
+                f"{where}: events file {row['events']!r} of subject "
+                f"{row.get('subject')} does not exist"
+            )
         subject = _check_subject(row, where)
         if subject["subject"] in subjects:
             raise ConfigError(f"{where}: subject {subject['subject']} is listed twice")

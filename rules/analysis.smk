@@ -9,15 +9,18 @@ rule segment:
         dseg=f"{SESSION_STEM}_dseg.nii.gz",
         qc=f"{SESSION_STEM}_dseg.json",
     params:
+        python=PYTHON,
         settings=json.dumps(config["segment"]),
     log:
         f"{SUBJECT_DIR}/logs/segment_ses-{{session}}.log",
+    conda:
+        "../environment.yml"
     threads: 1
     resources:
         mem_mb=3000,
         runtime=30,
     shell:
-        "{PY} -m pipeline.segment --t1 {input.t1:q} --fluid {input.fluid:q}"
+        "{params.python} -m pipeline.segment --t1 {input.t1:q} --fluid {input.fluid:q}"
         " --out {output.dseg:q} --qc {output.qc:q} --settings-json {params.settings:q}"
         " > {log:q} 2>&1"
 
@@ -30,16 +33,19 @@ rule measure:
         volumes=f"{SUBJECT_DIR}/volumes.tsv",
         side=f"{SUBJECT_DIR}/side.json",
     params:
+        python=PYTHON,
         day0=subject_value("day0"),
         affected_side=subject_value("affected_side"),
     log:
         f"{SUBJECT_DIR}/logs/measure.log",
+    conda:
+        "../environment.yml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{PY} -m pipeline.measure --subject {wildcards.subject} --day0 {params.day0}"
+        "{params.python} -m pipeline.measure --subject {wildcards.subject} --day0 {params.day0}"
         " --affected-side {params.affected_side} --sessions-json {input.sessions_json:q}"
         " --dseg {input.dseg:q} --out {output.volumes:q} --side-json {output.side:q}"
         " > {log:q} 2>&1"
@@ -55,19 +61,22 @@ rule longitudinal:
         longitudinal=f"{SUBJECT_DIR}/longitudinal.tsv",
         summary=f"{SUBJECT_DIR}/summary.json",
     params:
+        python=PYTHON,
         day0=subject_value("day0"),
-        subject_dir=SUBJECT_DIR,
+        subject_dir=parent_of("summary"),
         events=events_arg,
         thresholds=json.dumps(config["response"]),
         settings=json.dumps({"series": config["series"], "segment": config["segment"]}),
     log:
         f"{SUBJECT_DIR}/logs/longitudinal.log",
+    conda:
+        "../environment.yml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{PY} -m pipeline.longitudinal --subject {wildcards.subject} --day0 {params.day0}"
+        "{params.python} -m pipeline.longitudinal --subject {wildcards.subject} --day0 {params.day0}"
         " --subject-dir {params.subject_dir:q} --volumes {input.volumes:q}"
         " --side-json {input.side:q} --sessions-json {input.sessions_json:q}"
         " --qc {input.qc:q} {params.events} --thresholds-json {params.thresholds:q}"

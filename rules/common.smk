@@ -1,4 +1,5 @@
 # Input functions: subject parameters and the sessions found by the index checkpoint.
+import os
 import shlex
 
 
@@ -40,3 +41,12 @@ def series_args():
         if config["series"][key]:
             args += [flag, shlex.quote(config["series"][key])]
     return " ".join(args)
+
+
+def parent_of(key):
+    """A params function: the folder of output `key` (derived, not hard-coded)."""
+
+    def get(wildcards, output):
+        return os.path.dirname(output[key])
+
+    return get

@@ -8,17 +8,20 @@ checkpoint index:
         sessions_json=f"{SUBJECT_DIR}/sessions.json",
         sessions_tsv=f"{SUBJECT_DIR}/sessions.tsv",
     params:
+        python=PYTHON,
         input_dir=subject_value("input_dir"),
-        out_dir=SUBJECT_DIR,
+        out_dir=parent_of("index_tsv"),
         series=series_args(),
     log:
         f"{SUBJECT_DIR}/logs/index.log",
+    conda:
+        "../environment.yml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=30,
     shell:
-        "{PY} -m pipeline.dicom_index --input-dir {params.input_dir:q} --out-dir {params.out_dir:q}"
+        "{params.python} -m pipeline.dicom_index --input-dir {params.input_dir:q} --out-dir {params.out_dir:q}"
         " {params.series} > {log:q} 2>&1"
 
 
@@ -31,14 +34,17 @@ rule convert:
         t1_json=f"{SESSION_STEM}_T1w.json",
         fluid_json=f"{SESSION_STEM}_fluid.json",
     params:
-        out_dir=SESSION_DIR,
+        python=PYTHON,
+        out_dir=parent_of("t1"),
     log:
         f"{SUBJECT_DIR}/logs/convert_ses-{{session}}.log",
+    conda:
+        "../environment.yml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=20,
     shell:
-        "{PY} -m pipeline.convert --sessions-json {input.sessions_json:q}"
+        "{params.python} -m pipeline.convert --sessions-json {input.sessions_json:q}"
         " --session {wildcards.session} --subject {wildcards.subject}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -16,13 +16,16 @@ rule report:
             category="Subject report",
         ),
     params:
-        subject_dir=SUBJECT_DIR,
+        python=PYTHON,
+        subject_dir=parent_of(0),
     log:
         f"{SUBJECT_DIR}/logs/report.log",
+    conda:
+        "../environment.yml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{PY} -m pipeline.report --subject-dir {params.subject_dir:q} --out {output:q}"
+        "{params.python} -m pipeline.report --subject-dir {params.subject_dir:q} --out {output:q}"
         " > {log:q} 2>&1"
