@@ -11,7 +11,7 @@ Method (each step's numbers go to the QC sidecar):
    divides the fluid image (one coil, one session).
 2. Limbs: T1 half-maximum edge threshold between background and the tissue just inside the skin
    (unbiased under partial volume), holes filled per axial slice, components; two touching
-   thighs are split along the darker line where the two skins meet (cheapest path).
+   thighs are split by a two-seed watershed on the distance transform.
 3. Bone: the dark cortical ring on T1 (below half the muscle level), thin septa removed by an
    opening, holes filled: cortex plus marrow cavity.
 4. Marrow lesion: marrow voxels whose fluid signal exceeds the contralateral marrow's 99th
@@ -35,7 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 from numpy.typing import NDArray
 from scipy import ndimage
-from skimage import filters, measure, morphology
+from skimage import filters, measure, morphology, segmentation
 
 from . import __version__
 from .io_utils import atomic_path, write_json_atomic
@@ -144,7 +144,7 @@ def limb_masks(
             comp = lab == i
             if comp.sum() < min_px:
                 continue
-            halves = split_touching(comp, t1[k])
+            halves = split_touching(comp)
             if halves is not None and min(h.sum() for h in halves) >= min_px:
                 parts.extend(halves)
                 n_split += 1
@@ -199,18 +199,12 @@ def body_mask(t1: FloatArray, edge_fraction: float = 0.37) -> tuple[BoolArray, d
     return body, {"background_level": bg, "rough_threshold": air + 0.12 * (hi - air)}
 
 
-def split_touching(
-    mask2d: BoolArray, image2d: FloatArray | None = None
-) -> tuple[BoolArray, BoolArray] | None:
-    """Split one 2-D component holding two touching limbs along their contact.
+def split_touching(mask2d: BoolArray) -> tuple[BoolArray, BoolArray] | None:
+    """Split one 2-D component holding two touching limbs by a two-seed watershed.
 
-    The component's left-right occupancy profile must have a waist (narrowest column in the
-    middle half, at most 85 % of the smaller limb's widest column); otherwise it is one limb
-    and None is returned. The cut is the cheapest top-to-bottom path (moving at most one column
-    per row) through a band around the waist, the cost of a pixel being its signal: where the
-    legs touch, the two skins meet in a line darker than the fat on both sides, and elsewhere
-    the path runs through air. Without an image the cost is the occupancy itself (the path
-    then crosses where the component is thinnest).
+    Seeds are the distance-transform maxima on either side of the narrowest column of the
+    component's left-right occupancy profile. Returns None when the profile has no waist
+    (a single limb).
     """
     profile = mask2d.sum(axis=0).astype(float)
     cols = np.nonzero(profile)[0]
@@ -222,39 +216,14 @@ def split_touching(
     waist = lo + int(np.argmin(profile[lo : hi + 1]))
     if profile[waist] > 0.85 * min(profile[c0:waist].max(), profile[waist : c1 + 1].max()):
         return None
-    half = max(3, width // 8)
-    b0, b1 = max(c0 + 1, waist - half), min(c1 - 1, waist + half)
-    cost_img = mask2d.astype(np.float32) if image2d is None else image2d.astype(np.float32)
-    cost = cost_img[:, b0 : b1 + 1]
-    path = _cheapest_vertical_path(cost) + b0
-    col_index = np.arange(mask2d.shape[1])[None, :]
-    left_of = col_index < path[:, None]
-    on_path = col_index == path[:, None]
-    # Pixels on the cut itself go alternately to each side (one shared skin line).
-    on_path_left = on_path & (np.arange(mask2d.shape[0]) % 2 == 0)[:, None]
-    first = mask2d & (left_of | on_path_left)
-    second = mask2d & ~first
-    return first, second
-
-
-def _cheapest_vertical_path(cost: FloatArray) -> NDArray[np.intp]:
-    """Column (per row) of the top-to-bottom path of least summed cost, steps of <= 1 column."""
-    n_rows, n_cols = cost.shape
-    acc = cost[0].astype(np.float64).copy()
-    back = np.zeros((n_rows, n_cols), dtype=np.intp)
-    idx = np.arange(n_cols)
-    for r in range(1, n_rows):
-        left = np.concatenate(([np.inf], acc[:-1]))
-        right = np.concatenate((acc[1:], [np.inf]))
-        stacked = np.stack([left, acc, right])
-        choice = np.argmin(stacked, axis=0)
-        back[r] = np.clip(idx + choice - 1, 0, n_cols - 1)
-        acc = stacked[choice, idx] + cost[r]
-    path = np.empty(n_rows, dtype=np.intp)
-    path[-1] = int(np.argmin(acc))
-    for r in range(n_rows - 1, 0, -1):
-        path[r - 1] = back[r, path[r]]
-    return path
+    dist = ndimage.distance_transform_edt(mask2d)
+    markers = np.zeros(mask2d.shape, dtype=np.int32)
+    for m, (a, b) in enumerate(((c0, waist), (waist + 1, c1 + 1)), start=1):
+        sub = dist[:, a:b]
+        r, c = np.unravel_index(int(np.argmax(sub)), sub.shape)
+        markers[r, a + c] = m
+    ws = segmentation.watershed(-dist, markers, mask=mask2d)
+    return ws == 1, ws == 2
 
 
 def _muscle_level_t1(t1: FloatArray, limb: BoolArray) -> tuple[float, float]:
