@@ -5,7 +5,7 @@ import sys
 
 from snakemake.utils import min_version, validate
 
-from pipeline.workflow import load_subjects, session_labels
+from pipeline.workflow import convert_module, index_args, load_subjects, session_labels
 
 min_version("9.0")
 

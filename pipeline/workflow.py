@@ -8,11 +8,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .io_utils import read_tsv
+from .nifti_input import is_sessions_sheet
 
 SUBJECT_RE = re.compile(r"[A-Za-z0-9]+")
 DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -46,11 +48,34 @@ def _check_subject(subject: dict[str, str], where: str) -> dict[str, str]:
             f"auto, not {subject['affected_side']!r}"
         )
     # Path("") is the current folder: an empty cell must not pass as a study folder.
-    if not subject["input_dir"] or not Path(subject["input_dir"]).is_dir():
+    given = subject["input_dir"]
+    if not given or not (Path(given).is_dir() or is_sessions_sheet(given)):
         raise ConfigError(
-            f"{where}: input_dir {subject['input_dir']!r} of subject {sid} is not a folder"
+            f"{where}: input_dir {given!r} of subject {sid} is not a folder (a DICOM study "
+            "folder) nor a .tsv sessions sheet (NIfTI input)"
         )
     return subject
+
+
+def index_args(subject: dict[str, str], out_dir: str, series: dict[str, str]) -> str:
+    """Module and arguments of the index step for a subject's input (DICOM folder or sheet)."""
+    q = shlex.quote
+    if is_sessions_sheet(subject["input_dir"]):
+        return (f"pipeline.nifti_input index --sheet {q(subject['input_dir'])} "
+                f"--subject {q(subject['subject'])} --out-dir {q(out_dir)}")
+    args = f"pipeline.dicom_index --input-dir {q(subject['input_dir'])} --out-dir {q(out_dir)}"
+    for flag, key in (("--anatomical-regex", "anatomical_regex"),
+                      ("--fluid-regex", "fluid_regex")):
+        if series.get(key):
+            args += f" {flag} {q(series[key])}"
+    return args
+
+
+def convert_module(subject: dict[str, str]) -> str:
+    """Module (and subcommand) converting one session of a subject's input."""
+    if is_sessions_sheet(subject["input_dir"]):
+        return "pipeline.nifti_input convert"
+    return "pipeline.convert"
 
 
 def default_events(input_dir: str) -> str:
@@ -58,6 +83,8 @@ def default_events(input_dir: str) -> str:
 
     ``events.tsv`` at the top of the input folder, if present; else none.
     """
+    if not Path(input_dir).is_dir():
+        return ""  # a sessions sheet: events must be named explicitly
     candidate = Path(input_dir) / "events.tsv"
     return str(candidate) if candidate.is_file() else ""
 

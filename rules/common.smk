@@ -34,13 +34,15 @@ def events_arg(wildcards):
     return f"--events {shlex.quote(events)}" if events else ""
 
 
-def series_args():
-    """Command-line options for the series overrides that are set in the config."""
-    args = []
-    for flag, key in (("--anatomical-regex", "anatomical_regex"), ("--fluid-regex", "fluid_regex")):
-        if config["series"][key]:
-            args += [flag, shlex.quote(config["series"][key])]
-    return " ".join(args)
+def index_command(wildcards, output):
+    """Module and arguments of the index step (DICOM folder or NIfTI sessions sheet)."""
+    out_dir = os.path.dirname(output.index_tsv)
+    return index_args(SUBJECTS[wildcards.subject], out_dir, config["series"])
+
+
+def convert_command(wildcards):
+    """Module converting a session: DICOM series or NIfTI sheet images."""
+    return convert_module(SUBJECTS[wildcards.subject])
 
 
 def parent_of(key):

@@ -1,4 +1,5 @@
-# index (checkpoint: which sessions exist) -> convert (one session's two series to NIfTI)
+# index (checkpoint: which sessions exist) -> convert (one session's two series to NIfTI).
+# The input is a DICOM study folder, or a NIfTI sessions sheet (.tsv); see pipeline.workflow.
 
 
 checkpoint index:
@@ -9,9 +10,7 @@ checkpoint index:
         sessions_tsv=f"{SUBJECT_DIR}/sessions.tsv",
     params:
         python=PYTHON,
-        input_dir=subject_value("input_dir"),
-        out_dir=parent_of("index_tsv"),
-        series=series_args(),
+        args=index_command,
     log:
         f"{SUBJECT_DIR}/logs/index.log",
     conda:
@@ -21,8 +20,7 @@ checkpoint index:
         mem_mb=1000,
         runtime=30,
     shell:
-        "{params.python} -m pipeline.dicom_index --input-dir {params.input_dir:q} --out-dir {params.out_dir:q}"
-        " {params.series} > {log:q} 2>&1"
+        "{params.python} -m {params.args} > {log:q} 2>&1"
 
 
 rule convert:
@@ -35,6 +33,7 @@ rule convert:
         fluid_json=f"{SESSION_STEM}_fluid.json",
     params:
         python=PYTHON,
+        module=convert_command,
         out_dir=parent_of("t1"),
     log:
         f"{SUBJECT_DIR}/logs/convert_ses-{{session}}.log",
@@ -45,6 +44,6 @@ rule convert:
         mem_mb=2000,
         runtime=20,
     shell:
-        "{params.python} -m pipeline.convert --sessions-json {input.sessions_json:q}"
+        "{params.python} -m {params.module} --sessions-json {input.sessions_json:q}"
         " --session {wildcards.session} --subject {wildcards.subject}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
