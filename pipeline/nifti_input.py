@@ -221,6 +221,8 @@ def convert_session(sessions_json: Path, session: str, subject: str, out_dir: Pa
     for role in ("anatomical", "fluid"):
         src = Path(entries[session][role]["files"][0])
         img = nib.load(str(src))
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            raise SheetError(f"{src}: not a NIfTI image")
         arr = np.asanyarray(img.dataobj, dtype=np.float32)
         if arr.ndim == 4:
             arr = arr[..., 0]
