@@ -1,10 +1,20 @@
-"""Convert one DICOM series to a NIfTI volume plus a JSON sidecar, with explicit geometry.
+"""Convert DICOM series to NIfTI volumes plus JSON sidecars, with explicit geometry.
 
-Geometry policy (each rule is a check with a clear error, never a silent fix):
+A series may hold several volumes (echoes, Dixon water/fat/in/opp images, magnitude and
+phase, diffusion b-values and directions, repetitions): its frames are grouped into volumes by
+:func:`pipeline.dicom_frames.split_volumes` and each volume is converted on its own. Classic
+single-frame files, Siemens mosaics and enhanced multi-frame files (per-frame functional
+groups: positions, orientations, pixel spacing, rescale slope/intercept per frame) are read;
+compressed transfer syntaxes go through pydicom's decoders (pylibjpeg, pylibjpeg-libjpeg,
+pylibjpeg-openjpeg, pylibjpeg-rle; deflate is native).
 
-- slices are ordered by the projection of ImagePositionPatient on the slice normal
-  (row cosine x column cosine), never by InstanceNumber or file name;
-- the slice spacing comes from the positions (median step), never from SliceThickness;
+Geometry policy, per volume (each rule is a check with a clear error, never a silent fix):
+
+- slices are ordered by the projection of their position on the slice normal
+  (row cosine x column cosine), never by InstanceNumber, frame number or file name;
+- the slice spacing comes from the positions (median step), never from SliceThickness
+  (a Siemens mosaic carries one position: its tiles are placed SpacingBetweenSlices apart
+  along the CSA SliceNormalVector, as its header defines them);
 - the direction cosines are kept as they are, oblique included;
 - duplicate positions: identical pixels -> the duplicate is dropped with a warning;
   different pixels -> refused;
@@ -12,23 +22,37 @@ Geometry policy (each rule is a check with a clear error, never a silent fix):
   variable increment); the series is not resampled;
 - gantry tilt (positions sheared off the normal) -> refused;
 - fewer than 3 slices, missing geometry tags, mixed orientation or matrix -> refused.
+- values: stored values masked to BitsStored (sign-extended when signed), then
+  ``value * RescaleSlope + RescaleIntercept`` per frame; written as float32. Philips
+  "precise" floating-point values are not derived: the output holds the displayed values.
 
 The image is built in DICOM LPS physical space; SimpleITK writes NIfTI in RAS, so the
-patient's left stays left.
+patient's left stays left whatever the patient position (head/feet first, prone, decubitus).
 
-Command line::
+Command line, two modes::
 
     python -m pipeline.convert --sessions-json F --session 20240225 --subject demo --out-dir D
+    python -m pipeline.convert DIR OUT [--subject ID] [--compression-level N]
+
+The second mode indexes DIR and writes every volume it can into OUT, named
+``sub-<subject>_ses-<YYYYMMDD>_run-<SeriesNumber, 3 digits>[_<volume entities>]_<class>``
+(``.nii.gz`` + ``.json``), where the volume entities say what tells the volumes of a series
+apart (``echo-2``, ``part-water``, ``bval-1000_dir-3``, ``t-4``, ``rep-2``) and the class is
+the sequence class without underscores (``T1w``, ``STIR``, ``dixonwater`` ...). A name that is
+still taken gets ``_uid-<8 hex digits of the SeriesInstanceUID hash>``. ``converted.tsv``
+lists the volumes written, ``refusals.tsv`` every series or volume that was not (with the
+reason), ``problems.tsv`` the files that are not DICOM images.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +60,16 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
+from pipeline import dicom_frames
+from pipeline.dicom_frames import FrameError, FrameInfo, VolumeGroup
 from pipeline.dicom_index import (
     classify_sequence,
     float_or_none,
-    floats_or_none,
+    index_folder,
     int_or_none,
     parse_dicom_date,
 )
-from pipeline.io_utils import atomic_path, write_json_atomic
+from pipeline.io_utils import atomic_path, write_json_atomic, write_tsv_atomic
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +84,18 @@ ORIENTATION_TOLERANCE = 1e-4
 MIN_SLICES = 3
 DECODER_HINT = ("install a decoder for it (pip install pylibjpeg pylibjpeg-libjpeg "
                 "pylibjpeg-openjpeg) or export the series uncompressed")
+#: Pixel data bigger than this stays on disk while headers are read (read later by offset).
+DEFER_SIZE = "64 KB"
 
 #: Output name suffix of each session role.
 ROLE_SUFFIX: dict[str, str] = {"anatomical": "T1w", "fluid": "fluid"}
+
+CONVERTED_COLUMNS: tuple[str, ...] = (
+    "nifti", "study_date", "series_number", "series_description", "volume", "sequence_class",
+    "n_slices", "series_uid")
+REFUSAL_COLUMNS: tuple[str, ...] = (
+    "study_date", "series_number", "series_description", "volume", "n_files", "path",
+    "reason", "series_uid")
 
 
 class SeriesError(Exception):
@@ -81,52 +116,83 @@ class SeriesError(Exception):
 
 
 @dataclass
+class Volume:
+    """One volume of a series: the image and its sidecar, or why it could not be built."""
+
+    label: str
+    image: sitk.Image | None
+    sidecar: dict[str, Any]
+    error: SeriesError | None = None
+    n_frames: int = 0
+
+
+@dataclass
 class _Slice:
-    path: Path
-    ds: pydicom.Dataset
+    frame: FrameInfo
     position: np.ndarray  # mm, LPS
     proj_mm: float  # position along the slice normal
     pixels: np.ndarray | None = None  # float64, rescaled, shape (rows, columns)
 
+    @property
+    def path(self) -> Path:
+        return self.frame.path
+
+    @property
+    def name(self) -> str:
+        frame = self.frame
+        return frame.path.name if frame.kind == "single" else \
+            f"{frame.path.name} frame {frame.frame + 1}"
+
+
+@dataclass
+class _Series:
+    """Headers (pixel data deferred) and decoded pixels of one series' files."""
+
+    datasets: dict[Path, pydicom.Dataset]
+    frames: list[FrameInfo]
+    stored: dict[Path, np.ndarray] = field(default_factory=dict)
+
+    def values(self, frame: FrameInfo) -> np.ndarray:
+        """Rescaled values (float64) of one frame."""
+        if frame.path not in self.stored:
+            try:
+                self.stored[frame.path] = dicom_frames.stored_pixels(
+                    frame.path, self.datasets[frame.path])
+            except FrameError as err:
+                raise SeriesError(frame.path, str(err)) from err
+        values = dicom_frames.frame_pixels(self.stored[frame.path], frame).astype(np.float64)
+        if frame.slope is not None and frame.slope != 0:
+            values = values * frame.slope
+        if frame.intercept is not None:
+            values = values + frame.intercept
+        return values
+
 
 def _read_dataset(path: Path) -> pydicom.Dataset:
     try:
-        return pydicom.dcmread(path)
+        return pydicom.dcmread(path, defer_size=DEFER_SIZE)
     except Exception as err:  # noqa: BLE001 - report any parse failure against the file
         raise SeriesError(path, f"cannot read as DICOM ({type(err).__name__}: {err}); remove "
                                 "the file or re-export the series") from err
 
 
-def _pixels(item: _Slice) -> np.ndarray:
-    """Rescaled pixel values of one slice (float64, rows x columns), decoded once."""
-    if item.pixels is not None:
-        return item.pixels
-    ds = item.ds
-    if "PixelData" not in ds:
-        raise SeriesError(item.path, "no pixel data; re-export the series with images")
-    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    try:
-        array = ds.pixel_array
-    except Exception as err:  # noqa: BLE001 - decoder errors come in many types
-        detail = " ".join(str(err).split())
-        if syntax is not None and syntax.is_compressed:
-            raise SeriesError(item.path, f"compressed pixel data ({syntax.name}) could not be "
-                                         f"decoded ({detail}); {DECODER_HINT}") from err
-        raise SeriesError(item.path, f"cannot decode pixel data ({detail}); re-export the "
-                                     "series") from err
-    if array.shape != (int(ds.Rows), int(ds.Columns)):
-        raise SeriesError(item.path, f"pixel array of shape {array.shape} does not match "
-                                     f"Rows x Columns {ds.Rows} x {ds.Columns} (multi-frame or "
-                                     "colour image?); export single-frame greyscale images")
-    slope = float_or_none(ds.get("RescaleSlope"))
-    intercept = float_or_none(ds.get("RescaleIntercept"))
-    values = array.astype(np.float64)
-    if slope is not None and slope != 0:
-        values = values * slope
-    if intercept is not None:
-        values = values + intercept
-    item.pixels = values
-    return values
+def _load_series(files: Sequence[Path]) -> _Series:
+    files = [Path(f) for f in files]
+    if not files:
+        raise SeriesError(Path("."), "no files given for the series")
+    datasets: dict[Path, pydicom.Dataset] = {}
+    frames: list[FrameInfo] = []
+    for path in sorted(files):
+        ds = _read_dataset(path)
+        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+            raise SeriesError(path, "colour image (SamplesPerPixel > 1), not an MR magnitude "
+                                    "image; choose another series")
+        try:
+            frames.extend(dicom_frames.frames_of(path, ds))
+        except FrameError as err:
+            raise SeriesError(path, str(err)) from err
+        datasets[path] = ds
+    return _Series(datasets, frames)
 
 
 def _orthonormal_axes(iop: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -140,75 +206,66 @@ def _orthonormal_axes(iop: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.
     return row, col, np.cross(row, col)
 
 
-def read_series(files: Sequence[Path]) -> tuple[sitk.Image, dict[str, Any]]:
-    """Read a single-frame DICOM series into a float32 volume in LPS physical space.
+def _where(frame: FrameInfo) -> str:
+    return frame.path.name if frame.kind == "single" else \
+        f"{frame.path.name} (frame {frame.frame + 1})"
 
-    Parameters
-    ----------
-    files : sequence of Path
-        The files of one series, in any order.
 
-    Returns
-    -------
-    image : SimpleITK.Image
-        float32, size (columns, rows, slices); spacing (column spacing, row spacing, slice
-        step) in mm; origin = ImagePositionPatient of the first slice along the normal (mm,
-        LPS); direction columns = row cosine, column cosine, slice normal. Rescale slope and
-        intercept are applied.
-    sidecar : dict
-        Series metadata (see module docstring); no patient identifiers.
+def _check_frames(frames: Sequence[FrameInfo]) -> None:
+    """Geometry tags present and consistent across the frames of one volume."""
+    first = frames[0]
+    for frame in frames:
+        missing = [name for name, value in (("ImageOrientationPatient", frame.orientation),
+                                            ("ImagePositionPatient", frame.position),
+                                            ("PixelSpacing", frame.pixel_spacing_mm),
+                                            ("Rows", frame.rows), ("Columns", frame.columns))
+                   if value is None]
+        if missing:
+            raise SeriesError(frame.path, f"missing or malformed {', '.join(missing)}"
+                                          f"{'' if frame.kind == 'single' else ' in frame '}"
+                                          f"{'' if frame.kind == 'single' else frame.frame + 1}"
+                                          ": the slice cannot be placed in space (localizer or "
+                                          "secondary capture?); choose another series")
+    iop0 = first.orientation
+    assert iop0 is not None
+    for frame in frames:
+        assert frame.orientation is not None and frame.pixel_spacing_mm is not None
+        if np.max(np.abs(np.subtract(frame.orientation, iop0))) > ORIENTATION_TOLERANCE:
+            raise SeriesError(frame.path, f"slice orientation {list(frame.orientation)} "
+                                          f"differs from {list(iop0)} of {_where(first)}: the "
+                                          "series mixes orientations; export each stack as "
+                                          "its own series")
+        if (frame.rows, frame.columns) != (first.rows, first.columns):
+            raise SeriesError(frame.path, f"matrix {frame.rows}x{frame.columns} differs from "
+                                          f"{first.rows}x{first.columns} of {_where(first)}; "
+                                          "the series mixes image sizes")
+        spacing0 = first.pixel_spacing_mm
+        assert spacing0 is not None
+        if np.max(np.abs(np.subtract(frame.pixel_spacing_mm, spacing0))) > 1e-4 * max(spacing0):
+            raise SeriesError(frame.path, f"pixel spacing {list(frame.pixel_spacing_mm)} mm "
+                                          f"differs from {list(spacing0)} mm of "
+                                          f"{_where(first)}")
 
-    Raises
-    ------
-    SeriesError
-        When the series breaks one of the geometry rules of the module docstring.
-    """
-    files = [Path(f) for f in files]
-    if not files:
-        raise SeriesError(Path("."), "no files given for the series")
-    warnings: list[str] = []
-    datasets = [(path, _read_dataset(path)) for path in sorted(files)]
 
-    first_path, first = datasets[0]
-    iop0 = floats_or_none(first.get("ImageOrientationPatient"), 6)
-    for path, ds in datasets:
-        if int_or_none(ds.get("NumberOfFrames")) not in (None, 1):
-            raise SeriesError(path, "enhanced multi-frame DICOM is not supported yet; export "
-                                    "classic single-frame images or convert with dcm2niix")
-        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-            raise SeriesError(path, "colour image (SamplesPerPixel > 1), not an MR magnitude "
-                                    "image; choose another series")
-        missing = [k for k, n in (("ImageOrientationPatient", 6), ("ImagePositionPatient", 3),
-                                  ("PixelSpacing", 2)) if floats_or_none(ds.get(k), n) is None]
-        if missing or "Rows" not in ds or "Columns" not in ds:
-            missing += [k for k in ("Rows", "Columns") if k not in ds]
-            raise SeriesError(path, f"missing or malformed {', '.join(missing)}: the slice "
-                                    "cannot be placed in space (localizer or secondary "
-                                    "capture?); choose another series")
-        iop = floats_or_none(ds.get("ImageOrientationPatient"), 6)
-        assert iop is not None and iop0 is not None
-        if np.max(np.abs(np.subtract(iop, iop0))) > ORIENTATION_TOLERANCE:
-            raise SeriesError(path, f"slice orientation {list(iop)} differs from "
-                                    f"{list(iop0)} of {first_path.name}: the series mixes "
-                                    "orientations; export each stack as its own series")
-        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
-            raise SeriesError(path, f"matrix {ds.Rows}x{ds.Columns} differs from "
-                                    f"{first.Rows}x{first.Columns} of {first_path.name}; "
-                                    "the series mixes image sizes")
-        spacing = floats_or_none(ds.get("PixelSpacing"), 2)
-        spacing0 = floats_or_none(first.get("PixelSpacing"), 2)
-        assert spacing is not None and spacing0 is not None
-        if np.max(np.abs(np.subtract(spacing, spacing0))) > 1e-4 * max(spacing0):
-            raise SeriesError(path, f"pixel spacing {list(spacing)} mm differs from "
-                                    f"{list(spacing0)} mm of {first_path.name}")
+def _assemble(series: _Series, group: VolumeGroup,
+              n_files: int) -> tuple[sitk.Image, dict[str, Any]]:
+    """Build one volume from its frames (rules in the module docstring)."""
+    frames = list(group.frames)
+    _check_frames(frames)
+    iop0 = frames[0].orientation
     assert iop0 is not None
     row, col, normal = _orthonormal_axes(iop0)
+    warnings: list[str] = []
 
-    slices: list[_Slice] = []
-    for path, ds in datasets:
-        position = np.asarray(floats_or_none(ds.get("ImagePositionPatient"), 3), dtype=float)
-        slices.append(_Slice(path, ds, position, float(np.dot(position, normal))))
-    slices.sort(key=lambda s: (s.proj_mm, str(s.path)))
+    slices = [_Slice(f, np.asarray(f.position, dtype=float),
+                     float(np.dot(np.asarray(f.position, dtype=float), normal)))
+              for f in frames]
+    slices.sort(key=lambda s: (s.proj_mm, str(s.path), s.frame.frame))
+
+    def pixels(item: _Slice) -> np.ndarray:
+        if item.pixels is None:
+            item.pixels = series.values(item.frame)
+        return item.pixels
 
     # duplicates: same position along the normal
     kept: list[_Slice] = [slices[0]]
@@ -218,9 +275,9 @@ def read_series(files: Sequence[Path]) -> tuple[sitk.Image, dict[str, Any]]:
             kept.append(item)
             continue
         same_place = np.allclose(item.position, previous.position, atol=DUPLICATE_TOLERANCE_MM)
-        if same_place and np.array_equal(_pixels(item), _pixels(previous)):
-            message = (f"duplicate slice {item.path.name} (identical pixels at the position "
-                       f"of {previous.path.name}) dropped")
+        if same_place and np.array_equal(pixels(item), pixels(previous)):
+            message = (f"duplicate slice {item.name} (identical pixels at the position "
+                       f"of {previous.name}) dropped")
             warnings.append(message)
             log.warning("%s", message)
             item.pixels = None
@@ -228,8 +285,8 @@ def read_series(files: Sequence[Path]) -> tuple[sitk.Image, dict[str, Any]]:
         raise SeriesError(item.path, f"two different images at the same slice position "
                                      f"({item.proj_mm:.3f} mm along the normal) as "
                                      f"{previous.path}: the series holds several echoes, phases "
-                                     "or repeats; export a single volume or pick another "
-                                     "series")
+                                     "or repeats that no header tag tells apart; export a "
+                                     "single volume or pick another series")
     if len(kept) < MIN_SLICES:
         raise SeriesError(kept[0].path, f"only {len(kept)} slice(s); a volume needs at least "
                                         f"{MIN_SLICES}; choose a series with more slices")
@@ -245,7 +302,7 @@ def read_series(files: Sequence[Path]) -> tuple[sitk.Image, dict[str, Any]]:
                 if round(ratio) >= 2 and abs(ratio - round(ratio)) < 0.1 else "")
         raise SeriesError(kept[worst + 1].path, (
             f"non-uniform slice spacing: step of {steps[worst]:.4f} mm between "
-            f"{kept[worst].path.name} and {kept[worst + 1].path.name} against a median of "
+            f"{kept[worst].name} and {kept[worst + 1].name} against a median of "
             f"{step_mm:.4f} mm, a deviation of {deviations[worst]:.4f} mm (tolerance "
             f"{SPACING_TOLERANCE * 100:g} % = {SPACING_TOLERANCE * step_mm:.4f} mm){hint}; "
             "slices are not resampled: re-export the complete series"))
@@ -264,28 +321,37 @@ def read_series(files: Sequence[Path]) -> tuple[sitk.Image, dict[str, Any]]:
             f"(gantry tilt of about {tilt_deg:.1f} degrees); tilted stacks are not supported: "
             "reconstruct without tilt or convert with dcm2niix"))
 
-    volume = np.stack([_pixels(s) for s in kept]).astype(np.float32)  # [z, y, x]
+    volume = np.stack([pixels(s) for s in kept]).astype(np.float32)  # [z, y, x]
     image = sitk.GetImageFromArray(volume)
-    spacing_rc = floats_or_none(first.get("PixelSpacing"), 2)
+    spacing_rc = frames[0].pixel_spacing_mm
     assert spacing_rc is not None
     # PixelSpacing is (between rows, between columns); SimpleITK spacing is (x=column, y=row, z)
     image.SetSpacing((spacing_rc[1], spacing_rc[0], step_mm))
     image.SetOrigin(tuple(float(v) for v in kept[0].position))
     image.SetDirection(tuple(float(v) for v in np.column_stack([row, col, normal]).ravel()))
 
-    sidecar = _sidecar(kept[0].ds, kept, step_mm, spacing_rc, warnings, len(files))
+    ds = series.datasets[kept[0].path]
+    sidecar = _sidecar(ds, group, kept, step_mm, spacing_rc, warnings, n_files)
     return image, sidecar
 
 
-def _sidecar(ds: pydicom.Dataset, kept: list[_Slice], step_mm: float,
+def _sidecar(ds: pydicom.Dataset, group: VolumeGroup, kept: list[_Slice], step_mm: float,
              spacing_rc: tuple[float, ...], warnings: list[str],
              n_files: int) -> dict[str, Any]:
-    """Series metadata for the JSON sidecar (times in ms, lengths in mm, no patient data)."""
+    """Volume metadata for the JSON sidecar (times in ms, lengths in mm, no patient data)."""
+    header = dicom_frames.volume_header(ds, group)
+
     def text(keyword: str) -> str | None:
         value = ds.get(keyword)
         return str(value).strip() if value not in (None, "") else None
 
+    frame = kept[0].frame
+    assert frame.orientation is not None
     thickness = float_or_none(ds.get("SliceThickness"))
+    if thickness is None:
+        thickness = float_or_none(dicom_frames.shared_value(ds, "PixelMeasuresSequence",
+                                                            "SliceThickness"))
+    attrs = group.attrs
     return {
         "SeriesInstanceUID": text("SeriesInstanceUID"),
         "SeriesNumber": int_or_none(ds.get("SeriesNumber")),
@@ -293,22 +359,31 @@ def _sidecar(ds: pydicom.Dataset, kept: list[_Slice], step_mm: float,
         "StudyInstanceUID": text("StudyInstanceUID"),
         "StudyDate": parse_dicom_date(ds.get("StudyDate")),
         "Modality": text("Modality"),
-        "SequenceClass": classify_sequence(ds),
-        "EchoTime": float_or_none(ds.get("EchoTime")),
-        "RepetitionTime": float_or_none(ds.get("RepetitionTime")),
-        "InversionTime": float_or_none(ds.get("InversionTime")),
+        "SequenceClass": classify_sequence(header),
+        "VolumeLabel": group.label,
+        "EchoNumber": attrs.get("EchoNumber"),
+        "EchoTime": float_or_none(header.get("EchoTime")),
+        "RepetitionTime": float_or_none(header.get("RepetitionTime")),
+        "InversionTime": float_or_none(header.get("InversionTime")),
+        "ImageType": attrs.get("ImageType") or None,
+        "DiffusionBValue": attrs.get("DiffusionBValue"),
+        "DiffusionGradientOrientation": attrs.get("DiffusionGradientOrientation"),
+        "TemporalPosition": attrs.get("TemporalPosition"),
+        "Repetition": attrs.get("Repetition"),
         "MagneticFieldStrength": float_or_none(ds.get("MagneticFieldStrength")),
         "Manufacturer": text("Manufacturer"),
         "ManufacturerModelName": text("ManufacturerModelName"),
         "PatientPosition": text("PatientPosition"),
-        "ImageOrientationPatient": [float(v) for v in ds.ImageOrientationPatient],
+        "ImageOrientationPatient": [float(v) for v in frame.orientation],
         "ImagePositionPatientFirstSlice": [float(v) for v in kept[0].position],
         "SpacingBetweenSlicesFromPositions_mm": step_mm,
         "SliceThickness_mm": thickness,
         "PixelSpacing_mm": [float(v) for v in spacing_rc],
-        "Rows": int(ds.Rows),
-        "Columns": int(ds.Columns),
+        "Rows": frame.rows,
+        "Columns": frame.columns,
         "NumberOfSlices": len(kept),
+        "SourceLayout": {"single": "classic single-frame", "multiframe": "enhanced multi-frame",
+                         "mosaic": "Siemens mosaic"}[frame.kind],
         "TransferSyntaxUID": str(ds.file_meta.get("TransferSyntaxUID", "")) or None,
         "CoordinateConvention": "DICOM LPS in memory; NIfTI written in RAS by SimpleITK",
         "warnings": list(warnings),
@@ -316,6 +391,87 @@ def _sidecar(ds: pydicom.Dataset, kept: list[_Slice], step_mm: float,
         "ConversionSoftware": f"limbtrack pipeline.convert (pydicom {pydicom.__version__}, "
                               f"SimpleITK {sitk.Version.VersionString()})",
     }
+
+
+def read_volumes(files: Sequence[Path]) -> list[Volume]:
+    """Read every volume of one series (several when it holds echoes, Dixon images, ...).
+
+    Parameters
+    ----------
+    files : sequence of Path
+        The files of one series, in any order.
+
+    Returns
+    -------
+    list of Volume
+        One per volume, in the order of :func:`pipeline.dicom_frames.split_volumes`; a volume
+        that breaks a rule has ``image`` None and ``error`` set.
+
+    Raises
+    ------
+    SeriesError
+        When the series as a whole cannot be read (a file that is not DICOM, colour images,
+        frames that cannot be placed).
+    """
+    series = _load_series(files)
+    groups = dicom_frames.split_volumes(series.frames)
+    n_files = len(series.datasets)
+    volumes: list[Volume] = []
+    for group in groups:
+        try:
+            image, sidecar = _assemble(series, group, n_files)
+        except SeriesError as err:
+            volumes.append(Volume(group.label, None, {}, err, len(group.frames)))
+            continue
+        volumes.append(Volume(group.label, image, sidecar, None, len(group.frames)))
+        # decoded pixels of files whose frames all belong to done volumes are not needed
+    return volumes
+
+
+def read_series(files: Sequence[Path],
+                volume: str | None = None) -> tuple[sitk.Image, dict[str, Any]]:
+    """Read one volume of a DICOM series into a float32 image in LPS physical space.
+
+    Parameters
+    ----------
+    files : sequence of Path
+        The files of one series, in any order.
+    volume : str, optional
+        Label of the volume to read (see :func:`read_volumes`) when the series holds several;
+        required then.
+
+    Returns
+    -------
+    image : SimpleITK.Image
+        float32, size (columns, rows, slices); spacing (column spacing, row spacing, slice
+        step) in mm; origin = position of the first slice along the normal (mm, LPS);
+        direction columns = row cosine, column cosine, slice normal. Rescale slope and
+        intercept are applied.
+    sidecar : dict
+        Volume metadata; no patient identifiers.
+
+    Raises
+    ------
+    SeriesError
+        When the volume breaks one of the rules of the module docstring, or the series holds
+        several volumes and `volume` does not name one of them.
+    """
+    series = _load_series(files)
+    groups = dicom_frames.split_volumes(series.frames)
+    labels = [g.label for g in groups]
+    if volume:
+        chosen = [g for g in groups if g.label == volume]
+        if not chosen:
+            raise SeriesError(series.frames[0].path, f"no volume {volume!r} in the series; it "
+                                                     f"holds: {', '.join(labels) or 'one'}")
+        group = chosen[0]
+    elif len(groups) > 1:
+        raise SeriesError(series.frames[0].path, (
+            f"the series holds {len(groups)} volumes ({', '.join(labels)}); name the one to "
+            "read (read_series(files, volume=...)) or use read_volumes"))
+    else:
+        group = groups[0]
+    return _assemble(series, group, len(series.datasets))
 
 
 def sidecar_path(nifti_path: Path) -> Path:
@@ -370,7 +526,7 @@ def convert_session(sessions_json: Path, session: str, subject: str,
     volumes = []
     for role in ROLE_SUFFIX:
         files = [Path(f) for f in entry[role]["files"]]
-        image, sidecar = read_series(files)
+        image, sidecar = read_series(files, volume=entry[role].get("volume") or None)
         sidecar["Role"] = role
         volumes.append((output_path(out_dir, subject, session, role), image, sidecar))
     written: list[Path] = []
@@ -386,26 +542,161 @@ def convert_session(sessions_json: Path, session: str, subject: str,
     return written
 
 
+# --------------------------------------------------------------------------------------------
+# convert a whole folder
+# --------------------------------------------------------------------------------------------
+
+def _entity(text: str) -> str:
+    return "".join(ch for ch in text if ch.isalnum()) or "x"
+
+
+def volume_name(subject: str, sidecar: dict[str, Any]) -> str:
+    """File stem of a volume: ``sub-S_ses-YYYYMMDD_run-NNN[_entities]_<class>``."""
+    date = (sidecar.get("StudyDate") or "").replace("-", "") or "nodate"
+    number = sidecar.get("SeriesNumber")
+    run = f"{number:03d}" if isinstance(number, int) and number >= 0 else "x"
+    parts = [f"sub-{_entity(subject)}", f"ses-{date}", f"run-{run}"]
+    label = sidecar.get("VolumeLabel") or ""
+    parts += ["-".join(_entity(p) for p in entity.split("-", 1))
+              for entity in label.split("_") if entity]
+    parts.append(_entity(sidecar.get("SequenceClass") or "other"))
+    return "_".join(parts)
+
+
+@dataclass
+class FolderConversion:
+    """What :func:`convert_folder` wrote and refused (rows of the two TSV tables)."""
+
+    converted: list[dict[str, Any]]
+    refusals: list[dict[str, Any]]
+    n_problem_files: int
+
+
+def convert_folder(input_dir: Path, out_dir: Path, subject: str = "unknown",
+                   compression_level: int = 1) -> FolderConversion:
+    """Index `input_dir` and write every volume of every image series into `out_dir`.
+
+    Series and volumes that cannot be converted are listed with the reason in
+    ``refusals.tsv``; the volumes written in ``converted.tsv``; files that are not DICOM
+    images in ``problems.tsv`` (all in `out_dir`). One bad series never stops the others.
+    """
+    result = index_folder(Path(input_dir))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    converted: list[dict[str, Any]] = []
+    refusals: list[dict[str, Any]] = []
+    taken: set[str] = set()
+    root = result.input_dir
+
+    def rel(path: Path) -> str:
+        try:
+            return path.resolve().relative_to(root).as_posix()
+        except ValueError:
+            return str(path)
+
+    for record in result.series:
+        base = {"study_date": record.study_date, "series_number": record.series_number,
+                "series_description": record.series_description,
+                "series_uid": record.series_uid}
+        try:
+            volumes = read_volumes(list(record.files))
+        except SeriesError as err:
+            refusals.append(base | {"volume": "", "n_files": record.n_files,
+                                    "path": rel(err.path), "reason": err.message})
+            continue
+        for item in volumes:
+            if item.error is not None or item.image is None:
+                assert item.error is not None
+                refusals.append(base | {"volume": item.label, "n_files": record.n_files,
+                                        "path": rel(item.error.path),
+                                        "reason": item.error.message})
+                continue
+            stem = volume_name(subject, item.sidecar)
+            if stem in taken:
+                digest = hashlib.sha1(record.series_uid.encode()).hexdigest()[:8]
+                stem = stem.rsplit("_", 1)[0] + f"_uid-{digest}_" + stem.rsplit("_", 1)[1]
+            taken.add(stem)
+            path = out_dir / f"{stem}.nii.gz"
+            write_volume(item.image, item.sidecar, path, compression_level)
+            converted.append(base | {"nifti": path.name, "volume": item.label,
+                                     "sequence_class": item.sidecar.get("SequenceClass"),
+                                     "n_slices": item.sidecar.get("NumberOfSlices")})
+    write_tsv_atomic(out_dir / "converted.tsv", converted, CONVERTED_COLUMNS)
+    write_tsv_atomic(out_dir / "refusals.tsv", refusals, REFUSAL_COLUMNS)
+    write_tsv_atomic(out_dir / "problems.tsv", [{"path": p.path, "problem": p.problem}
+                                                for p in result.problems], ("path", "problem"))
+    return FolderConversion(converted, refusals, len(result.problems))
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns 0 on success, 2 when a series is refused."""
+    """Command-line entry point.
+
+    Returns 0 on success; 2 when a session series is refused or the arguments are wrong;
+    in folder mode 1 when no volume at all could be written.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.convert",
-        description="Convert a session's anatomical and fluid-sensitive DICOM series to NIfTI.")
-    parser.add_argument("--sessions-json", required=True, type=Path,
-                        help="sessions.json written by pipeline.dicom_index")
-    parser.add_argument("--session", required=True, help="session label, e.g. 20240225")
-    parser.add_argument("--subject", required=True, help="subject label for the file names")
-    parser.add_argument("--out-dir", required=True, type=Path, help="output folder")
+        description="Convert DICOM to NIfTI: a session's anatomical and fluid-sensitive series "
+                    "(--sessions-json ...), or every volume of a folder (DIR OUT).")
+    parser.add_argument("input_dir", nargs="?", type=Path,
+                        help="folder mode: DICOM folder to convert (read-only)")
+    parser.add_argument("output_dir", nargs="?", type=Path,
+                        help="folder mode: output folder for NIfTI, sidecars and tables")
+    parser.add_argument("--sessions-json", type=Path,
+                        help="session mode: sessions.json written by pipeline.dicom_index")
+    parser.add_argument("--session", help="session mode: session label, e.g. 20240225")
+    parser.add_argument("--subject", default=None,
+                        help="subject label for the file names (folder mode: 'unknown')")
+    parser.add_argument("--out-dir", type=Path, help="session mode: output folder")
+    parser.add_argument("--compression-level", type=int, default=1, choices=range(0, 10),
+                        metavar="0-9", help="gzip level of the NIfTI files (default 1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        written = convert_session(args.sessions_json, args.session, args.subject, args.out_dir)
-    except SeriesError as err:
-        print(f"ERROR {err.path}: {err.message}", file=sys.stderr)
+
+    if args.sessions_json is not None:
+        if args.input_dir is not None:
+            parser.error("give either --sessions-json ... or DIR OUT, not both")
+        for name in ("session", "subject", "out_dir"):
+            if getattr(args, name) is None:
+                parser.error(f"--sessions-json needs --{name.replace('_', '-')}")
+        try:
+            written = convert_session(args.sessions_json, args.session, args.subject,
+                                      args.out_dir)
+        except SeriesError as err:
+            print(f"ERROR {err.path}: {err.message}", file=sys.stderr)
+            return 2
+        for path in written:
+            log.info("wrote %s", path)
+        return 0
+
+    if args.input_dir is None or args.output_dir is None:
+        parser.error("give DIR OUT (convert every volume of a folder) or --sessions-json ...")
+    if not args.input_dir.is_dir():
+        print(f"ERROR {args.input_dir}: input folder does not exist or is not a folder",
+              file=sys.stderr)
         return 2
-    for path in written:
-        log.info("wrote %s", path)
-    return 0
+    if _is_within(args.output_dir, args.input_dir):
+        print(f"ERROR {args.output_dir}: the output folder lies inside the input folder "
+              f"{args.input_dir}, which is read-only; choose another output folder",
+              file=sys.stderr)
+        return 2
+    outcome = convert_folder(args.input_dir, args.output_dir, args.subject or "unknown",
+                             args.compression_level)
+    log.info("%s: %d volumes written, %d refused (refusals.tsv), %d non-image files "
+             "(problems.tsv)", args.input_dir, len(outcome.converted), len(outcome.refusals),
+             outcome.n_problem_files)
+    for row in outcome.refusals:
+        log.warning("refused series %s %s %s: %s", row["series_number"],
+                    row["series_description"], row["volume"], row["reason"])
+    return 0 if outcome.converted else 1
 
 
 if __name__ == "__main__":

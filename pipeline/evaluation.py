@@ -6,6 +6,8 @@ Used by the accuracy benchmark and the end-to-end tests.
 from __future__ import annotations
 
 import json
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +125,154 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
         "| " + " | ".join(v.rjust(w) for v, w in zip(b, widths, strict=False)) + " |" for b in body
     ]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy suite: phantom cases run through the command-line contract, scored against truth
+# --------------------------------------------------------------------------------------------
+
+#: Targets of the accuracy suite (issue 4). Percentages are absolute volume errors.
+TARGETS = {
+    "limb_median_pct": 1.0, "limb_worst_pct": 2.0, "bone_worst_pct": 5.0,
+    "lesion_min_dice": 0.80, "lesion_worst_pct": 15.0, "lesion_scored_from_ml": 2.0,
+    "edema_min_dice": 0.80, "edema_worst_pct": 15.0, "asymmetry_worst_pp": 1.0,
+    "false_lesion_max_ml": 1.0, "false_edema_max_ml": 10.0,
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One phantom patient of the suite: phantom options and the side passed to the workflow."""
+
+    name: str
+    what: str
+    options: tuple[str, ...]
+    affected_side: str = "auto"
+
+
+SUITE: tuple[Case, ...] = (
+    Case("fine", "0.8 mm pixels, 3 mm slices, right, small lesion",
+         ("--pixel-mm", "0.8", "--slice-mm", "3", "--slices", "44", "--matrix", "320x240",
+          "--affected-side", "right", "--seed", "31", "--supersample", "2x3",
+          "--sessions=-3:0.06:2.5:0.3,12:0.0:1.2:0.05")),
+    Case("coarse", "1.8 mm pixels, 6 mm slices, low SNR, extensive edema",
+         ("--pixel-mm", "1.8", "--slice-mm", "6", "--slices", "28", "--matrix", "144x108",
+          "--snr-t1", "15", "--snr-stir", "7", "--seed", "32",
+          "--sessions=-1:0.15:6:0.9,20:0.02:3:0.2")),
+    Case("touching", "legs touching, bias 30 %",
+         ("--gap-mm=-6", "--bias", "0.3", "--seed", "33",
+          "--sessions=-1:0.12:10:0.5,10:0.03:12:0.15")),
+    Case("ffs", "feet first, right, interleaved, 1.2 mm / 6 mm",
+         ("--position", "FFS", "--affected-side", "right", "--slice-order", "interleaved",
+          "--pixel-mm", "1.2", "--matrix", "208x150", "--slices", "28", "--slice-mm", "6",
+          "--seed", "34", "--sessions=-2:0.05:4:0.3,5:0.2:8:0.8")),
+    Case("prone", "head first prone, 1.4 mm / 4 mm, descending slices",
+         ("--position", "HFP", "--pixel-mm", "1.4", "--matrix", "184x136", "--slices", "40",
+          "--slice-mm", "4", "--slice-order", "descending", "--seed", "35",
+          "--sessions=0:0.1:5:0.4")),
+    Case("biglesion", "adult-size leg, 30 mL lesion, right",
+         ("--leg-radius-mm", "68", "--bone-radius-mm", "14", "--cortex-mm", "3.5",
+          "--gap-mm", "16", "--pixel-mm", "1.5", "--matrix", "224x160", "--slices", "32",
+          "--affected-side", "right", "--seed", "36", "--sessions=0:0.08:30:0.4")),
+    Case("tinylesion", "1 mL lesion, no edema, no swelling",
+         ("--seed", "37", "--lesion-z", "0.6", "--sessions=0:0.0:1.0:0.0"), "left"),
+    Case("edemaonly", "extensive edema and swelling, no lesion",
+         ("--seed", "38", "--affected-side", "right", "--sessions=0:0.3:0:1.0")),
+    Case("lesiononly", "5 mL lesion, no edema, no swelling, bias 30 %",
+         ("--seed", "39", "--bias", "0.3", "--sessions=0:0.0:5:0.0")),
+    Case("noisy", "SNR 12 / 6 (T1 / STIR), 3 mL lesion, moderate edema",
+         ("--snr-t1", "12", "--snr-stir", "6", "--seed", "40", "--sessions=0:0.1:3:0.5")),
+    Case("control1", "negative control: nothing to find, bias 30 %",
+         ("--seed", "41", "--bias", "0.3", "--sessions=0:0:0:0,14:0:0:0"), "left"),
+    Case("control2", "negative control: nothing, touching, 1.0 mm pixels, noisy",
+         ("--seed", "42", "--gap-mm=-4", "--pixel-mm", "1.0", "--matrix", "256x190",
+          "--snr-t1", "15", "--snr-stir", "7", "--sessions=0:0:0:0"), "left"),
+    Case("single", "one leg in the field of view (left), lesion and edema",
+         ("--seed", "43", "--sides", "left", "--sessions=0:0:4:0.4"), "left"),
+)
+
+
+def run_case(case: Case, work: Path, python: str, root: Path) -> dict[str, Any]:
+    """Generate the case's phantom, run the workflow on it, score it. Returns a result dict."""
+    import subprocess
+    import time
+
+    truth_dir = work / f"phantom_{case.name}"
+    if not (truth_dir / "truth.json").is_file():
+        subprocess.run([python, "-m", "pipeline.cli", "phantom", str(truth_dir), "--subject",
+                        case.name, *case.options], check=True, capture_output=True)
+    truth = json.loads((truth_dir / "truth.json").read_text(encoding="utf-8"))
+    results = work / "results"
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [python, "-m", "snakemake", "--cores", "2", "--quiet", "--forceall", "--config",
+         f"input_dir={truth_dir / 'dicom'}", f"subject={case.name}",
+         f"day0={truth['day0']}", f"affected_side={case.affected_side}",
+         f"results_dir={results}"], cwd=root, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        return {"case": case, "error": (proc.stdout + proc.stderr)[-2000:], "seconds": elapsed}
+    subject_dir = results / case.name
+    summary = json.loads((subject_dir / "summary.json").read_text(encoding="utf-8"))
+    return {"case": case, "truth": truth, "rows": compare_subject(subject_dir, truth_dir),
+            "asymmetry": asymmetry_errors(subject_dir, truth_dir), "summary": summary,
+            "seconds": elapsed}
+
+
+def score_case(result: dict[str, Any]) -> dict[str, Any]:
+    """Worst errors of a case, and whether each target is met (None: not applicable)."""
+    if "error" in result:
+        return {"case": result["case"].name, "ok": False, "failed": "workflow error"}
+    rows, truth, t = result["rows"], result["truth"], TARGETS
+
+    def worst(structure: str, min_true: float = 0.0) -> float | None:
+        errs = [abs(r["error_pct"]) for r in rows if r["structure"] == structure
+                and r["error_pct"] is not None and r["true_ml"] > min_true]
+        return max(errs) if errs else None
+
+    def min_dice(structure: str, min_true: float) -> float | None:
+        d = [r["dice"] for r in rows if r["structure"] == structure and r["true_ml"] > min_true
+             and r["dice"] is not None]
+        return min(d) if d else None
+
+    def false_ml(structure: str) -> float:
+        return max([r["measured_ml"] or 0.0 for r in rows if r["structure"] == structure
+                    and r["true_ml"] == 0] or [0.0])
+
+    asym = [abs(a["error_pp"]) for a in result["asymmetry"] if a["error_pp"] is not None]
+    has_finding = any(s["volumes_ml"][truth["affected_side"]]["marrow_lesion"] > 0
+                      or s["params"]["swelling"] > 0 or s["params"]["edema"] > 0
+                      for s in truth["sessions"])
+    side_ok = None
+    if result["case"].affected_side == "auto" and has_finding:
+        side_ok = result["summary"]["affected_side"] == truth["affected_side"]
+    limb_errs = [abs(r["error_pct"]) for r in rows if r["structure"] == "limb"
+                 and r["error_pct"] is not None]
+    out = {
+        "case": result["case"].name,
+        "limb_median_pct": statistics.median(limb_errs) if limb_errs else None,
+        "limb_worst_pct": worst("limb"), "bone_worst_pct": worst("bone"),
+        "lesion_min_dice": min_dice("marrow_lesion", t["lesion_scored_from_ml"]),
+        "lesion_worst_pct": worst("marrow_lesion", t["lesion_scored_from_ml"]),
+        "edema_min_dice": min_dice("edema", 10.0), "edema_worst_pct": worst("edema", 10.0),
+        "asymmetry_worst_pp": max(asym) if asym else None,
+        "false_lesion_ml": false_ml("marrow_lesion"), "false_edema_ml": false_ml("edema"),
+        "side_auto_ok": side_ok, "seconds": result["seconds"],
+    }
+    checks = {
+        "limb_median_pct": lambda v: v <= t["limb_median_pct"],
+        "limb_worst_pct": lambda v: v <= t["limb_worst_pct"],
+        "bone_worst_pct": lambda v: v <= t["bone_worst_pct"],
+        "lesion_min_dice": lambda v: v >= t["lesion_min_dice"],
+        "lesion_worst_pct": lambda v: v <= t["lesion_worst_pct"],
+        "edema_min_dice": lambda v: v >= t["edema_min_dice"],
+        "edema_worst_pct": lambda v: v <= t["edema_worst_pct"],
+        "asymmetry_worst_pp": lambda v: v <= t["asymmetry_worst_pp"],
+        "false_lesion_ml": lambda v: v <= t["false_lesion_max_ml"],
+        "false_edema_ml": lambda v: v <= t["false_edema_max_ml"],
+        "side_auto_ok": lambda v: bool(v),
+    }
+    failed = [k for k, ok in checks.items() if out[k] is not None and not ok(out[k])]
+    out["ok"] = not failed
+    out["failed"] = ", ".join(failed)
+    return out

@@ -253,8 +253,7 @@ def _tissue_at(
 ) -> tuple[NDArray[np.int8], NDArray[np.int8]]:
     """Tissue code and side (0 none, 1 right, 2 left) at points `pts` (N, 3) in LPS mm."""
     n = pts.shape[0]
-    tissue = np.zeros(n, dtype=np.int8)
-    side_code = np.zeros(n, dtype=np.int8)
+    claims: dict[str, tuple[NDArray[np.int8], NDArray[np.float64], NDArray[np.float64]]] = {}
     x, y, z = pts[:, 0], pts[:, 1], pts[:, 2]
     zc = _z_centre(spec)
     span = spec.n_slices * spec.slice_mm
@@ -343,8 +342,45 @@ def _tissue_at(
             lob = 1 + 0.12 * np.cos(3 * btheta + ph[0]) * np.cos((zz - zles) / 9.0)
             q = (bu / a) ** 2 + (bv / a) ** 2 + ((zz - zles) / c) ** 2
             t[cav & (q < lob**2)] = TUMOUR
-        tissue[idx] = np.where(t != AIR, t, tissue[idx])
-        side_code[idx[t != AIR]] = 2 if side == "left" else 1
+        t_full = np.zeros(n, dtype=np.int8)
+        t_full[idx] = t
+        depth = np.full(n, np.inf)
+        depth[idx] = rr / r_skin_n  # 1 on this leg's skin surface
+        radius = np.zeros(n)
+        radius[idx] = r_skin_n
+        claims[side] = (t_full, depth, radius)
+    return _resolve_contact(claims, n)
+
+
+def _resolve_contact(
+    claims: dict[str, tuple[NDArray[np.int8], NDArray[np.float64], NDArray[np.float64]]], n: int
+) -> tuple[NDArray[np.int8], NDArray[np.int8]]:
+    """Tissue and side where each leg claims its points; touching legs flatten at the contact.
+
+    Where both legs claim a point (their outlines would overlap), it goes to the leg it lies
+    deeper in (smaller radius relative to that leg's skin radius), so the contact surface lies
+    half-way; a skin layer of 1.2 mm lines each leg along it, as soft tissue pressed together
+    does.
+    """
+    tissue = np.zeros(n, dtype=np.int8)
+    side_code = np.zeros(n, dtype=np.int8)
+    for side, (t, _, _) in claims.items():
+        own = t != AIR
+        tissue[own] = t[own]
+        side_code[own] = 2 if side == "left" else 1
+    if len(claims) == 2:
+        (tr, qr, rr_), (tl, ql, rl) = claims["right"], claims["left"]
+        both = (tr != AIR) & (tl != AIR)
+        if both.any():
+            left_wins = both & (ql < qr)
+            right_wins = both & ~left_wins
+            tissue[left_wins], side_code[left_wins] = tl[left_wins], 2
+            tissue[right_wins], side_code[right_wins] = tr[right_wins], 1
+            # distance to the contact surface, from the depth difference of the two legs
+            b = np.nonzero(both)[0]
+            dist_mm = np.abs(qr[b] - ql[b]) / (1.0 / rr_[b] + 1.0 / rl[b])
+            on_skin = b[(dist_mm < 1.2) & (tissue[b] != CORTEX)]
+            tissue[on_skin] = SKIN
     return tissue, side_code
 
 
@@ -727,6 +763,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the demo patient's five visits)",
     )
     p.add_argument("--leg-radius-mm", type=float, default=d.leg_radius_mm)
+    p.add_argument("--bone-radius-mm", type=float, default=d.bone_radius_mm,
+                   help="femur outer radius in the diaphysis")
+    p.add_argument("--cortex-mm", type=float, default=d.cortex_mm)
+    p.add_argument("--supersample", default=f"{d.supersample_xy}x{d.supersample_z}",
+                   help="samples per voxel: IN_PLANExTHROUGH_PLANE (truth accuracy vs time)")
     p.add_argument(
         "--gap-mm",
         type=float,
@@ -763,6 +804,10 @@ def spec_from_args(args: argparse.Namespace) -> PhantomSpec:
         affected_side=args.affected_side,
         sides=sides,
         leg_radius_mm=args.leg_radius_mm,
+        bone_radius_mm=args.bone_radius_mm,
+        cortex_mm=args.cortex_mm,
+        supersample_xy=int(args.supersample.lower().split("x")[0]),
+        supersample_z=int(args.supersample.lower().split("x")[1]),
         gap_mm=args.gap_mm,
         lesion_z_fraction=args.lesion_z,
         pixel_mm=args.pixel_mm,

@@ -60,6 +60,7 @@ class SegmentSettings:
     edema_seed_min_rel_muscle: float = 1.45
     min_lesion_component_mm3: float = 100.0
     min_edema_component_mm3: float = 60.0
+    edema_grow_fraction: float = 0.4
 
 
 @dataclass
@@ -289,6 +290,19 @@ def _remove_small(mask: BoolArray, min_mm3: float, voxel_mm3: float) -> BoolArra
     )
 
 
+def _muscle_level_fluid(values: FloatArray) -> float:
+    """Muscle signal on the fluid image: the histogram mode of the brighter Otsu class of soft
+    tissue (fat is the darker class on fat-suppressed images). The mode, unlike a median, is
+    not pulled up by edema when the limb is its own reference."""
+    if values.size < 10:
+        return float(np.median(values)) if values.size else 0.0
+    upper = values[values >= filters.threshold_otsu(values)]
+    hist, edges = np.histogram(upper, bins=128)
+    smooth = ndimage.gaussian_filter1d(hist.astype(float), 2.0)
+    k = int(np.argmax(smooth))
+    return float(0.5 * (edges[k] + edges[k + 1]))
+
+
 def _per_slice_median(values: FloatArray, region: BoolArray) -> FloatArray:
     """Median of `values` within `region` for each slice; slices without region take the
     nearest slice's value (NaN everywhere when the region is empty)."""
@@ -312,6 +326,7 @@ def marrow_lesion(
     muscle_fl: float,
     settings: SegmentSettings,
     voxel_mm3: float,
+    own_reference: bool = False,
 ) -> tuple[BoolArray, dict[str, Any]]:
     """Marrow lesion of one limb: fluid-bright, T1-dark marrow, against the contralateral marrow.
 
@@ -319,20 +334,29 @@ def marrow_lesion(
     signal with T1 at or below muscle (plus partial-volume slack). Growth: voxels of the bone
     that are closer to the lesion than to the contralateral marrow *of the same slice* (red
     metaphyseal or fatty diaphyseal marrow differ) on both fluid and T1, connected to a seed.
+
+    With `own_reference` (no contralateral limb in the field of view) the limb's own marrow
+    holds the lesion, so a percentile would follow the lesion: the seed level is then 1.3 x
+    the muscle level alone (normal marrow, fatty or red, stays below it on STIR).
     """
     ref_marrow = fluid[ref["marrow"]] if ref["marrow"].any() else fluid[limb["marrow"]]
     if not limb["marrow"].any() or ref_marrow.size == 0:
         return np.zeros_like(limb["limb"]), {}
-    seed_thr = max(
-        float(np.percentile(ref_marrow, settings.lesion_seed_percentile)), 1.3 * muscle_fl
-    )
+    seed_thr = 1.3 * muscle_fl
+    if not own_reference:
+        seed_thr = max(seed_thr, float(np.percentile(ref_marrow, settings.lesion_seed_percentile)))
     t1_ok = t1 <= settings.lesion_t1_max_rel_muscle * limb["t1_muscle"]
     seeds = limb["marrow"] & (fluid > seed_thr) & t1_ok
     if not seeds.any():
         return np.zeros_like(limb["limb"]), {"seed_threshold": seed_thr}
     core_fl = float(np.median(fluid[seeds]))
     core_t1 = float(np.median(t1[seeds]))
-    ref_region = ref["marrow"] if ref["marrow"].any() else limb["marrow"] & ~seeds
+    if own_reference or not ref["marrow"].any():
+        # the limb's own normal marrow: away from the seeds and their partial-volume rim
+        near = ndimage.binary_dilation(seeds, structure=np.ones((3, 3, 3), bool), iterations=2)
+        ref_region = limb["marrow"] & ~near
+    else:
+        ref_region = ref["marrow"]
     bg_fl = _per_slice_median(fluid, ref_region)[:, None, None]
     bg_t1 = _per_slice_median(t1, ref_region)[:, None, None]
     closer = (fluid > 0.5 * (core_fl + bg_fl)) & (t1 < 0.5 * (core_t1 + bg_t1)) & limb["bone"]
@@ -357,17 +381,18 @@ def edema_mask(
     muscle_fl: float,
     settings: SegmentSettings,
     voxel_mm3: float,
+    own_reference: bool = False,
 ) -> tuple[BoolArray, dict[str, Any]]:
     """Edema of one limb: soft tissue brighter on the fluid image than the contralateral soft
     tissue's `edema_seed_percentile` (seeds), grown down to half-way between muscle and
     edematous muscle. The edematous-muscle level is re-estimated from the grown region (seeds
-    alone are biased upward by the seed threshold); specks are removed."""
+    alone are biased upward by the seed threshold); specks are removed. With `own_reference`
+    (one limb only) the seed level is `edema_seed_min_rel_muscle` x muscle alone."""
     if ref_soft.size == 0:
         return np.zeros_like(limb["limb"]), {}
-    seed_thr = max(
-        float(np.percentile(ref_soft, settings.edema_seed_percentile)),
-        settings.edema_seed_min_rel_muscle * muscle_fl,
-    )
+    seed_thr = settings.edema_seed_min_rel_muscle * muscle_fl
+    if not own_reference:
+        seed_thr = max(seed_thr, float(np.percentile(ref_soft, settings.edema_seed_percentile)))
     seeds = limb["soft"] & (fluid > seed_thr)
     if not seeds.any():
         return np.zeros_like(limb["limb"]), {"seed_threshold": seed_thr}
@@ -379,7 +404,7 @@ def edema_mask(
     for _ in range(3):
         vals = fluid[region & muscle_like]
         core = float(np.median(vals if vals.size > 20 else fluid[region]))
-        low = max(0.5 * (core + muscle_fl), 1.2 * muscle_fl)
+        low = max(muscle_fl + settings.edema_grow_fraction * (core - muscle_fl), 1.2 * muscle_fl)
         region = _hysteresis(fluid, limb["soft"], low, seed_thr)
     edema = _remove_small(region, settings.min_edema_component_mm3, voxel_mm3)
     return edema, dict(
@@ -417,13 +442,18 @@ def segment_arrays(
         s = per_side[side]
         # The contralateral limb is the patient's own control; with one limb only, the same
         # limb's robust levels stand in.
-        ref = per_side.get("left" if side == "right" else "right") or s
+        contra = per_side.get("left" if side == "right" else "right")
+        ref = contra or s
         soft_vals = fluid[ref["soft"]]
         soft_vals = soft_vals[soft_vals > 0]
-        split = filters.threshold_otsu(soft_vals) if soft_vals.size > 10 else 0.0
-        muscle_fl = float(np.median(soft_vals[soft_vals >= split])) if soft_vals.size else 0.0
-        lesion, lesion_info = marrow_lesion(t1, fluid, s, ref, muscle_fl, settings, voxel_mm3)
-        edema, edema_info = edema_mask(t1, fluid, s, soft_vals, muscle_fl, settings, voxel_mm3)
+        muscle_fl = _muscle_level_fluid(soft_vals)
+        lesion, lesion_info = marrow_lesion(
+            t1, fluid, s, ref, muscle_fl, settings, voxel_mm3, own_reference=contra is None
+        )
+        edema, edema_info = edema_mask(
+            t1, fluid, s, soft_vals, muscle_fl, settings, voxel_mm3,
+            own_reference=contra is None,
+        )
         off = SIDE_OFFSET[side]
         labels[s["limb"]] = off + SOFT_TISSUE
         labels[edema & s["soft"]] = off + EDEMA

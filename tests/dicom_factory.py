@@ -248,3 +248,99 @@ def write_structured_report(path: Path, study_uid: str) -> None:
                       **PATIENT_TAGS)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
+
+
+ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+
+
+def write_enhanced(
+    path: Path,
+    volumes: Sequence[np.ndarray],
+    *,
+    row_cosine: Sequence[float] = (1.0, 0.0, 0.0),
+    col_cosine: Sequence[float] = (0.0, 1.0, 0.0),
+    origin: Sequence[float] = (-3.0, -2.5, 10.0),
+    pixel_spacing: tuple[float, float] = (0.8, 0.6),
+    slice_step: float = 2.0,
+    frame_types: Sequence[Sequence[str]] | None = None,
+    echo_times: Sequence[float] | None = None,
+    rescale: Sequence[tuple[float, float]] | None = None,
+    frame_order: Sequence[int] | None = None,
+    study_uid: str | None = None,
+    series_number: int = 7,
+) -> list[np.ndarray]:
+    """One enhanced MR multi-frame file holding `volumes` (each (n, rows, cols) stored values).
+
+    Geometry goes into PlanePosition/PlaneOrientation/PixelMeasures per frame; rescale
+    (slope, intercept) per frame k is ``rescale[k]`` (default none); frames are written in
+    `frame_order` (a permutation of all frames, default volume-major). Returns, per frame
+    written, the stored array.
+    """
+    from pydicom.sequence import Sequence as DicomSequence
+
+    row = np.asarray(row_cosine, float)
+    col = np.asarray(col_cosine, float)
+    normal = np.cross(row, col)
+    n_vol = len(volumes)
+    n, rows, cols = volumes[0].shape
+    all_frames = [(v, k) for v in range(n_vol) for k in range(n)]
+    order = list(frame_order) if frame_order is not None else list(range(len(all_frames)))
+    ds = base_dataset(ENHANCED_MR_IMAGE_STORAGE, Modality="MR",
+                      StudyInstanceUID=study_uid or generate_uid(),
+                      SeriesInstanceUID=generate_uid(), StudyDate="20240225",
+                      StudyTime="101500", SeriesNumber=series_number, InstanceNumber=1,
+                      Manufacturer="Philips Medical Systems", PatientPosition="HFS",
+                      SeriesDescription="enhanced test", ImageType=["ORIGINAL", "PRIMARY",
+                                                                    "M", "MIXED"],
+                      **PATIENT_TAGS)
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing = [float(v) for v in pixel_spacing]
+    measures.SliceThickness = abs(slice_step)
+    shared.PixelMeasuresSequence = DicomSequence([measures])
+    orient = Dataset()
+    orient.ImageOrientationPatient = [float(v) for v in (*row, *col)]
+    shared.PlaneOrientationSequence = DicomSequence([orient])
+    timing = Dataset()
+    timing.RepetitionTime = 550.0
+    shared.MRTimingAndRelatedParametersSequence = DicomSequence([timing])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    per_frame = []
+    written = []
+    for index in order:
+        v, k = all_frames[index]
+        item = Dataset()
+        pos = Dataset()
+        pos.ImagePositionPatient = [float(x) for x in np.asarray(origin, float)
+                                    + k * slice_step * normal]
+        item.PlanePositionSequence = DicomSequence([pos])
+        content = Dataset()
+        content.StackID = "1"
+        content.InStackPositionNumber = k + 1
+        content.DimensionIndexValues = [v + 1, k + 1]
+        item.FrameContentSequence = DicomSequence([content])
+        if frame_types is not None:
+            ftype = Dataset()
+            ftype.FrameType = list(frame_types[v])
+            item.MRImageFrameTypeSequence = DicomSequence([ftype])
+        if echo_times is not None:
+            echo = Dataset()
+            echo.EffectiveEchoTime = float(echo_times[v])
+            item.MREchoSequence = DicomSequence([echo])
+        if rescale is not None:
+            transform = Dataset()
+            transform.RescaleSlope, transform.RescaleIntercept = rescale[index]
+            item.PixelValueTransformationSequence = DicomSequence([transform])
+        per_frame.append(item)
+        written.append(volumes[v][k])
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+    ds.NumberOfFrames = len(order)
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(np.stack(written), dtype="<u2").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return written

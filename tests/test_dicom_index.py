@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -193,7 +194,7 @@ def test_index_groups_series_and_lists_problems(export: dict[str, Any]) -> None:
     assert by_uid[export["series"]["loc"].series_uid].sequence_class == "localizer"
 
 
-def test_index_refuses_multi_echo_and_mixed_orientation(tmp_path: Path) -> None:
+def test_index_splits_repeats_and_refuses_mixed_orientation(tmp_path: Path) -> None:
     first = write_series(tmp_path / "echo", sequence="T2FS", seed=1)
     write_series(tmp_path / "echo", ramp_pixels() + 3, sequence="T2FS", seed=2,
                  series_uid=first.series_uid, study_uid=first.study_uid)
@@ -202,8 +203,11 @@ def test_index_refuses_multi_echo_and_mixed_orientation(tmp_path: Path) -> None:
     edit_file(mixed.files[0], ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
     result = index_folder(tmp_path)
     by_uid = {r.series_uid: r for r in result.series}
-    assert by_uid[first.series_uid].status == "refused"
-    assert "2 per position" in by_uid[first.series_uid].reason
+    # two images per position and no tag telling them apart: two repetitions
+    repeated = by_uid[first.series_uid]
+    assert repeated.status != "refused"
+    assert [v.label for v in repeated.volumes] == ["rep-1", "rep-2"]
+    assert all(v.n_positions == 5 and v.sequence_class == "T2FS" for v in repeated.volumes)
     assert by_uid[mixed.series_uid].status == "refused"
     assert "mixed slice orientations" in by_uid[mixed.series_uid].reason
 
@@ -397,4 +401,75 @@ def test_index_real_corpus(tmp_path: Path) -> None:
     assert anatomical.slice_spacing_mm == pytest.approx(1.0, abs=1e-3)
     assert anatomical.study_date == "2016-03-09"
     assert "mixed slice orientations" in by_folder["failing/sliceorientation/001"].reason
-    assert "multi-frame" in by_folder["philips_enhanced/anatomical/001"].reason
+    enhanced = by_folder["philips_enhanced/anatomical/001"]  # one multi-frame file
+    assert enhanced.status != "refused" and enhanced.volumes[0].n_positions == 8
+    dti = by_folder["philips_enhanced/dti/001"]  # 4 diffusion volumes of 8 frames
+    assert len(dti.volumes) == 4 and all(v.n_positions == 8 for v in dti.volumes)
+
+
+# --------------------------------------------------------------------------------------------
+# reading headers: file walk, in-memory parse, worker processes
+# --------------------------------------------------------------------------------------------
+
+def _walk_reference(root: Path) -> list[Path]:
+    """The original os.walk-based walk, for comparison."""
+    paths = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            if Path(folder) == root and name in dicom_index.COMPANION_FILES:
+                continue
+            if path.is_file():
+                paths.append(path)
+    return paths
+
+
+def test_walk_order_and_links(export: dict[str, Any], tmp_path: Path) -> None:
+    root: Path = export["root"]
+    (root / "events.tsv").write_text("date\tevent\n")
+    (root / "A" / "events.tsv").write_text("not a companion file here\n")
+    (root / "zz_top_file").write_text("after the folders in name order\n")
+    (root / "link_to_A").symlink_to(root / "A", target_is_directory=True)
+    (root / "B" / "link_to_file").symlink_to(export["series"]["t1"].files[0])
+    (root / "B" / "broken_link").symlink_to(tmp_path / "missing")
+    walked = dicom_index._walk(root)
+    assert walked == _walk_reference(root)
+    names = [p.relative_to(root).as_posix() for p in walked]
+    assert "events.tsv" not in names and "A/events.tsv" in names
+    assert "B/link_to_file" in names and "B/broken_link" not in names
+    assert not any(n.startswith("link_to_A") for n in names)
+    assert names.index("zz_top_file") < names.index("A/empty")  # a folder's files first
+
+
+def test_parallel_index_equals_serial(export: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+                                      ) -> None:
+    root: Path = export["root"]
+    (root / "C").mkdir()
+    (root / "C" / "again").write_bytes(export["series"]["stir"].files[2].read_bytes())
+    serial = index_folder(root, workers=1)
+    assert any("same SOPInstanceUID" in p.problem for p in serial.problems)
+    assert index_folder(root, workers=2) == serial
+    assert index_folder(root, workers=3) == serial
+    monkeypatch.setattr(dicom_index, "PARALLEL_MIN_FILES", 1)  # the default picks processes
+    assert dicom_index._n_workers(5, None) >= 1
+    assert index_folder(root) == serial
+
+
+def test_header_longer_than_prefix_read_from_file(export: dict[str, Any],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    root: Path = export["root"]
+    expected = index_folder(root, workers=1)
+    for prefix in (200, 1000, 4096):  # part of the file meta, part of the data set
+        monkeypatch.setattr(dicom_index, "HEADER_PREFIX_BYTES", prefix)
+        assert index_folder(root, workers=1) == expected
+    path = export["series"]["t1"].files[0]
+    ds = dicom_index._read_header(path)
+    assert ds.filename == str(path) and ds.SOPInstanceUID
+
+
+@pytest.mark.skipif(not (REALDATA / "dicom2nifti_tests").is_dir(),
+                    reason=f"real scanner data not found at {REALDATA} (see its README)")
+def test_parallel_index_equals_serial_real_corpus() -> None:
+    root = REALDATA / "dicom2nifti_tests"
+    assert index_folder(root, workers=2) == index_folder(root, workers=1)
