@@ -5,7 +5,14 @@ import sys
 
 from snakemake.utils import min_version, validate
 
-from pipeline.workflow import convert_module, index_args, load_subjects, session_labels
+from pipeline.workflow import (
+    baseline_session,
+    convert_module,
+    index_args,
+    load_subjects,
+    registration_reference,
+    session_labels,
+)
 
 min_version("9.0")
 

@@ -147,14 +147,29 @@ def _at_most(x: float, threshold: float) -> bool:
     return x <= threshold + 1e-9 * max(1.0, abs(threshold))
 
 
+def swelling_change(v: Visit, base: Visit) -> tuple[float, str] | None:
+    """Change of swelling since baseline in percentage points, with its description.
+
+    With both limbs: soft-tissue asymmetry now minus at baseline. With one limb only (no
+    contralateral control): the affected soft tissue's change from baseline in percent, which
+    equals the asymmetry change when the other limb does not change. None when neither exists.
+    """
+    a, a0 = v.asymmetry_pct(), base.asymmetry_pct()
+    if a is not None and a0 is not None:
+        return a - a0, f"soft-tissue asymmetry {a:+.1f} % vs {a0:+.1f} % at baseline"
+    x, x0 = v.affected_ml.get("soft_tissue", 0.0), base.affected_ml.get("soft_tissue", 0.0)
+    if x0 > 0:
+        return 100.0 * (x / x0 - 1.0), (
+            f"affected soft tissue {x:.0f} mL vs {x0:.0f} mL at baseline (one limb only: "
+            "change from baseline in place of asymmetry)")
+    return None
+
+
 def _flare_criteria(v: Visit, base: Visit, t: Thresholds) -> list[str]:
     out = []
-    a, a0 = v.asymmetry_pct(), base.asymmetry_pct()
-    if a is not None and a0 is not None and _at_least(a - a0, t.flare_asymmetry_pp):
-        out.append(
-            f"soft-tissue asymmetry {a:+.1f} % vs {a0:+.1f} % at baseline "
-            f"({a - a0:+.1f} pp, threshold +{t.flare_asymmetry_pp:g} pp)"
-        )
+    change = swelling_change(v, base)
+    if change is not None and _at_least(change[0], t.flare_asymmetry_pp):
+        out.append(f"{change[1]} ({change[0]:+.1f} pp, threshold +{t.flare_asymmetry_pp:g} pp)")
     for s, ratio, min_ml in (
         ("marrow_lesion", t.flare_lesion_ratio, t.flare_lesion_min_ml),
         ("edema", t.flare_edema_ratio, t.flare_edema_min_ml),
@@ -173,16 +188,12 @@ def _flare_criteria(v: Visit, base: Visit, t: Thresholds) -> list[str]:
 
 
 def _resolved(v: Visit, base: Visit, t: Thresholds) -> tuple[bool, str]:
-    a, a0 = v.asymmetry_pct(), base.asymmetry_pct()
-    asym_ok = a is None or a0 is None or _at_most(a - a0, t.resolved_asymmetry_pp)
+    change = swelling_change(v, base)
+    asym_ok = change is None or _at_most(change[0], t.resolved_asymmetry_pp)
     les, les0 = v.affected_ml["marrow_lesion"], base.affected_ml["marrow_lesion"]
     ede, ede0 = v.affected_ml["edema"], base.affected_ml["edema"]
     ok = asym_ok and _at_most(les, les0) and _at_most(ede, ede0)
-    asym_txt = (
-        "asymmetry not available"
-        if a is None or a0 is None
-        else f"asymmetry {a:+.1f} % vs {a0:+.1f} % at baseline"
-    )
+    asym_txt = "swelling not available" if change is None else change[1]
     return ok, (
         f"{asym_txt}; lesion {les:.1f} mL (baseline {les0:.1f}); "
         f"edema {ede:.1f} mL (baseline {ede0:.1f})"
@@ -231,18 +242,15 @@ def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
         reasons.append(f"Not resolved at day {last.day} ({resolved_txt}), no flare either.")
         return Pattern("stable", reasons, flares)
     les0, les = base.affected_ml["marrow_lesion"], last.affected_ml["marrow_lesion"]
-    a0, a = base.asymmetry_pct(), last.asymmetry_pct()
+    change = swelling_change(last, base)
     if _at_least(les0, t.response_lesion_min_ml) and _at_most(les, t.response_lesion_ratio * les0):
         reasons.append(
             f"No flare; marrow lesion {les:.1f} mL at day {last.day} vs {les0:.1f} mL "
             f"at baseline (x{les / les0:.2f}, threshold x{t.response_lesion_ratio:g})."
         )
         return Pattern("response", reasons, flares)
-    if a is not None and a0 is not None and _at_least(a0 - a, t.response_asymmetry_pp):
-        reasons.append(
-            f"No flare; soft-tissue asymmetry {a:+.1f} % at day {last.day} vs "
-            f"{a0:+.1f} % at baseline ({a - a0:+.1f} pp)."
-        )
+    if change is not None and _at_least(-change[0], t.response_asymmetry_pp):
+        reasons.append(f"No flare; at day {last.day}: {change[1]} ({change[0]:+.1f} pp).")
         return Pattern("response", reasons, flares)
     reasons.append(f"No flare and no response criterion met at day {last.day} ({resolved_txt}).")
     return Pattern("stable", reasons, flares)
@@ -362,16 +370,21 @@ def build_summary(
                 "warnings": s_warn,
             }
         )
-    ranges = [s["z_range_mm"] for s in sessions if s.get("z_range_mm")]
-    common = None
-    if ranges:
-        common = [max(r[0] for r in ranges), min(r[1] for r in ranges)]
-        widths = [r[1] - r[0] for r in ranges]
-        if max(widths) - min(widths) > 1.0 or any(abs(r[0] - common[0]) > 1.0 for r in ranges):
-            warnings.append(
-                "sessions cover different cranio-caudal extents; volumes are not yet "
-                "restricted to the common extent (needs registration, issue 5)"
-            )
+    warnings.extend(side_info.get("warnings", []))
+    registration = {}
+    for label, reg in side_info.get("registration", {}).items():
+        registration[label] = {
+            "translation_mm": reg.get("translation_mm"),
+            "rotation_deg": reg.get("rotation_deg"),
+            "quality": reg.get("quality"),
+            "poor": reg.get("poor", False),
+            "poor_reasons": reg.get("poor_reasons", []),
+            "initialisation": reg.get("initialisation"),
+        }
+    unilateral = bool(visits) and all(v.asymmetry_pct() is None for v in visits)
+    if unilateral:
+        warnings.append("one limb only in the field of view: asymmetry is not available; "
+                        "swelling is judged from the affected limb's change from baseline")
     for r in sessions_index.get("refused_studies", []):
         warnings.append(f"study {r.get('study_date') or 'without date'} not used: {r['reason']}")
     return {
@@ -388,10 +401,11 @@ def build_summary(
         "flares": pattern.flares,
         "warnings": warnings,
         "sessions": sessions,
-        "extent_mm": {
-            "common_z_range_mm": common,
-            "note": "volumes are summed over every slice of each session",
-        },
+        "extent_mm": side_info.get("extent", {}),
+        "baseline_session": side_info.get("baseline_session"),
+        "registration": registration,
+        "landmarks": side_info.get("landmarks", {}),
+        "unilateral": unilateral,
         "events": events,
         "thresholds": asdict(thresholds),
         "settings": dict(settings),

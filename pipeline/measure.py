@@ -21,7 +21,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .io_utils import mm3_to_ml, write_json_atomic, write_tsv_atomic
+from .extent import common_extent, volumes_in_extent
 from .labels import SIDES, STRUCTURES, other_side, structure_labels
+from .profiles import (
+    CIRCUMFERENCE_COLUMNS,
+    CSA_COLUMNS,
+    circumference_profile,
+    csa_profile,
+    find_landmarks,
+    write_profile_tsv,
+)
 
 VOLUME_COLUMNS = ("subject", "study_date", "day", "side", "role", "structure", "volume_ml")
 
@@ -146,26 +155,43 @@ def volume_rows(
 
 
 def measure_subject(
-    subject: str, day0: str, sessions: Sequence[Mapping[str, str]], affected_side: str
-) -> tuple[list[SessionVolumes], str, str]:
-    """Measure every session's label map; resolve ``affected_side='auto'``.
+    subject: str,
+    day0: str,
+    sessions: Sequence[Mapping[str, Any]],
+    affected_side: str,
+    baseline: str | None = None,
+) -> tuple[list[SessionVolumes], str, str, dict[str, Any]]:
+    """Measure every session's label map over the common extent; resolve ``'auto'`` sides.
 
     Parameters
     ----------
-    sessions : sequence of mappings with ``session``, ``study_date`` and ``dseg`` (path).
+    sessions : sequence of mappings with ``session``, ``study_date``, ``dseg`` (path) and
+        optionally ``xfm`` (the baseline-to-session transform of :mod:`pipeline.register`,
+        a .tfm path; None or absent for the baseline, or when there is none).
+    baseline : session label of the baseline; the extent is in its coordinates.
 
     Returns
     -------
-    (session volumes sorted by date, affected side, how the side was decided)
+    (session volumes sorted by date, affected side, how the side was decided, extent info)
     """
+    ordered = sorted(sessions, key=lambda s: s["study_date"])
+    label_maps = [s["dseg"] for s in ordered]
+    transforms = [None if s["session"] == baseline else s.get("xfm") for s in ordered]
+    extent_info: dict[str, Any] = {"method": "common extent after registration"}
+    try:
+        z_lo, z_hi = common_extent(label_maps, transforms)
+        extent_info.update(z_min_mm=round(z_lo, 2), z_max_mm=round(z_hi, 2),
+                           length_mm=round(z_hi - z_lo, 2))
+    except ValueError as err:
+        z_lo, z_hi = -np.inf, np.inf
+        extent_info.update(method="every slice of each session", warning=(
+            f"no common extent could be set ({err}); volumes cover every slice"))
     measured = []
-    for s in sorted(sessions, key=lambda s: s["study_date"]):
-        vols, z_range, n = measure_label_map(s["dseg"])
-        measured.append(
-            SessionVolumes(
-                s["session"], s["study_date"], session_day(s["study_date"], day0), vols, z_range, n
-            )
-        )
+    for s, xfm in zip(ordered, transforms, strict=True):
+        _, z_range, n = measure_label_map(s["dseg"])
+        vols = volumes_in_extent(s["dseg"], xfm, (z_lo, z_hi))
+        measured.append(SessionVolumes(s["session"], s["study_date"],
+                                       session_day(s["study_date"], day0), vols, z_range, n))
     if affected_side == "auto":
         side, why = infer_affected_side(measured)
         if side is None:
@@ -173,10 +199,33 @@ def measure_subject(
                 f"affected_side=auto: cannot tell the affected side ({why}); "
                 "give affected_side=left or right"
             )
-        return measured, side, f"automatic: {why}"
+        return measured, side, f"automatic: {why}", extent_info
     if affected_side not in SIDES:
         raise ValueError(f"affected_side must be left, right or auto, not {affected_side!r}")
-    return measured, affected_side, "configuration"
+    return measured, affected_side, "configuration", extent_info
+
+
+def write_profiles(
+    sessions: Sequence[Mapping[str, Any]], baseline: str, csa_path: Path, circ_path: Path
+) -> dict[str, Any]:
+    """Cross-sectional area and circumference profiles of every session in baseline
+    coordinates, relative to the bone landmark found on the baseline. Returns the landmarks."""
+    base = next(s for s in sessions if s["session"] == baseline)
+    landmarks = find_landmarks(base["dseg"])
+    csa: list[dict[str, Any]] = []
+    circ: list[dict[str, Any]] = []
+    for s in sorted(sessions, key=lambda s: s["study_date"]):
+        xfm = None if s["session"] == baseline else s.get("xfm")
+        csa += csa_profile(s["dseg"], xfm, landmarks, session=s["session"])
+        circ += circumference_profile(s["dseg"], xfm, landmarks, session=s["session"])
+    write_profile_tsv(csa_path, csa, CSA_COLUMNS)
+    write_profile_tsv(circ_path, circ, CIRCUMFERENCE_COLUMNS)
+    return {side: {"z_mm": round(lm.z_mm, 2), "method": lm.method}
+            for side, lm in landmarks.items()}
+
+
+def _session_label(path: Path) -> str:
+    return path.name.split("_ses-")[1].split("_")[0] if "_ses-" in path.name else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,53 +234,68 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--day0", required=True, help="YYYY-MM-DD")
     p.add_argument("--affected-side", required=True, choices=["left", "right", "auto"])
     p.add_argument("--sessions-json", required=True, type=Path)
-    p.add_argument(
-        "--dseg",
-        nargs="+",
-        required=True,
-        type=Path,
-        help="label maps, file names containing _ses-<session>_",
-    )
+    p.add_argument("--dseg", nargs="+", required=True, type=Path,
+                   help="label maps, file names containing _ses-<session>_")
+    p.add_argument("--xfm", nargs="*", default=[], type=Path,
+                   help="registration results (_xfm.json, with the .tfm beside) of the "
+                   "sessions other than the baseline")
+    p.add_argument("--baseline", default=None, help="baseline session label")
     p.add_argument("--out", required=True, type=Path, help="volumes.tsv")
-    p.add_argument(
-        "--side-json",
-        required=True,
-        type=Path,
-        help="where to write the resolved affected side and extents",
-    )
+    p.add_argument("--side-json", required=True, type=Path,
+                   help="where to write the resolved affected side, extent and registration")
+    p.add_argument("--csa", type=Path, default=None, help="cross-sectional area profile TSV")
+    p.add_argument("--circumference", type=Path, default=None, help="circumference TSV")
     args = p.parse_args(argv)
     index = json.loads(args.sessions_json.read_text(encoding="utf-8"))
     dates = {s["session"]: s["study_date"] for s in index["sessions"]}
-    sessions = []
+    xfms = {_session_label(x): x for x in args.xfm}
+    sessions: list[dict[str, Any]] = []
     for path in args.dseg:
-        label = path.name.split("_ses-")[1].split("_")[0] if "_ses-" in path.name else ""
+        label = _session_label(path)
         if label not in dates:
-            p.error(
-                f"{path}: session {label or '(no _ses-<label>_ in the name)'} is not "
-                f"listed in {args.sessions_json}"
-            )
-        sessions.append({"session": label, "study_date": dates[label], "dseg": str(path)})
-    measured, side, how = measure_subject(args.subject, args.day0, sessions, args.affected_side)
+            p.error(f"{path}: session {label or '(no _ses-<label>_ in the name)'} is not "
+                    f"listed in {args.sessions_json}")
+        xfm = xfms.get(label)
+        sessions.append({"session": label, "study_date": dates[label], "dseg": str(path),
+                         "xfm": None if xfm is None else str(xfm.with_suffix(".tfm")),
+                         "xfm_json": None if xfm is None else str(xfm)})
+    baseline = args.baseline or min(sessions, key=lambda s: s["study_date"])["session"]
+    measured, side, how, extent = measure_subject(
+        args.subject, args.day0, sessions, args.affected_side, baseline)
     write_tsv_atomic(args.out, volume_rows(args.subject, measured, side), VOLUME_COLUMNS)
-
-    write_json_atomic(
-        args.side_json,
-        {
-            "affected_side": side,
-            "affected_side_source": how,
-            "sessions": [
-                {
-                    "session": m.session,
-                    "study_date": m.study_date,
-                    "day": m.day,
-                    "z_range_mm": list(m.z_range_mm),
-                    "n_slices": m.n_slices,
-                }
-                for m in measured
-            ],
-        },
-    )
-    print(f"{args.subject}: affected side {side} ({how}); {len(measured)} sessions")
+    landmarks: dict[str, Any] = {}
+    warnings: list[str] = [extent["warning"]] if "warning" in extent else []
+    if args.csa and args.circumference:
+        try:
+            landmarks = write_profiles(sessions, baseline, args.csa, args.circumference)
+        except ValueError as err:
+            warnings.append(f"profiles not computed: {err}")
+            write_profile_tsv(args.csa, [], CSA_COLUMNS)
+            write_profile_tsv(args.circumference, [], CIRCUMFERENCE_COLUMNS)
+    registration = {}
+    for s in sessions:
+        if s["xfm_json"]:
+            reg = json.loads(Path(s["xfm_json"]).read_text(encoding="utf-8"))
+            registration[s["session"]] = reg
+            if reg.get("poor"):
+                warnings.append(f"session {s['session']}: poor registration to the baseline ("
+                                + "; ".join(reg.get("poor_reasons", [])) + ")")
+    write_json_atomic(args.side_json, {
+        "affected_side": side,
+        "affected_side_source": how,
+        "baseline_session": baseline,
+        "extent": extent,
+        "landmarks": landmarks,
+        "registration": registration,
+        "warnings": warnings,
+        "sessions": [
+            {"session": m.session, "study_date": m.study_date, "day": m.day,
+             "z_range_mm": list(m.z_range_mm), "n_slices": m.n_slices}
+            for m in measured
+        ],
+    })
+    print(f"{args.subject}: affected side {side} ({how}); {len(measured)} sessions; "
+          f"extent {extent}")
     return 0
 
 

@@ -105,7 +105,11 @@ class SessionSpec:
         Edema extent, 0 (none) to 1 (extensive): fraction of muscle / fat becoming edematous at
         the centre of the edema envelope.
     table_shift_mm : float
-        Shift of the patient along z relative to the scanner for this visit (repositioning).
+        Shift of the patient along z relative to the scanner for this visit (repositioning):
+        the DICOM coordinates of the anatomy move by this much, as on a real scanner, and the
+        imaged part of the thigh moves the other way.
+    n_slices : int
+        Slices of this visit (0: the phantom's default), a different field of view.
     """
 
     day: int
@@ -113,6 +117,7 @@ class SessionSpec:
     lesion_ml: float = 0.0
     edema: float = 0.0
     table_shift_mm: float = 0.0
+    n_slices: int = 0
 
 
 DEFAULT_SESSIONS: tuple[SessionSpec, ...] = (
@@ -204,12 +209,13 @@ def _standard_field(
     return ((f - f.mean()) / f.std()).astype(np.float32)
 
 
-def make_grid(spec: PhantomSpec, table_shift_mm: float = 0.0) -> Grid:
-    """Acquisition grid centred on the thighs, slices stacked along +z from the knee upward."""
+def make_grid(spec: PhantomSpec, table_shift_mm: float = 0.0, n_slices: int = 0) -> Grid:
+    """Acquisition grid (in anatomy coordinates) centred on the thighs, slices stacked along
+    +z from the knee upward."""
     row, col = (np.asarray(v, dtype=float) for v in POSITION_IOP[spec.position])
     normal = np.cross(row, col)
     nx, ny = spec.matrix
-    nz = spec.n_slices
+    nz = n_slices or spec.n_slices
     centre = np.array([0.0, 0.0, _z_centre(spec) - table_shift_mm])
     origin = (
         centre
@@ -403,7 +409,7 @@ def render_session(
     ``fractions[side_index * N_TISSUES + tissue]`` with side_index 0 right, 1 left.
     """
     fields = fields or _fields(spec)
-    grid = make_grid(spec, sess.table_shift_mm)
+    grid = make_grid(spec, sess.table_shift_mm, sess.n_slices)
     nz, ny, nx = grid.shape_zyx
     offs = _supersample_offsets(spec)
     n_sub = offs.shape[0]
@@ -644,9 +650,12 @@ def generate(spec: PhantomSpec, out_dir: Path) -> dict[str, Any]:
     for n, sess in enumerate(spec.sessions, start=1):
         rng = np.random.default_rng([spec.seed, n])
         rendered = render_session(spec, sess, fields)
-        grid: Grid = rendered["grid"]
         images = synthesize(spec, rendered, rng)
         volumes, labels = truth_of(spec, rendered)
+        # What the scanner records: the table moved the patient, so the anatomy's DICOM
+        # coordinates move by the shift while the field of view stays at the isocentre.
+        grid: Grid = dataclasses.replace(
+            rendered["grid"], origin=rendered["grid"].origin + [0.0, 0.0, sess.table_shift_mm])
         date = day0 + dt.timedelta(days=sess.day)
         study = {
             "uid": _uid(spec.seed, spec.subject, "study", sess.day),
@@ -728,14 +737,17 @@ def _spec_json(spec: PhantomSpec) -> dict[str, Any]:
 
 
 def parse_sessions(text: str) -> tuple[SessionSpec, ...]:
-    """Parse ``DAY:SWELLING:LESION_ML:EDEMA[:SHIFT_MM],...`` into session specs."""
+    """Parse ``DAY:SWELLING:LESION_ML:EDEMA[:SHIFT_MM[:SLICES]],...`` into session specs."""
     out = []
     for item in text.split(","):
         parts = [p for p in item.strip().split(":")]
-        if not 1 <= len(parts) <= 5:
+        if not 1 <= len(parts) <= 6:
             raise ValueError(f"cannot parse session {item!r}: want DAY:SWELLING:LESION_ML:EDEMA")
         vals = [float(p) for p in parts]
-        out.append(SessionSpec(int(vals[0]), *vals[1:]))  # type: ignore[arg-type]
+        if len(vals) == 6:
+            out.append(SessionSpec(int(vals[0]), *vals[1:5], n_slices=int(vals[5])))
+        else:
+            out.append(SessionSpec(int(vals[0]), *vals[1:]))  # type: ignore[arg-type]
     return tuple(out)
 
 
@@ -759,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sessions",
         default=None,
-        help="DAY:SWELLING:LESION_ML:EDEMA[:TABLE_SHIFT_MM],... "
+        help="DAY:SWELLING:LESION_ML:EDEMA[:TABLE_SHIFT_MM[:SLICES]],... "
         "(default: the demo patient's five visits)",
     )
     p.add_argument("--leg-radius-mm", type=float, default=d.leg_radius_mm)

@@ -140,3 +140,19 @@ def session_labels(sessions_json: str | Path) -> list[str]:
     """Session labels listed by the index stage."""
     data = json.loads(Path(sessions_json).read_text(encoding="utf-8"))
     return [s["session"] for s in data["sessions"]]
+
+
+def baseline_session(sessions_json: str | Path, day0: str) -> str:
+    """Label of the baseline session: the last on or before day 0, else the first."""
+    data = json.loads(Path(sessions_json).read_text(encoding="utf-8"))
+    sessions = sorted(data["sessions"], key=lambda s: s["study_date"])
+    if not sessions:
+        raise ValueError(f"{sessions_json}: no sessions")
+    before = [s for s in sessions if s["study_date"] <= day0]
+    return str((before[-1] if before else sessions[0])["session"])
+
+
+def registration_reference(affected_side: str) -> str:
+    """Limb that drives the registration: the contralateral one when the side is known (its
+    size does not change with the disease), else both are tried."""
+    return {"left": "right", "right": "left"}.get(affected_side, "auto")

@@ -25,30 +25,62 @@ rule segment:
         " > {log:q} 2>&1"
 
 
+rule register:
+    input:
+        unpack(baseline_files),
+        moving_image=f"{SESSION_STEM}_T1w.nii.gz",
+        moving_labels=f"{SESSION_STEM}_dseg.nii.gz",
+    output:
+        tfm=f"{SESSION_STEM}_xfm.tfm",
+        json=f"{SESSION_STEM}_xfm.json",
+    params:
+        python=PYTHON,
+        reference=registration_side,
+    log:
+        f"{SUBJECT_DIR}/logs/register_ses-{{session}}.log",
+    conda:
+        "../environment.yml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    shell:
+        "{params.python} -m pipeline.register --fixed-image {input.fixed_image:q}"
+        " --fixed-labels {input.fixed_labels:q} --moving-image {input.moving_image:q}"
+        " --moving-labels {input.moving_labels:q} --reference {params.reference}"
+        " --out-tfm {output.tfm:q} --out-json {output.json:q} > {log:q} 2>&1"
+
+
 rule measure:
     input:
         sessions_json=f"{SUBJECT_DIR}/sessions.json",
         dseg=session_files(f"{SESSION_STEM}_dseg.nii.gz"),
+        xfm=followup_files(f"{SESSION_STEM}_xfm.json"),
+        tfm=followup_files(f"{SESSION_STEM}_xfm.tfm"),
     output:
         volumes=f"{SUBJECT_DIR}/volumes.tsv",
         side=f"{SUBJECT_DIR}/side.json",
+        csa=f"{SUBJECT_DIR}/profile_csa.tsv",
+        circumference=f"{SUBJECT_DIR}/circumference.tsv",
     params:
         python=PYTHON,
         day0=subject_value("day0"),
         affected_side=subject_value("affected_side"),
+        baseline=baseline_label,
     log:
         f"{SUBJECT_DIR}/logs/measure.log",
     conda:
         "../environment.yml"
     threads: 1
     resources:
-        mem_mb=1000,
+        mem_mb=2000,
         runtime=10,
     shell:
         "{params.python} -m pipeline.measure --subject {wildcards.subject} --day0 {params.day0}"
         " --affected-side {params.affected_side} --sessions-json {input.sessions_json:q}"
-        " --dseg {input.dseg:q} --out {output.volumes:q} --side-json {output.side:q}"
-        " > {log:q} 2>&1"
+        " --dseg {input.dseg:q} --xfm {input.xfm:q} --baseline {params.baseline}"
+        " --out {output.volumes:q} --side-json {output.side:q}"
+        " --csa {output.csa:q} --circumference {output.circumference:q} > {log:q} 2>&1"
 
 
 rule longitudinal:

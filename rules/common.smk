@@ -29,6 +29,39 @@ def session_files(pattern):
     return get
 
 
+def _baseline(wildcards):
+    sessions_json = checkpoints.index.get(subject=wildcards.subject).output.sessions_json
+    return baseline_session(sessions_json, SUBJECTS[wildcards.subject]["day0"])
+
+
+def baseline_files(wildcards):
+    """The baseline session's T1w image and label map (the registration's fixed images)."""
+    stem = SESSION_STEM.format(subject=wildcards.subject, session=_baseline(wildcards))
+    return {"fixed_image": f"{stem}_T1w.nii.gz", "fixed_labels": f"{stem}_dseg.nii.gz"}
+
+
+def followup_files(pattern):
+    """An input function: `pattern` for every session except the baseline."""
+
+    def get(wildcards):
+        base = _baseline(wildcards)
+        return [
+            pattern.format(subject=wildcards.subject, session=s)
+            for s in _sessions(wildcards)
+            if s != base
+        ]
+
+    return get
+
+
+def baseline_label(wildcards):
+    return _baseline(wildcards)
+
+
+def registration_side(wildcards):
+    return registration_reference(SUBJECTS[wildcards.subject]["affected_side"])
+
+
 def events_arg(wildcards):
     events = SUBJECTS[wildcards.subject]["events"]
     return f"--events {shlex.quote(events)}" if events else ""

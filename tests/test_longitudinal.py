@@ -196,7 +196,7 @@ def test_response_via_asymmetry():
     visits = [visit(-1, asym_pct=20.0), visit(30, asym_pct=15.0)]  # -5.0 pp
     p = classify(visits)
     assert p.classification == "response"
-    assert "+15.0 % at day 30 vs +20.0 % at baseline (-5.0 pp)" in p.reasons[-1]
+    assert "day 30: soft-tissue asymmetry +15.0 % vs +20.0 % at baseline (-5.0 pp)" in p.reasons[-1]
 
 
 def test_stable_nothing_changes():
@@ -521,3 +521,23 @@ def test_main_end_to_end(tmp_path, capsys):
     assert summary["sessions"][0]["files"]["dseg"] == (
         "ses-20240228/sub-P1_ses-20240228_dseg.nii.gz")
     assert summary["sessions"][0]["anatomical_series"] == "T1 TSE (series 3)"
+
+
+def test_one_limb_only_uses_the_affected_limbs_change_from_baseline():
+    """Unilateral study: asymmetry is not available; swelling is judged from the affected
+    soft tissue's change from baseline, and the reasons say so."""
+
+    def v(date, day, soft, lesion, edema):
+        return Visit(date, day, {"limb": soft + 50, "soft_tissue": soft, "bone": 50,
+                                 "marrow_lesion": lesion, "edema": edema},
+                     {s: None for s in ("limb", "soft_tissue", "bone", "marrow_lesion",
+                                        "edema")})
+
+    visits = [v("2024-01-01", -1, 1000, 5, 50), v("2024-01-10", 8, 1080, 5, 50),
+              v("2024-02-01", 30, 1005, 4, 40)]
+    p = classify(visits)
+    assert p.classification == "pseudo-progression"
+    assert "one limb only" in " ".join(p.reasons)
+    assert "+8.0 pp" in " ".join(p.reasons)
+    rows = longitudinal_rows("s", visits)
+    assert all(r["asymmetry_pct"] is None for r in rows)

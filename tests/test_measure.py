@@ -252,7 +252,10 @@ def _subject_files(tmp_path: Path, left_lesion: int = 5) -> list[dict[str, str]]
 
 
 def test_measure_subject_sorted_with_days_and_auto_side(tmp_path):
-    measured, side, how = measure_subject("P1", "2024-03-01", _subject_files(tmp_path), "auto")
+    measured, side, how, extent = measure_subject(
+        "P1", "2024-03-01", _subject_files(tmp_path), "auto"
+    )
+    assert extent["method"] == "common extent after registration"
     assert [m.study_date for m in measured] == ["2024-02-25", "2024-03-15"]
     assert [m.session for m in measured] == ["20240225", "20240315"]
     assert [m.day for m in measured] == [-5, 14]
@@ -266,7 +269,7 @@ def test_measure_subject_sorted_with_days_and_auto_side(tmp_path):
 
 @pytest.mark.parametrize("given", ["left", "right"])
 def test_measure_subject_configured_side_wins(tmp_path, given):
-    _, side, how = measure_subject("P1", "2024-03-01", _subject_files(tmp_path), given)
+    _, side, how, _ = measure_subject("P1", "2024-03-01", _subject_files(tmp_path), given)
     assert side == given
     assert how == "configuration"
 

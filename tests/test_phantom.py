@@ -148,7 +148,8 @@ def test_parse_sessions_and_cli(tmp_path: Path) -> None:
     assert specs[0] == phantom.SessionSpec(-5, 0.1, 6.0, 0.3)
     assert specs[1].table_shift_mm == 12.5
     with pytest.raises(ValueError):
-        phantom.parse_sessions("1:2:3:4:5:6")
+        phantom.parse_sessions("1:2:3:4:5:6:7")
+    assert phantom.parse_sessions("3:0:0:0:-20:24")[0].n_slices == 24
     rc = phantom.main([str(tmp_path), "--slices", "3", "--matrix", "96x72",
                        "--leg-radius-mm", "30", "--sessions", "0:0:0:0", "--sides", "right",
                        "--affected-side", "right"])
