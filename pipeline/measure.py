@@ -20,8 +20,8 @@ import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
 
-from .io_utils import mm3_to_ml, write_json_atomic, write_tsv_atomic
 from .extent import common_extent, volumes_in_extent
+from .io_utils import mm3_to_ml, write_json_atomic, write_tsv_atomic
 from .labels import SIDES, STRUCTURES, other_side, structure_labels
 from .profiles import (
     CIRCUMFERENCE_COLUMNS,
