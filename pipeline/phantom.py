@@ -743,11 +743,9 @@ def parse_sessions(text: str) -> tuple[SessionSpec, ...]:
         parts = [p for p in item.strip().split(":")]
         if not 1 <= len(parts) <= 6:
             raise ValueError(f"cannot parse session {item!r}: want DAY:SWELLING:LESION_ML:EDEMA")
-        vals = [float(p) for p in parts]
-        if len(vals) == 6:
-            out.append(SessionSpec(int(vals[0]), *vals[1:5], n_slices=int(vals[5])))
-        else:
-            out.append(SessionSpec(int(vals[0]), *vals[1:]))  # type: ignore[arg-type]
+        vals = [float(p) for p in parts] + [0.0] * (6 - len(parts))
+        out.append(SessionSpec(day=int(vals[0]), swelling=vals[1], lesion_ml=vals[2],
+                               edema=vals[3], table_shift_mm=vals[4], n_slices=int(vals[5])))
     return tuple(out)
 
 
