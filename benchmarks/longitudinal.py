@@ -1,0 +1,105 @@
+"""Longitudinal cases: serial studies with table shifts (+-20 mm), other fields of view and
+slice counts, one per response pattern, run through the command-line contract.
+
+Prints per case the pattern expected and found, and per session the true and recovered table
+shift, registration quality, and soft-tissue asymmetry and limb volume measured over the
+common extent against the truth over the same extent.
+
+    python benchmarks/longitudinal.py [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from pipeline.evaluation import format_table
+from pipeline.extent import volumes_in_extent
+from pipeline.io_utils import read_tsv
+
+ROOT = Path(__file__).resolve().parents[1]
+# name: (expected pattern, sessions DAY:SWELLING:LESION:EDEMA:SHIFT:SLICES, side)
+CASES = {
+    "pseudo": ("pseudo-progression", "-2:0.08:5:0.3:0:28,4:0.22:7:0.8:15:22,21:0:0:0:-20:28",
+               "left"),
+    "progression": ("progression", "-1:0.05:4:0.2:0:28,14:0.15:8:0.6:-12:24,35:0.2:10:0.7:20:28",
+                    "right"),
+    "response": ("response", "0:0.02:6:0.1:0:28,28:0.0:2:0.0:18:28", "left"),
+    "stable": ("stable", "-3:0.05:3:0.2:0:28,30:0.05:3:0.2:-15:22", "left"),
+    "indeterminate": ("indeterminate", "0:0.1:4:0.3:0:28", "left"),
+}
+
+
+def run(name: str, work: Path) -> dict:
+    expected, sessions, side = CASES[name]
+    phantom_dir = work / f"phantom_{name}"
+    if not (phantom_dir / "truth.json").is_file():
+        subprocess.run([sys.executable, "-m", "pipeline.cli", "phantom", str(phantom_dir),
+                        "--subject", name, "--affected-side", side, "--seed", "5",
+                        "--slices", "28", f"--sessions={sessions}"],
+                       check=True, capture_output=True)
+    results = work / "results"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--quiet", "--forceall",
+                    "--config", f"input_dir={phantom_dir / 'dicom'}", f"subject={name}",
+                    "day0=2024-03-01", f"affected_side={side}", f"results_dir={results}"],
+                   check=True, cwd=ROOT, capture_output=True)
+    seconds = time.perf_counter() - start
+    truth = json.loads((phantom_dir / "truth.json").read_text())
+    subject = results / name
+    summary = json.loads((subject / "summary.json").read_text())
+    extent = summary["extent_mm"]
+    other = "right" if side == "left" else "left"
+    measured = {(r["study_date"], r["side"], r["structure"]): float(r["volume_ml"])
+                for r in read_tsv(subject / "volumes.tsv")}
+    rows = []
+    for s in truth["sessions"]:
+        shift = s["params"]["table_shift_mm"]
+        reg = summary["registration"].get(s["session"])
+        xfm = sitk.TranslationTransform(3, (0.0, 0.0, shift))
+        tv = volumes_in_extent(phantom_dir / s["label_map"], xfm,
+                               (extent["z_min_mm"], extent["z_max_mm"]))
+        t_asym = 100 * (tv[side]["soft_tissue"] / tv[other]["soft_tissue"] - 1)
+        m_asym = 100 * (measured[(s["study_date"], side, "soft_tissue")]
+                        / measured[(s["study_date"], other, "soft_tissue")] - 1)
+        m_limb = measured[(s["study_date"], side, "limb")]
+        rows.append({
+            "case": name, "day": s["day"], "slices": s["params"]["n_slices"] or 28,
+            "true_shift_mm": shift,
+            "found_shift_mm": None if reg is None else reg["translation_mm"][2],
+            "bone_dice": None if reg is None else reg["quality"]["bone_dice"],
+            "true_asym_pct": t_asym, "meas_asym_pct": m_asym, "asym_err_pp": m_asym - t_asym,
+            "true_limb_ml": tv[side]["limb"], "meas_limb_ml": m_limb,
+            "limb_err_pct": 100 * (m_limb / tv[side]["limb"] - 1),
+        })
+    return {"name": name, "expected": expected, "found": summary["classification"],
+            "extent_mm": extent.get("length_mm"), "rows": rows, "seconds": seconds}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", type=Path, default=None)
+    args = p.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="limbtrack-longitudinal-"))
+    results = [run(name, work) for name in CASES]
+    print(format_table([{"case": r["name"], "expected": r["expected"], "found": r["found"],
+                         "common_extent_mm": r["extent_mm"], "seconds": r["seconds"]}
+                        for r in results],
+                       ["case", "expected", "found", "common_extent_mm", "seconds"]))
+    print()
+    print(format_table([row for r in results for row in r["rows"]],
+                       ["case", "day", "slices", "true_shift_mm", "found_shift_mm", "bone_dice",
+                        "true_asym_pct", "meas_asym_pct", "asym_err_pp", "true_limb_ml",
+                        "meas_limb_ml", "limb_err_pct"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
