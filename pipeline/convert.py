@@ -47,11 +47,18 @@ reason), ``problems.tsv`` the files that are not DICOM images.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import logging
+import os
+import struct
 import sys
+import tempfile
+import zlib
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +93,11 @@ DECODER_HINT = ("install a decoder for it (pip install pylibjpeg pylibjpeg-libjp
                 "pylibjpeg-openjpeg) or export the series uncompressed")
 #: Pixel data bigger than this stays on disk while headers are read (read later by offset).
 DEFER_SIZE = "64 KB"
+
+#: Uncompressed bytes deflated per block (per thread task) when gzipping a NIfTI file.
+GZIP_CHUNK_BYTES = 8 << 20
+#: Most threads used to gzip one NIfTI file.
+GZIP_MAX_THREADS = 4
 
 #: Output name suffix of each session role.
 ROLE_SUFFIX: dict[str, str] = {"anatomical": "T1w", "fluid": "fluid"}
@@ -146,26 +158,72 @@ class _Slice:
 
 @dataclass
 class _Series:
-    """Headers (pixel data deferred) and decoded pixels of one series' files."""
+    """Headers (pixel data deferred) and decoded pixels of one series' files.
+
+    The stored pixels of a file holding several frames (multi-frame, mosaic) are kept until
+    every volume that uses one of its frames is built (:meth:`done`); those of a single-frame
+    file are read when its frame is needed and not kept.
+    """
 
     datasets: dict[Path, pydicom.Dataset]
     frames: list[FrameInfo]
     stored: dict[Path, np.ndarray] = field(default_factory=dict)
+    pending: dict[Path, int] = field(default_factory=dict)
 
-    def values(self, frame: FrameInfo) -> np.ndarray:
-        """Rescaled values (float64) of one frame."""
-        if frame.path not in self.stored:
+    def __post_init__(self) -> None:
+        for frame in self.frames:
+            self.pending[frame.path] = self.pending.get(frame.path, 0) + 1
+
+    def _stored(self, frame: FrameInfo) -> np.ndarray:
+        array = self.stored.get(frame.path)
+        if array is None:
             try:
-                self.stored[frame.path] = dicom_frames.stored_pixels(
-                    frame.path, self.datasets[frame.path])
+                array = dicom_frames.stored_pixels(frame.path, self.datasets[frame.path])
             except FrameError as err:
                 raise SeriesError(frame.path, str(err)) from err
-        values = dicom_frames.frame_pixels(self.stored[frame.path], frame).astype(np.float64)
+            if self.pending.get(frame.path, 0) > 1:
+                self.stored[frame.path] = array
+        return array
+
+    def values(self, frame: FrameInfo) -> np.ndarray:
+        """Rescaled values (float64) of one frame (to compare duplicates)."""
+        values = dicom_frames.frame_pixels(self._stored(frame), frame).astype(np.float64)
         if frame.slope is not None and frame.slope != 0:
             values = values * frame.slope
         if frame.intercept is not None:
             values = values + frame.intercept
         return values
+
+    def fill(self, frame: FrameInfo, out: np.ndarray) -> None:
+        """Write the rescaled values of one frame into float32 `out` (rows, columns)."""
+        dicom_frames.rescale_into(dicom_frames.frame_pixels(self._stored(frame), frame),
+                                  frame.slope, frame.intercept, out)
+
+    def done(self, frames: Sequence[FrameInfo]) -> None:
+        """Forget the stored pixels of files whose frames are all in built volumes."""
+        for frame in frames:
+            left = self.pending.get(frame.path, 0) - 1
+            self.pending[frame.path] = left
+            if left <= 0:
+                self.stored.pop(frame.path, None)
+
+
+def _writable_array(image: sitk.Image) -> np.ndarray:
+    """A writable float32 numpy view [z, y, x] of the pixel buffer of `image`.
+
+    ``sitk.GetArrayViewFromImage`` is read-only; this aliases the same buffer through ctypes
+    so a volume is assembled in the image itself (no second copy of it in numpy). Only for a
+    float32 image just created by this module (its buffer is not shared with any other
+    image); the caller keeps `image` alive while the view is in use and drops the view
+    before handing the image out.
+    """
+    assert image.GetPixelID() == sitk.sitkFloat32
+    view = sitk.GetArrayViewFromImage(image)
+    address = int(view.__array_interface__["data"][0])
+    buffer = (ctypes.c_float * view.size).from_address(address)
+    array = np.ctypeslib.as_array(buffer).reshape(view.shape)
+    assert array.dtype == np.float32
+    return array
 
 
 def _read_dataset(path: Path) -> pydicom.Dataset:
@@ -321,8 +379,20 @@ def _assemble(series: _Series, group: VolumeGroup,
             f"(gantry tilt of about {tilt_deg:.1f} degrees); tilted stacks are not supported: "
             "reconstruct without tilt or convert with dcm2niix"))
 
-    volume = np.stack([pixels(s) for s in kept]).astype(np.float32)  # [z, y, x]
-    image = sitk.GetImageFromArray(volume)
+    # assembled slice by slice in the image's own float32 buffer: no float64 volume, no
+    # numpy -> SimpleITK copy (peak memory ~ one float32 volume)
+    assert frames[0].rows is not None and frames[0].columns is not None
+    image = sitk.Image([frames[0].columns, frames[0].rows, len(kept)], sitk.sitkFloat32)
+    volume = _writable_array(image)  # [z, y, x]
+    try:
+        for k, item in enumerate(kept):
+            if item.pixels is not None:  # already decoded to compare duplicates (float64)
+                volume[k] = item.pixels
+                item.pixels = None
+            else:
+                series.fill(item.frame, volume[k])
+    finally:
+        del volume
     spacing_rc = frames[0].pixel_spacing_mm
     assert spacing_rc is not None
     # PixelSpacing is (between rows, between columns); SimpleITK spacing is (x=column, y=row, z)
@@ -423,8 +493,10 @@ def read_volumes(files: Sequence[Path]) -> list[Volume]:
         except SeriesError as err:
             volumes.append(Volume(group.label, None, {}, err, len(group.frames)))
             continue
+        finally:
+            # decoded pixels of files whose frames all belong to done volumes are not needed
+            series.done(group.frames)
         volumes.append(Volume(group.label, image, sidecar, None, len(group.frames)))
-        # decoded pixels of files whose frames all belong to done volumes are not needed
     return volumes
 
 
@@ -483,18 +555,110 @@ def sidecar_path(nifti_path: Path) -> Path:
     return nifti_path.with_suffix(".json")
 
 
+def _gzip_threads(threads: int | None) -> int:
+    if threads is not None:
+        return max(1, int(threads))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(GZIP_MAX_THREADS, cores))
+
+
+def _deflate_block(data: bytes, level: int) -> bytes:
+    """Raw deflate of `data`, ended by a sync flush (byte-aligned, not the final block)."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+
+
+def gzip_file(source: Path, target: Path, compression_level: int = 1,
+              threads: int | None = None) -> None:
+    """Write `source` gzip-compressed to `target`, at `compression_level`, on `threads` cores.
+
+    The way pigz does it: the input is cut into blocks of :data:`GZIP_CHUNK_BYTES`, each block
+    is deflated on its own (in a thread pool: zlib releases the GIL) and ended by a sync
+    flush, and the blocks are written in order as one deflate stream, closed by an empty
+    final block, in ONE standard gzip member (CRC-32 and size in the trailer). Any gzip
+    reader (zlib, Python's gzip, ITK/NIfTI's znzlib, nibabel) reads it; the ratio is that of
+    `compression_level` to within a fraction of a percent (each block starts without the
+    previous block's 32 kB window).
+
+    Parameters
+    ----------
+    compression_level : int
+        0 (stored, no compression) to 9.
+    threads : int, optional
+        Compressing threads; default: the usable cores, at most :data:`GZIP_MAX_THREADS`.
+    """
+    if not 0 <= compression_level <= 9:
+        raise ValueError(f"gzip level {compression_level} is not in 0-9")
+    n_threads = _gzip_threads(threads)
+    extra_flags = 4 if compression_level <= 1 else 2 if compression_level == 9 else 0
+    crc, size = 0, 0
+    with open(source, "rb") as fin, open(target, "wb") as fout:
+        # magic, deflate, no flags, no mtime (reproducible output), XFL, OS unknown
+        fout.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + bytes((extra_flags, 255)))
+        blocks = iter(lambda: fin.read(GZIP_CHUNK_BYTES), b"")
+        if n_threads == 1:
+            for data in blocks:
+                crc, size = zlib.crc32(data, crc), size + len(data)
+                fout.write(_deflate_block(data, compression_level))
+        else:
+            with ThreadPoolExecutor(n_threads, thread_name_prefix="gzip") as pool:
+                queue: deque[Future[bytes]] = deque()
+                for data in blocks:
+                    crc, size = zlib.crc32(data, crc), size + len(data)
+                    queue.append(pool.submit(_deflate_block, data, compression_level))
+                    while len(queue) > 2 * n_threads:  # bounded memory: write in order
+                        fout.write(queue.popleft().result())
+                while queue:
+                    fout.write(queue.popleft().result())
+        final = zlib.compressobj(compression_level, zlib.DEFLATED, -zlib.MAX_WBITS)
+        fout.write(final.flush(zlib.Z_FINISH))  # empty final block
+        fout.write(struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
+
+
+def write_nifti(image: sitk.Image, path: Path, compression_level: int = 1,
+                threads: int | None = None) -> None:
+    """Write `image` as NIfTI-1 at `path`: ``.nii`` uncompressed, ``.nii.gz`` gzipped.
+
+    SimpleITK writes the file (header in RAS: the LPS -> RAS flip, qform and sform as ITK
+    sets them), uncompressed: its own gzip ignores the level and runs at ~18 MB/s. A
+    ``.nii.gz`` is the same bytes compressed by :func:`gzip_file` at `compression_level`
+    (0-9) on `threads` threads. Not atomic by itself (see :func:`write_volume`).
+    """
+    path = Path(path)
+    if not 0 <= compression_level <= 9:
+        raise ValueError(f"gzip level {compression_level} is not in 0-9")
+    if not path.name.endswith(".gz"):
+        sitk.WriteImage(image, str(path), False)
+        return
+    fd, name = tempfile.mkstemp(prefix=".", suffix=".nii", dir=path.parent)
+    os.close(fd)
+    plain = Path(name)
+    try:
+        sitk.WriteImage(image, str(plain), False)
+        gzip_file(plain, path, compression_level, threads)
+    finally:
+        plain.unlink(missing_ok=True)
+
+
 def write_volume(image: sitk.Image, sidecar: dict[str, Any], nifti_path: Path,
-                 compression_level: int = 1) -> None:
+                 compression_level: int = 1, threads: int | None = None) -> None:
     """Write `image` as NIfTI (RAS, by SimpleITK) and `sidecar` as JSON next to it, atomically.
 
     Parameters
     ----------
     compression_level : int
-        gzip level; 1 is several times faster than the default 6 for slightly larger files.
+        gzip level of a ``.nii.gz`` (0-9; ignored for ``.nii``). Level 1 (the default) is
+        ~7x faster than 6 on float32 MR volumes for files ~17 % larger (512x512x200:
+        2.7 s / 82 MB against 20 s / 70 MB, one thread).
+    threads : int, optional
+        Threads compressing the ``.nii.gz`` (default: usable cores, at most 4).
     """
     nifti_path = Path(nifti_path)
     with atomic_path(nifti_path) as tmp:
-        sitk.WriteImage(image, str(tmp), True, compression_level)
+        write_nifti(image, tmp, compression_level, threads)
     write_json_atomic(sidecar_path(nifti_path), sidecar)
 
 

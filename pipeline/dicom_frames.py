@@ -584,7 +584,9 @@ def stored_pixels(path: Path, ds: pydicom.Dataset) -> np.ndarray:
                          "image; choose another series")
     if "PixelData" not in ds:
         raise FrameError("no pixel data (FloatPixelData or none); re-export the series")
-    raw = ds.get_item("PixelData")
+    # keep_deferred: a deferred element stays on disk (get_item would otherwise read the
+    # whole block into the dataset, where it would stay for as long as the header is kept)
+    raw = ds.get_item("PixelData", keep_deferred=True)
     offset = getattr(raw, "value_tell", None)
     length = getattr(raw, "length", None)
     expected = rows * columns * n_frames * bits_allocated // 8
@@ -613,6 +615,10 @@ def stored_pixels(path: Path, ds: pydicom.Dataset) -> np.ndarray:
                              f"({detail}); {decoder_hint(syntax)}") from err
         raise FrameError(f"cannot decode pixel data ({detail}); re-export the series") from err
     array = np.asarray(array)
+    if getattr(ds, "_pixel_array", None) is not None:
+        # pydicom caches the decoded array on the dataset, which the caller keeps for its
+        # header; the caller keeps what it needs of the returned array itself
+        ds._pixel_array = None
     if array.ndim == 2:
         array = array[np.newaxis]
     if array.shape != (n_frames, rows, columns):
@@ -631,6 +637,55 @@ def frame_pixels(stored: np.ndarray, frame: FrameInfo) -> np.ndarray:
         c0 = (frame.frame % frame.mosaic_grid) * frame.columns
         return stored[0, r0:r0 + frame.rows, c0:c0 + frame.columns]
     return stored[frame.frame]
+
+
+#: Integers up to this magnitude are exact in float32 (24-bit significand).
+_FLOAT32_EXACT = float(1 << 24)
+
+
+def _exact_in_float32(dtype: np.dtype[Any], slope: float | None,
+                      intercept: float | None) -> bool:
+    """Whether ``stored * slope + intercept`` is computed exactly in float32 arithmetic.
+
+    True for integer stored values of at most 16 bits with an integer slope and intercept
+    whose results stay within +-2**24: every product, sum and cast is then an exact integer,
+    so float32 arithmetic gives the same value as float64 arithmetic followed by one cast.
+    """
+    if dtype.kind not in "ui" or dtype.itemsize > 2:
+        return False
+    scale = 1.0 if slope is None else slope
+    offset = 0.0 if intercept is None else intercept
+    if not (float(scale).is_integer() and float(offset).is_integer()):
+        return False
+    largest = float(max(abs(int(np.iinfo(dtype).min)), int(np.iinfo(dtype).max)))
+    return largest * abs(scale) + abs(offset) <= _FLOAT32_EXACT
+
+
+def rescale_into(stored: np.ndarray, slope: float | None, intercept: float | None,
+                 out: np.ndarray) -> None:
+    """Write ``stored * slope + intercept`` (the displayed values) into float32 `out`.
+
+    The same values as ``(stored.astype(float64) * slope + intercept).astype(float32)``: a
+    slope of None or 0 is not applied, an intercept of None neither. Integer data with an
+    integer rescale (the usual MR case: slope 1, intercept 0) is converted and rescaled in
+    `out` itself, exactly; anything else goes through a float64 copy of the frame and is
+    rounded once.
+    """
+    if slope is not None and slope == 0:
+        slope = None
+    if _exact_in_float32(stored.dtype, slope, intercept):
+        np.copyto(out, stored, casting="unsafe")
+        if slope is not None and slope != 1:
+            np.multiply(out, np.float32(slope), out=out)
+        if intercept:
+            np.add(out, np.float32(intercept), out=out)
+        return
+    values = stored.astype(np.float64)
+    if slope is not None:
+        values *= slope
+    if intercept is not None:
+        values += intercept
+    np.copyto(out, values, casting="same_kind")
 
 
 # --------------------------------------------------------------------------------------------
