@@ -52,13 +52,10 @@ import hashlib
 import json
 import logging
 import os
-import struct
+import shutil
 import sys
 import tempfile
-import zlib
-from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +63,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from isal import igzip_threaded
 
 from pipeline import dicom_frames
 from pipeline.dicom_frames import FrameError, FrameInfo, VolumeGroup
@@ -94,7 +92,7 @@ DECODER_HINT = ("install a decoder for it (pip install pylibjpeg pylibjpeg-libjp
 #: Pixel data bigger than this stays on disk while headers are read (read later by offset).
 DEFER_SIZE = "64 KB"
 
-#: Uncompressed bytes deflated per block (per thread task) when gzipping a NIfTI file.
+#: Bytes read per copy step when gzipping a NIfTI file.
 GZIP_CHUNK_BYTES = 8 << 20
 #: Most threads used to gzip one NIfTI file.
 GZIP_MAX_THREADS = 4
@@ -565,57 +563,32 @@ def _gzip_threads(threads: int | None) -> int:
     return max(1, min(GZIP_MAX_THREADS, cores))
 
 
-def _deflate_block(data: bytes, level: int) -> bytes:
-    """Raw deflate of `data`, ended by a sync flush (byte-aligned, not the final block)."""
-    compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
-    return compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+#: isal (Intel ISA-L) has four levels; zlib-style 0-9 map onto them.
+ISAL_LEVEL = {0: 0, 1: 1, 2: 2, 3: 2, 4: 2, 5: 2, 6: 3, 7: 3, 8: 3, 9: 3}
 
 
 def gzip_file(source: Path, target: Path, compression_level: int = 1,
               threads: int | None = None) -> None:
-    """Write `source` gzip-compressed to `target`, at `compression_level`, on `threads` cores.
+    """Write `source` gzip-compressed to `target` with ISA-L (python-isal), on `threads` cores.
 
-    The way pigz does it: the input is cut into blocks of :data:`GZIP_CHUNK_BYTES`, each block
-    is deflated on its own (in a thread pool: zlib releases the GIL) and ended by a sync
-    flush, and the blocks are written in order as one deflate stream, closed by an empty
-    final block, in ONE standard gzip member (CRC-32 and size in the trailer). Any gzip
-    reader (zlib, Python's gzip, ITK/NIfTI's znzlib, nibabel) reads it; the ratio is that of
-    `compression_level` to within a fraction of a percent (each block starts without the
-    previous block's 32 kB window).
+    ISA-L deflates several times faster than zlib at a similar ratio and compresses blocks in
+    parallel (as pigz does), writing one standard gzip file any reader (zlib, ITK's znzlib,
+    nibabel) reads.
 
     Parameters
     ----------
     compression_level : int
-        0 (stored, no compression) to 9.
+        zlib-style 0 to 9, mapped onto ISA-L's 0-3 (:data:`ISAL_LEVEL`).
     threads : int, optional
         Compressing threads; default: the usable cores, at most :data:`GZIP_MAX_THREADS`.
     """
     if not 0 <= compression_level <= 9:
         raise ValueError(f"gzip level {compression_level} is not in 0-9")
-    n_threads = _gzip_threads(threads)
-    extra_flags = 4 if compression_level <= 1 else 2 if compression_level == 9 else 0
-    crc, size = 0, 0
-    with open(source, "rb") as fin, open(target, "wb") as fout:
-        # magic, deflate, no flags, no mtime (reproducible output), XFL, OS unknown
-        fout.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + bytes((extra_flags, 255)))
-        blocks = iter(lambda: fin.read(GZIP_CHUNK_BYTES), b"")
-        if n_threads == 1:
-            for data in blocks:
-                crc, size = zlib.crc32(data, crc), size + len(data)
-                fout.write(_deflate_block(data, compression_level))
-        else:
-            with ThreadPoolExecutor(n_threads, thread_name_prefix="gzip") as pool:
-                queue: deque[Future[bytes]] = deque()
-                for data in blocks:
-                    crc, size = zlib.crc32(data, crc), size + len(data)
-                    queue.append(pool.submit(_deflate_block, data, compression_level))
-                    while len(queue) > 2 * n_threads:  # bounded memory: write in order
-                        fout.write(queue.popleft().result())
-                while queue:
-                    fout.write(queue.popleft().result())
-        final = zlib.compressobj(compression_level, zlib.DEFLATED, -zlib.MAX_WBITS)
-        fout.write(final.flush(zlib.Z_FINISH))  # empty final block
-        fout.write(struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
+    with open(source, "rb") as fin, igzip_threaded.open(
+        target, "wb", compresslevel=ISAL_LEVEL[compression_level],
+        threads=_gzip_threads(threads), block_size=1 << 20,
+    ) as fout:
+        shutil.copyfileobj(fin, fout, GZIP_CHUNK_BYTES)
 
 
 def write_nifti(image: sitk.Image, path: Path, compression_level: int = 1,

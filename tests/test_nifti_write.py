@@ -91,7 +91,8 @@ def test_compression_level_changes_the_output(tmp_path: Path) -> None:
     plain = tmp_path / "plain.nii"
     write_nifti(image, plain, compression_level=6)  # .nii: never compressed
     assert plain.read_bytes()[:2] != b"\x1f\x8b"
-    assert sizes[0] > plain.stat().st_size > sizes[1] > sizes[6]
+    # ISA-L: level 0 is its fastest deflate (not stored); higher levels compress more
+    assert plain.stat().st_size > sizes[0] >= sizes[1] > sizes[6]
 
 
 @pytest.mark.parametrize("threads", [1, 3])
