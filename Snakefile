@@ -23,6 +23,10 @@ configfile: "config/config.yaml"
 # Command-line values such as day0=2024-03-01 may arrive parsed as dates or numbers.
 for _key in ("subject", "day0", "input_dir", "results_dir", "events", "subjects_sheet"):
     config[_key] = str(config.get(_key, ""))
+# Nested values from the command line arrive as text: --config 'export={dicom: true}'.
+for _key, _value in list(config.get("export", {}).items()):
+    if isinstance(_value, str):
+        config["export"][_key] = _value.strip().lower() in ("true", "yes", "1")
 validate(config, "config/schema.yaml")
 
 PYTHON = sys.executable  # the interpreter running Snakemake runs the steps too
@@ -42,6 +46,12 @@ include: "rules/common.smk"
 include: "rules/ingest.smk"
 include: "rules/analysis.smk"
 include: "rules/report.smk"
+include: "rules/export.smk"
+
+
+FINAL = ["volumes.tsv", "longitudinal.tsv", "summary.json", "report.html"]
+if config["export"]["viewers"] or config["export"]["dicom"]:
+    FINAL.append("dataset_description.json")
 
 
 rule all:
@@ -49,6 +59,6 @@ rule all:
         expand(
             f"{SUBJECT_DIR}/{{name}}",
             subject=sorted(SUBJECTS),
-            name=["volumes.tsv", "longitudinal.tsv", "summary.json", "report.html"],
+            name=FINAL,
         ),
     default_target: True

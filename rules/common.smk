@@ -85,3 +85,17 @@ def parent_of(key):
         return os.path.dirname(output[key])
 
     return get
+
+
+def subject_dir_param(wildcards):
+    return SUBJECT_DIR.format(subject=wildcards.subject)
+
+
+def export_inputs(wildcards):
+    """Per-session exports the config asks for (DICOM SEG/SR only for DICOM input)."""
+    files = {"tables": session_files(f"{SESSION_STEM}_dseg.ctbl")(wildcards)}
+    dicom_input = convert_module(SUBJECTS[wildcards.subject]) == "pipeline.convert"
+    if config["export"]["dicom"] and dicom_input:
+        files["seg"] = session_files(f"{SESSION_STEM}_seg.dcm")(wildcards)
+        files["sr"] = session_files(f"{SESSION_STEM}_sr.dcm")(wildcards)
+    return files
