@@ -23,10 +23,14 @@ configfile: "config/config.yaml"
 # Command-line values such as day0=2024-03-01 may arrive parsed as dates or numbers.
 for _key in ("subject", "day0", "input_dir", "results_dir", "events", "subjects_sheet"):
     config[_key] = str(config.get(_key, ""))
-# Nested values from the command line arrive as text: --config 'export={dicom: true}'.
+# Values from the command line may arrive as text: --config show_phi=true 'export={dicom: true}'.
+def _flag(value):
+    return value.strip().lower() in ("true", "yes", "1") if isinstance(value, str) else value
+
+
+config["show_phi"] = _flag(config.get("show_phi", False))
 for _key, _value in list(config.get("export", {}).items()):
-    if isinstance(_value, str):
-        config["export"][_key] = _value.strip().lower() in ("true", "yes", "1")
+    config["export"][_key] = _flag(_value)
 validate(config, "config/schema.yaml")
 
 PYTHON = sys.executable  # the interpreter running Snakemake runs the steps too
@@ -54,6 +58,9 @@ if config["export"]["viewers"] or config["export"]["dicom"]:
     FINAL.append("dataset_description.json")
 
 
+COHORT = [f"{RESULTS}/cohort.html", f"{RESULTS}/cohort.tsv"] if config["subjects_sheet"] else []
+
+
 rule all:
     input:
         expand(
@@ -61,4 +68,16 @@ rule all:
             subject=sorted(SUBJECTS),
             name=FINAL,
         ),
+        COHORT,
     default_target: True
+
+
+onerror:
+    # With --keep-going a failed subject stops the cohort rule; still list every subject,
+    # the failed ones with the reason from their logs.
+    if config["subjects_sheet"]:
+        shell(
+            f"{PYTHON} -m pipeline.cohort --subject-dirs "
+            + " ".join(f"{RESULTS}/{s}" for s in sorted(SUBJECTS))
+            + f" --out-html {RESULTS}/cohort.html --out-tsv {RESULTS}/cohort.tsv || true"
+        )

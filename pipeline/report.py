@@ -2,9 +2,18 @@
 
 ``python -m pipeline.report --subject-dir D --out D/report.html`` reads the outputs of the
 earlier stages in ``D`` (``summary.json``, ``longitudinal.tsv``, ``volumes.tsv``, the per-session
-NIfTI images and label maps named in ``summary.json``, and optionally ``index.tsv`` and
-``problems.tsv``) and writes one HTML file that needs no network: figures are PNG data URIs, CSS
-is inline, there is no JavaScript.
+NIfTI images and label maps named in ``summary.json`` with their registration transforms
+``_xfm.tfm``, and optionally ``index.tsv``, ``problems.tsv``, ``profile_csa.tsv`` and
+``circumference.tsv``) and writes one HTML file that needs no network: figures are PNG data
+URIs, CSS is inline, there is no JavaScript.
+
+Slice positions are chosen once in **baseline coordinates** (marrow-lesion centre, largest
+swelling, a coronal plane through the femora) and every session is resampled onto the same
+baseline slice through its rigid registration (``_xfm.tfm`` maps baseline points to session
+points), so the same anatomy is compared across sessions.
+
+Patient name, ID and birth date are never rendered unless ``--show-phi`` is given (the pipeline
+does not carry them into its outputs; keys naming them are dropped from the tables).
 
 Every string that comes from DICOM headers or files is rendered as text (Jinja2 autoescape).
 Each figure is built in its own ``try`` block: a figure that fails is replaced by a note that says
@@ -22,6 +31,7 @@ import io
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +48,7 @@ from matplotlib.transforms import blended_transform_factory
 from skimage.measure import find_contours
 
 from pipeline import __version__, labels
+from pipeline.extent import affine_of, as_transform
 from pipeline.io_utils import read_tsv, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -216,7 +227,7 @@ def resample_onto(moving: sitk.Image, reference: sitk.Image, *, is_label: bool) 
 
 @dataclass(frozen=True)
 class SliceChoice:
-    """Candidate slice positions of one session, from its label map.
+    """Candidate slice positions of one session, from its label map (session coordinates).
 
     Attributes
     ----------
@@ -224,50 +235,163 @@ class SliceChoice:
         Physical z (mm) of the marrow-lesion centroid, None without lesion voxels.
     largest_limb_z_mm : float or None
         Physical z (mm) of the slice with the largest affected-limb area, None without limb.
+    lesion_point_mm : tuple of float or None
+        Physical LPS point (mm) of the marrow-lesion centroid.
+    swelling_z_mm : float or None
+        Physical z (mm) of the slice with the largest affected-minus-contralateral limb area;
+        None when either limb is missing.
+    swelling_mm2 : float or None
+        That area difference, in mm^2.
+    bone_point_mm : tuple of float or None
+        Physical LPS centroid (mm) of the bone labels of both sides (the femora), used to
+        place the coronal reformat; the limbs' centroid without bone.
     """
 
     lesion_z_mm: float | None
     largest_limb_z_mm: float | None
+    lesion_point_mm: tuple[float, float, float] | None = None
+    swelling_z_mm: float | None = None
+    swelling_mm2: float | None = None
+    bone_point_mm: tuple[float, float, float] | None = None
+
+
+def _centroid_point(image_lps: sitk.Image, mask_zyx: np.ndarray) -> tuple[float, float, float]:
+    cz, cy, cx = np.argwhere(mask_zyx).mean(axis=0)
+    p = image_lps.TransformContinuousIndexToPhysicalPoint((float(cx), float(cy), float(cz)))
+    return (float(p[0]), float(p[1]), float(p[2]))
 
 
 def slice_candidates(dseg: sitk.Image, affected_side: str | None) -> SliceChoice:
-    """Lesion centroid z and largest affected-limb-area z of a label map.
+    """Lesion centroid, largest affected-limb area, largest swelling and femoral centroid.
 
     Parameters
     ----------
     dseg : SimpleITK.Image
         Label map (values of :mod:`pipeline.labels`), any stored orientation.
     affected_side : str or None
-        'left' or 'right'; anything else uses both sides.
+        'left' or 'right'; anything else uses both sides (and no swelling is computed).
 
     Returns
     -------
     SliceChoice
+        Positions in the physical (scanner) coordinates of this label map.
     """
     dseg_lps = orient_lps(dseg)
     lab = sitk.GetArrayViewFromImage(dseg_lps)
     sides = [affected_side] if affected_side in labels.SIDE_OFFSET else list(labels.SIDES)
-    lesion_z = None
+    lesion_point = None
     # the affected side's lesion first; a lesion on the other side only if there is none
     for lesion_values in (
         [labels.label_value(s, labels.LESION) for s in sides],
         [labels.label_value(s, labels.LESION) for s in labels.SIDES],
     ):
-        idx = np.argwhere(np.isin(lab, lesion_values))
-        if idx.size:
-            cz, cy, cx = idx.mean(axis=0)
-            lesion_z = float(
-                dseg_lps.TransformContinuousIndexToPhysicalPoint((float(cx), float(cy), float(cz)))[
-                    2
-                ]
-            )
+        mask = np.isin(lab, lesion_values)
+        if mask.any():
+            lesion_point = _centroid_point(dseg_lps, mask)
             break
+    z_mm = slice_z_positions_mm(dseg_lps)
+    pixel_mm2 = float(dseg_lps.GetSpacing()[0] * dseg_lps.GetSpacing()[1])
     limb_values = [v for s in sides for v in labels.structure_labels(s, "limb")]
     area = np.isin(lab, limb_values).sum(axis=(1, 2))
     limb_z = None
     if area.max(initial=0) > 0:
-        limb_z = float(slice_z_positions_mm(dseg_lps)[int(np.argmax(area))])
-    return SliceChoice(lesion_z_mm=lesion_z, largest_limb_z_mm=limb_z)
+        limb_z = float(z_mm[int(np.argmax(area))])
+    swelling_z = swelling_mm2 = None
+    if affected_side in labels.SIDE_OFFSET:
+        other = labels.other_side(affected_side)
+        aff = np.isin(lab, labels.structure_labels(affected_side, "limb")).sum(axis=(1, 2))
+        con = np.isin(lab, labels.structure_labels(other, "limb")).sum(axis=(1, 2))
+        both = (aff > 0) & (con > 0)  # only cross-sections holding both limbs compare
+        if both.any():
+            diff = np.where(both, (aff - con) * pixel_mm2, -np.inf)
+            k = int(np.argmax(diff))
+            swelling_z, swelling_mm2 = float(z_mm[k]), float(diff[k])
+    bone_values = [v for s in labels.SIDES for v in labels.structure_labels(s, "bone")]
+    bone = np.isin(lab, bone_values)
+    if not bone.any():
+        bone = lab > 0
+    bone_point = _centroid_point(dseg_lps, bone) if bone.any() else None
+    return SliceChoice(
+        lesion_z_mm=None if lesion_point is None else lesion_point[2],
+        largest_limb_z_mm=limb_z,
+        lesion_point_mm=lesion_point,
+        swelling_z_mm=swelling_z,
+        swelling_mm2=swelling_mm2,
+        bone_point_mm=bone_point,
+    )
+
+
+@dataclass(frozen=True)
+class Swelling:
+    """Where the affected limb exceeds the contralateral one most (baseline coordinates).
+
+    Attributes
+    ----------
+    session : str
+        Session label (``YYYYMMDD``) where the difference peaks.
+    z_mm : float
+        Baseline z (mm, LPS, superior +) of that cross-section of the affected limb.
+    distance_mm : float or None
+        Its distance from the affected limb's landmark (proximal +), when known.
+    difference_mm2 : float
+        Affected minus contralateral limb cross-sectional area, mm^2.
+    """
+
+    session: str
+    z_mm: float
+    distance_mm: float | None
+    difference_mm2: float
+
+
+def largest_swelling(
+    csa_rows: Sequence[Mapping[str, Any]],
+    affected_side: str,
+    z_range_mm: tuple[float, float] | None = None,
+) -> Swelling | None:
+    """The cross-section with the largest affected-minus-contralateral limb area.
+
+    Both limbs are compared at the same distance from their own landmark (contralateral area
+    linearly interpolated at each affected cross-section's distance, never extrapolated).
+
+    Parameters
+    ----------
+    csa_rows : sequence of mapping
+        Rows of ``profile_csa.tsv`` (session, side, z_mm, distance_mm, limb_area_mm2).
+    affected_side : str
+        'left' or 'right'.
+    z_range_mm : (float, float) or None
+        Only cross-sections with baseline z in this range (the common extent) count.
+
+    Returns
+    -------
+    Swelling or None
+        None without both sides in any session.
+    """
+    if affected_side not in labels.SIDE_OFFSET:
+        return None
+    other = labels.other_side(affected_side)
+    by: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for r in csa_rows:
+        d, z, a = (_to_float(r.get(k)) for k in ("distance_mm", "z_mm", "limb_area_mm2"))
+        if d is None or z is None or a is None:
+            continue
+        if z_range_mm is not None and not z_range_mm[0] <= z <= z_range_mm[1]:
+            continue
+        by.setdefault((str(r.get("session", "")), str(r.get("side", ""))), []).append((d, z, a))
+    best: Swelling | None = None
+    for (session, side), aff in sorted(by.items()):
+        con = sorted(by.get((session, other), []))
+        if side != affected_side or len(con) < 2:
+            continue
+        cd = np.array([c[0] for c in con])
+        ca = np.array([c[2] for c in con])
+        for d, z, a in aff:
+            if not cd[0] <= d <= cd[-1]:
+                continue
+            diff = a - float(np.interp(d, cd, ca))
+            if best is None or diff > best.difference_mm2:
+                best = Swelling(session=session, z_mm=z, distance_mm=d, difference_mm2=diff)
+    return best
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,14 +582,132 @@ def _rgb(label: int) -> tuple[float, float, float]:
     return (r / 255.0, g / 255.0, b / 255.0)
 
 
-def _draw_panel(ax: Any, sl: AxialSlice, lab: np.ndarray, title: str) -> list[int]:
-    vmin, vmax = _window(sl.pixels)
+@dataclass(frozen=True)
+class CoronalSlice:
+    """One coronal slice ready for display in radiological convention.
+
+    Attributes
+    ----------
+    pixels : ndarray of shape (R, C)
+        Row 0 is the most superior row, column 0 the patient's rightmost column.
+    spacing_rc_mm : tuple of float
+        Pixel spacing along rows (superior-inferior) and columns (right-left), in mm.
+    row_z_mm : ndarray of shape (R,)
+        Physical z (mm, LPS) of each row.
+    y_mm : float
+        Physical LPS y (posterior +) of the slice, in mm.
+    """
+
+    pixels: np.ndarray
+    spacing_rc_mm: tuple[float, float]
+    row_z_mm: np.ndarray
+    y_mm: float
+
+
+def radiological_coronal_slice(slab_lps: sitk.Image) -> CoronalSlice:
+    """A one-voxel-thick coronal slab of an LPS-oriented image, for radiological display.
+
+    Parameters
+    ----------
+    slab_lps : SimpleITK.Image
+        Output of :func:`coronal_slab` (or any LPS image of y size 1, e.g. resampled onto one).
+
+    Returns
+    -------
+    CoronalSlice
+        Superior up, patient's right on the viewer's left.
+    """
+    if slab_lps.GetSize()[1] != 1 or not _is_lps(slab_lps):
+        raise ValueError("expected an LPS-oriented coronal slab of one voxel in y")
+    arr = sitk.GetArrayFromImage(slab_lps)  # [z, 1, x]; z grows superior, x grows to the left
+    sx, _, sz = slab_lps.GetSpacing()
+    centre = slab_lps.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, 0.0))
+    return CoronalSlice(
+        pixels=arr[::-1, 0, :].copy(),
+        spacing_rc_mm=(float(sz), float(sx)),
+        row_z_mm=slice_z_positions_mm(slab_lps)[::-1].copy(),
+        y_mm=float(centre[1]),
+    )
+
+
+def axial_slab(reference_lps: sitk.Image, z_mm: float) -> sitk.Image:
+    """The one-slice sub-grid of `reference_lps` (LPS-oriented) nearest to physical `z_mm`."""
+    k = nearest_slice_index(reference_lps, z_mm)
+    return reference_lps[:, :, k : k + 1]
+
+
+def coronal_slab(reference_lps: sitk.Image, y_mm: float) -> sitk.Image:
+    """The one-row (coronal) sub-grid of `reference_lps` (LPS-oriented) nearest to `y_mm`."""
+    nx, ny, nz = reference_lps.GetSize()
+    ys = np.array(
+        [
+            reference_lps.TransformContinuousIndexToPhysicalPoint(
+                ((nx - 1) / 2.0, float(j), (nz - 1) / 2.0)
+            )[1]
+            for j in range(ny)
+        ]
+    )
+    j = int(np.argmin(np.abs(ys - y_mm)))
+    return reference_lps[:, j : j + 1, :]
+
+
+def resample_to_slab(
+    moving: sitk.Image, slab: sitk.Image, transform: sitk.Transform, *, is_label: bool
+) -> sitk.Image:
+    """Resample a session image onto a baseline sub-grid through its registration transform.
+
+    ``transform`` maps baseline points to session points (:mod:`pipeline.register`), the
+    convention ``sitk.Resample`` expects. Nearest neighbour for labels, linear otherwise.
+    """
+    interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
+    pixel_type = moving.GetPixelID() if is_label else sitk.sitkFloat32
+    return sitk.Resample(moving, slab, transform, interpolator, 0.0, pixel_type)
+
+
+def crop_box(
+    masks: Sequence[np.ndarray], spacing_rc_mm: tuple[float, float], margin_mm: float = 15.0
+) -> tuple[slice, slice]:
+    """Row and column slices around the union of `masks` plus a margin (all rows if empty)."""
+    shape: tuple[int, ...] = tuple(masks[0].shape) if masks else (1, 1)
+    union = np.zeros(shape, bool)
+    for m in masks:
+        if m.shape == union.shape:
+            union |= m
+    if not union.any():
+        return slice(None), slice(None)
+    rows, cols = np.nonzero(union)
+    mr = int(math.ceil(margin_mm / spacing_rc_mm[0]))
+    mc = int(math.ceil(margin_mm / spacing_rc_mm[1]))
+    n_rows, n_cols = shape[0], shape[1]
+    return (
+        slice(max(int(rows.min()) - mr, 0), min(int(rows.max()) + mr + 1, n_rows)),
+        slice(max(int(cols.min()) - mc, 0), min(int(cols.max()) + mc + 1, n_cols)),
+    )
+
+
+#: Orientation letters (viewer's left, right, top, bottom) of each displayed plane.
+MARKERS: dict[str, tuple[str, str, str, str]] = {
+    "axial": ("R", "L", "A", "P"),
+    "coronal": ("R", "L", "S", "I"),
+}
+
+
+def _draw_panel(
+    ax: Any,
+    pixels: np.ndarray,
+    spacing_rc_mm: tuple[float, float],
+    lab: np.ndarray,
+    title: str,
+    markers: tuple[str, str, str, str] = MARKERS["axial"],
+) -> list[int]:
+    vmin, vmax = _window(pixels)
     ax.imshow(
-        sl.pixels,
+        pixels,
         cmap="gray",
         vmin=vmin,
         vmax=vmax,
-        aspect=sl.spacing_rc_mm[0] / sl.spacing_rc_mm[1],
+        aspect=spacing_rc_mm[0] / spacing_rc_mm[1],
+        interpolation="nearest",  # true voxels; also compresses far better than smoothing
     )
     present = [int(v) for v in np.unique(lab) if v != labels.BACKGROUND]
     for value in present:
@@ -473,8 +715,8 @@ def _draw_panel(ax: Any, sl: AxialSlice, lab: np.ndarray, title: str) -> list[in
         mask = np.pad(lab == value, 1).astype(np.float32)
         for contour in find_contours(mask, 0.5):
             ax.plot(contour[:, 1] - 1, contour[:, 0] - 1, color=color, linewidth=0.9)
-    ax.set_xlim(-0.5, sl.pixels.shape[1] - 0.5)
-    ax.set_ylim(sl.pixels.shape[0] - 0.5, -0.5)
+    ax.set_xlim(-0.5, pixels.shape[1] - 0.5)
+    ax.set_ylim(pixels.shape[0] - 0.5, -0.5)
     style = {
         "color": "white",
         "fontsize": 11,
@@ -482,14 +724,84 @@ def _draw_panel(ax: Any, sl: AxialSlice, lab: np.ndarray, title: str) -> list[in
         "transform": ax.transAxes,
         "bbox": {"facecolor": "black", "alpha": 0.6, "pad": 1.5, "edgecolor": "none"},
     }
-    ax.text(0.02, 0.5, "R", ha="left", va="center", **style)
-    ax.text(0.98, 0.5, "L", ha="right", va="center", **style)
-    ax.text(0.5, 0.98, "A", ha="center", va="top", **style)
-    ax.text(0.5, 0.02, "P", ha="center", va="bottom", **style)
+    left, right, top, bottom = markers
+    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
     ax.set_title(title, fontsize=9, parse_math=False)
     ax.set_xticks([])
     ax.set_yticks([])
     return present
+
+
+def _legend(fig: Figure, present: set[int]) -> None:
+    # one legend entry per tissue class (same hue on both sides)
+    unique: dict[str, Line2D] = {}
+    for v in sorted(present, key=lambda v: (v - 1) % 4):
+        if v in labels.LABEL_COLORS and v in labels.LABEL_NAMES:
+            name = labels.LABEL_NAMES[v].split(" ", 1)[-1]
+            unique.setdefault(name, Line2D([], [], color=_rgb(v), label=name))
+    if unique:
+        fig.legend(
+            handles=list(unique.values()),
+            loc="outside lower center",
+            ncol=len(unique),
+            fontsize=8,
+            frameon=False,
+        )
+
+
+def render_panels(
+    panels: Sequence[tuple[np.ndarray, str]],
+    lab: np.ndarray,
+    spacing_rc_mm: tuple[float, float],
+    plane: str = "axial",
+    row_marks: Sequence[tuple[float, str, str]] = (),
+) -> str:
+    """Side-by-side grey-scale panels with the same label contours (PNG, base64).
+
+    Parameters
+    ----------
+    panels : sequence of (ndarray of shape (R, C), str)
+        Display-oriented images (radiological) and their titles.
+    lab : ndarray of shape (R, C)
+        Label map on the same pixels.
+    spacing_rc_mm : tuple of float
+        Row and column pixel spacing in mm; sets the physical aspect ratio.
+    plane : str
+        'axial' or 'coronal' (orientation letters).
+    row_marks : sequence of (row, text, linestyle)
+        Horizontal lines across every panel (e.g. axial positions on a coronal view).
+    """
+    rows, cols = lab.shape
+    ratio = (rows * spacing_rc_mm[0]) / max(cols * spacing_rc_mm[1], 1e-6)
+    width_in = 4.2 if len(panels) > 1 else 6.0
+    height_in = min(max(width_in * ratio, 1.6), 8.0)
+    fig = Figure(figsize=(width_in * len(panels), height_in + 0.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    present: set[int] = set()
+    for ax, (pixels, name) in zip(axes, panels, strict=True):
+        present.update(_draw_panel(ax, pixels, spacing_rc_mm, lab, name, MARKERS[plane]))
+        for row, text, style in row_marks:
+            if -0.5 <= row <= rows - 0.5:
+                ax.axhline(row, color="#ff33ff", linewidth=0.9, linestyle=style)
+                if not text:
+                    continue
+                # labels right of centre: clear of the R/L/S/I letters at the edges and centre
+                ax.text(
+                    cols * 0.6,
+                    row - 0.4,
+                    text,
+                    color="#ff33ff",
+                    fontsize=7,
+                    ha="left",
+                    va="bottom",
+                    parse_math=False,
+                    bbox={"facecolor": "black", "alpha": 0.5, "pad": 0.5, "edgecolor": "none"},
+                )
+    _legend(fig, present)
+    return _figure_to_base64(fig)
 
 
 def render_overlay(
@@ -516,33 +828,68 @@ def render_overlay(
     """
     fluid_sl = radiological_axial_slice(fluid, z_mm)
     lab = radiological_axial_slice(dseg, z_mm).pixels
-    panels = [(fluid_sl, "fluid-sensitive")]
+    panels = [(fluid_sl.pixels, "fluid-sensitive")]
     if t1 is not None:
-        panels.append((radiological_axial_slice(t1, z_mm), "T1-weighted"))
-    rows, cols = fluid_sl.pixels.shape
-    height_in = 4.2 * (rows * fluid_sl.spacing_rc_mm[0]) / (cols * fluid_sl.spacing_rc_mm[1])
-    fig = Figure(
-        figsize=(4.2 * len(panels), min(max(height_in, 2.0), 8.0) + 0.8), layout="constrained"
-    )
-    axes = np.atleast_1d(fig.subplots(1, len(panels)))
-    present: set[int] = set()
-    for ax, (sl, name) in zip(axes, panels, strict=True):
-        present.update(_draw_panel(ax, sl, lab, name))
-    # one legend entry per tissue class (same hue on both sides)
-    unique: dict[str, Line2D] = {}
-    for v in sorted(present, key=lambda v: (v - 1) % 4):
-        if v in labels.LABEL_COLORS and v in labels.LABEL_NAMES:
-            name = labels.LABEL_NAMES[v].split(" ", 1)[-1]
-            unique.setdefault(name, Line2D([], [], color=_rgb(v), label=name))
-    if unique:
-        fig.legend(
-            handles=list(unique.values()),
-            loc="outside lower center",
-            ncol=len(unique),
-            fontsize=8,
-            frameon=False,
-        )
-    return _figure_to_base64(fig), fluid_sl.z_mm
+        panels.append((radiological_axial_slice(t1, z_mm).pixels, "T1-weighted"))
+    return render_panels(panels, lab, fluid_sl.spacing_rc_mm, "axial"), fluid_sl.z_mm
+
+
+def render_profile(
+    csa_rows: Sequence[Mapping[str, Any]],
+    affected_side: str,
+    session_titles: Mapping[str, str],
+    swelling: Swelling | None,
+) -> str:
+    """Limb cross-sectional area along the thigh, affected vs contralateral, per session.
+
+    Top: limb area (cm^2) against distance from each limb's landmark (proximal +), affected
+    solid, contralateral dashed, one colour per session. Bottom: affected minus contralateral
+    at the same distance (contralateral interpolated).
+    """
+    other = labels.other_side(affected_side) if affected_side in labels.SIDE_OFFSET else ""
+    by: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for r in csa_rows:
+        d, a = _to_float(r.get("distance_mm")), _to_float(r.get("limb_area_mm2"))
+        if d is not None and a is not None:
+            by.setdefault((str(r.get("session")), str(r.get("side"))), []).append((d, a / 100.0))
+    sessions = sorted({s for s, _ in by})
+    if not sessions:
+        raise ValueError("profile_csa.tsv has no usable rows")
+    fig = Figure(figsize=(8.0, 6.4), layout="constrained")
+    ax_area, ax_diff = fig.subplots(2, 1, sharex=True)
+    colors = _session_colors(len(sessions))
+    for color, ses in zip(colors, sessions, strict=True):
+        title = session_titles.get(ses, ses)
+        aff = sorted(by.get((ses, affected_side), []))
+        con = sorted(by.get((ses, other), []))
+        if aff:
+            ax_area.plot(*zip(*aff, strict=True), "-", color=color, label=f"{title} affected")
+        if con:
+            ax_area.plot(*zip(*con, strict=True), "--", color=color, label=f"{title} contra")
+        if aff and len(con) >= 2:
+            cd, ca = np.array(con).T
+            pts = [(d, a - float(np.interp(d, cd, ca))) for d, a in aff if cd[0] <= d <= cd[-1]]
+            if pts:
+                ax_diff.plot(*zip(*pts, strict=True), "o-", ms=2.5, color=color, label=title)
+    for ax in (ax_area, ax_diff):
+        ax.axvline(0.0, color="#888888", linewidth=0.8)
+        if swelling is not None and swelling.distance_mm is not None:
+            ax.axvline(swelling.distance_mm, color="#ff33ff", linewidth=0.9, linestyle=":")
+        ax.grid(alpha=0.3)
+    ax_diff.axhline(0.0, color="#bbbbbb", linewidth=0.8)
+    ax_area.set_ylabel("limb cross-sectional area (cm²)")
+    ax_diff.set_ylabel("affected − contralateral (cm²)")
+    ax_diff.set_xlabel("distance from the femoral landmark (mm, proximal +)")
+    ax_area.legend(fontsize=7, ncol=2, loc="best")
+    if ax_diff.lines:
+        ax_diff.legend(fontsize=7, ncol=3, loc="best")
+    return _figure_to_base64(fig)
+
+
+def _session_colors(n: int) -> list[str]:
+    # Okabe-Ito without the two colours used for affected/contralateral elsewhere
+    palette = ["#000000", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#F0E442", "#0072B2"]
+    return [palette[i % len(palette)] for i in range(n)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,95 +989,355 @@ def _longitudinal_table(
     return table
 
 
-def _overlay_figures(
+@dataclass
+class OverlayView:
+    """One slice position shown for every session (baseline coordinates)."""
+
+    key: str
+    title: str
+    plane: str  # 'axial' (position = baseline z) or 'coronal' (position = baseline y)
+    position_mm: float | None
+    why: str
+    figures: list[FigureResult] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass
+class _Pending:
+    figure: FigureResult
+    fluid: np.ndarray
+    t1: np.ndarray | None
+    lab: np.ndarray
+    spacing_rc_mm: tuple[float, float]
+    row_z_mm: np.ndarray | None
+    session_z_mm: float | None
+    base_mm: float  # baseline z (axial) or y (coronal) of the slice shown
+
+
+def _identity() -> sitk.Transform:
+    return sitk.Transform(3, sitk.sitkIdentity)
+
+
+def _xfm_path(subject_dir: Path, session: Mapping[str, Any]) -> Path | None:
+    """The session's ``_xfm.tfm`` next to its label map (BIDS-like name), if present."""
+    files = session.get("files") or {}
+    if files.get("xfm"):
+        return subject_dir / str(files["xfm"])
+    dseg = str(files.get("dseg") or "")
+    if dseg.endswith("_dseg.nii.gz"):
+        path = subject_dir / (dseg[: -len("_dseg.nii.gz")] + "_xfm.tfm")
+        if path.exists():
+            return path
+    label = session.get("session")
+    if label:
+        hits = sorted((subject_dir / f"ses-{label}").glob("*_xfm.tfm"))
+        if hits:
+            return hits[0]
+    return None
+
+
+def _to_baseline_point(transform: sitk.Transform, point: Sequence[float]) -> np.ndarray:
+    """A session point mapped into baseline space (inverse of the baseline->session map)."""
+    a, b = affine_of(transform)
+    return np.asarray(np.linalg.solve(a, np.asarray(point, dtype=float) - b))
+
+
+def _plan_views(
+    candidates: Mapping[int, SliceChoice],
+    transforms: Mapping[int, sitk.Transform],
+    order: Sequence[int],
+    dates: Sequence[str],
+    swelling: Swelling | None,
+    session_dates: Mapping[str, str],
+) -> list[OverlayView]:
+    def mapped(i: int, point: Sequence[float] | None) -> np.ndarray | None:
+        if point is None:
+            return None
+        return _to_baseline_point(transforms.get(i, _identity()), point)
+
+    lesion = OverlayView(
+        "lesion", "Axial slice through the marrow-lesion centre", "axial", None, ""
+    )
+    for i in order:
+        p = mapped(i, candidates[i].lesion_point_mm) if i in candidates else None
+        if p is not None:
+            lesion.position_mm = float(p[2])
+            lesion.why = f"centre of the marrow lesion segmented at {dates[i]}"
+            break
+    else:
+        lesion.note = "No marrow lesion was segmented in any session: this view is not shown."
+
+    swell = OverlayView("swelling", "Axial slice through the largest swelling", "axial", None, "")
+    if swelling is not None:
+        swell.position_mm = swelling.z_mm
+        where = (
+            f", {swelling.distance_mm:+.0f} mm from the landmark"
+            if swelling.distance_mm is not None
+            else ""
+        )
+        swell.why = (
+            "largest limb cross-sectional area difference, affected − contralateral: "
+            f"{swelling.difference_mm2 / 100.0:+.1f} cm² at "
+            f"{session_dates.get(swelling.session, swelling.session)}{where}"
+        )
+    else:
+        own = [
+            (c.swelling_mm2, i, c)
+            for i, c in candidates.items()
+            if c.swelling_mm2 is not None and c.swelling_z_mm is not None
+        ]
+        if own:
+            diff, i, best = max(own, key=lambda t: t[0])
+            x, y = (best.bone_point_mm or (0.0, 0.0, 0.0))[:2]
+            p = mapped(i, (x, y, float(best.swelling_z_mm or 0.0)))
+            swell.position_mm = None if p is None else float(p[2])
+            swell.why = (
+                "largest limb cross-sectional area difference, affected − contralateral, from "
+                f"the label maps: {diff / 100.0:+.1f} cm² at {dates[i]}"
+            )
+        else:
+            for i in order:
+                cand = candidates.get(i)
+                if cand is not None and cand.largest_limb_z_mm is not None:
+                    x, y = (cand.bone_point_mm or (0.0, 0.0, 0.0))[:2]
+                    p = mapped(i, (x, y, cand.largest_limb_z_mm))
+                    swell.position_mm = None if p is None else float(p[2])
+                    swell.why = (
+                        "largest affected-limb cross-section (no contralateral limb to compare) "
+                        f"at {dates[i]}"
+                    )
+                    break
+            else:
+                swell.note = "No limb was segmented: this view is not shown."
+
+    coronal = OverlayView("coronal", "Coronal reformat through the femora", "coronal", None, "")
+    for i in order:
+        p = mapped(i, candidates[i].bone_point_mm) if i in candidates else None
+        if p is not None:
+            coronal.position_mm = float(p[1])
+            coronal.why = f"through the centroid of the segmented femora at {dates[i]}"
+            break
+    else:
+        coronal.note = "No limb was segmented: the coronal reformat is not shown."
+    return [lesion, swell, coronal]
+
+
+def _overlay_views(
     subject_dir: Path,
     sessions: Sequence[Mapping[str, Any]],
     affected_side: str | None,
     baseline_date: str,
-) -> list[FigureResult]:
-    titles = [f"Session {s.get('study_date', '?')} (day {s.get('day', '?')})" for s in sessions]
+    swelling: Swelling | None,
+    extent_z_mm: tuple[float, float] | None,
+    registration: Mapping[str, Any],
+) -> list[OverlayView]:
+    """Axial (lesion centre, largest swelling) and coronal views, the same positions in
+    baseline coordinates for every session, each session resampled through its registration."""
+    dates = [str(s.get("study_date", "?")) for s in sessions]
+    titles = [f"Session {dates[i]} (day {s.get('day', '?')})" for i, s in enumerate(sessions)]
+    base_i = next((i for i, s in enumerate(sessions) if s.get("study_date") == baseline_date), 0)
+    order = [base_i] + [i for i in range(len(sessions)) if i != base_i]
+    session_dates = {str(s.get("session", "")): dates[i] for i, s in enumerate(sessions)}
 
-    # pass 1: candidate slice positions from the label maps only (keeps memory low)
-    candidates: dict[int, SliceChoice] = {}
+    # pass 1: transforms, candidate positions from the label maps, the baseline grid
+    transforms: dict[int, sitk.Transform] = {}
+    session_notes: dict[int, list[str]] = {i: [] for i in range(len(sessions))}
     for i, s in enumerate(sessions):
+        transforms[i] = _identity()
+        if i == base_i:
+            continue
         try:
-            dseg = _read_image(subject_dir, s.get("files", {}).get("dseg"), "label map")
+            path = _xfm_path(subject_dir, s)
+            if path is None:
+                session_notes[i].append(
+                    "no registration transform (_xfm.tfm) found: shown at the baseline's "
+                    "scanner coordinates, not registered"
+                )
+            else:
+                transforms[i] = as_transform(path)
+                affine_of(transforms[i])  # rigid/affine only
+        except Exception as exc:
+            transforms[i] = _identity()
+            session_notes[i].append(f"registration transform not usable ({exc}): not registered")
+        reg = registration.get(str(s.get("session", ""))) or {}
+        if reg.get("poor"):
+            why = "; ".join(str(r) for r in reg.get("poor_reasons") or []) or "see QC"
+            session_notes[i].append(
+                f"registration flagged poor ({why}): positions may not match the baseline"
+            )
+    candidates: dict[int, SliceChoice] = {}
+    reference: sitk.Image | None = None
+    for i in order:
+        try:
+            dseg = _read_image(subject_dir, sessions[i].get("files", {}).get("dseg"), "label map")
             candidates[i] = slice_candidates(dseg, affected_side)
+            if i == base_i:
+                reference = orient_lps(dseg)
         except Exception as exc:  # reported per figure in pass 2
             log.info("slice candidates of %s: %s", titles[i], exc)
-    base_i = next((i for i, s in enumerate(sessions) if s.get("study_date") == baseline_date), 0)
-    ref_z: float | None = None
-    ref_what = ""
-    order = [base_i] + [i for i in range(len(sessions)) if i != base_i]
-    for attr, what in (
-        ("lesion_z_mm", "marrow-lesion centre"),
-        ("largest_limb_z_mm", "largest affected-limb cross-section"),
-    ):
-        found = next(
-            (j for j in order if j in candidates and getattr(candidates[j], attr) is not None),
-            None,
-        )
-        if found is not None:
-            ref_z = getattr(candidates[found], attr)
-            ref_what = f"{what} at {sessions[found].get('study_date', '?')}"
-            break
+    if reference is None and sessions:
+        try:
+            fluid = _read_image(
+                subject_dir, sessions[base_i].get("files", {}).get("fluid"), "fluid image"
+            )
+            reference = orient_lps(fluid)
+        except Exception as exc:
+            log.info("baseline reference grid: %s", exc)
+    views = _plan_views(candidates, transforms, order, dates, swelling, session_dates)
+    if reference is None:
+        for v in views:
+            v.position_mm = None
+            v.note = (
+                "The baseline session's label map and fluid image could not be read: there is "
+                "no common grid to place the slices on."
+            )
 
-    # pass 2: render each session
-    results = []
+    # pass 2: each session once; every view resampled onto its baseline slab
+    pending: dict[str, list[_Pending | FigureResult]] = {v.key: [] for v in views}
     for i, s in enumerate(sessions):
-        fig = FigureResult(title=titles[i])
+        figs = {v.key: FigureResult(title=titles[i]) for v in views}
         try:
             files = s.get("files", {}) or {}
             fluid = _read_image(subject_dir, files.get("fluid"), "fluid-sensitive image")
             dseg = _read_image(subject_dir, files.get("dseg"), "label map")
-            fluid_lps = orient_lps(fluid)
-            z, why = ref_z, f"common slice: {ref_what}"
-            if z is None or not covers_z(fluid_lps, z):
-                own = candidates.get(i)
-                z = (
-                    next(
-                        (c for c in (own.lesion_z_mm, own.largest_limb_z_mm) if c is not None), None
-                    )
-                    if own
-                    else None
-                )
-                why = (
-                    "own slice (common position outside this session's coverage)"
-                    if ref_z is not None
-                    else "own slice"
-                )
-                if z is None:
-                    z = float(np.median(slice_z_positions_mm(fluid_lps)))
-                    why = "central slice (no labels found)"
-            # work on the one displayed slice: T1 and labels are resampled onto it only,
-            # which keeps memory at one slice for 512x512x200 series
-            k = nearest_slice_index(fluid_lps, z)
-            fluid_slab = fluid_lps[:, :, k : k + 1]
-            if same_grid(fluid, dseg):
-                dseg_slab = orient_lps(dseg)[:, :, k : k + 1]
-            else:
-                fig.notes.append(
-                    "label map is not on the fluid image grid; resampled "
-                    "(nearest neighbour) for display"
-                )
-                dseg_slab = resample_onto(dseg, fluid_slab, is_label=True)
-            del fluid, dseg
-            t1_slab = None
+            t1 = None
+            t1_note = None
             try:
                 t1 = _read_image(subject_dir, files.get("t1"), "T1 image")
-                t1_slab = resample_onto(t1, fluid_slab, is_label=False)
             except Exception as exc:
-                fig.notes.append(f"T1 panel not shown: {exc}")
-            fig.png_base64, z_shown = render_overlay(fluid_slab, dseg_slab, t1_slab, z)
-            fig.caption = (
-                f"Axial slice at z = {z_shown:.1f} mm ({why}). Radiological "
-                "convention: patient's right on the viewer's left, anterior up."
-            )
+                t1_note = f"T1 panel not shown: {exc}"
+            dseg_lps = orient_lps(dseg)
         except Exception as exc:
-            log.warning("overlay %s failed: %s", titles[i], exc)
-            fig.error = f"{type(exc).__name__}: {exc}"
-        results.append(fig)
-    return results
+            log.warning("overlays of %s failed: %s", titles[i], exc)
+            for v in views:
+                if v.position_mm is not None and reference is not None:
+                    figs[v.key].error = f"{type(exc).__name__}: {exc}"
+                    pending[v.key].append(figs[v.key])
+            continue
+        transform = transforms[i]
+        for v in views:
+            fig = figs[v.key]
+            if v.position_mm is None or reference is None:
+                continue
+            fig.notes.extend(session_notes[i])
+            if t1_note:
+                fig.notes.append(t1_note)
+            try:
+                if v.plane == "axial":
+                    slab = axial_slab(reference, v.position_mm)
+                else:
+                    slab = coronal_slab(reference, v.position_mm)
+                centre = slab.TransformContinuousIndexToPhysicalPoint(
+                    tuple((n - 1) / 2.0 for n in slab.GetSize())
+                )
+                session_z = float(transform.TransformPoint(centre)[2])
+                if v.plane == "axial" and not covers_z(dseg_lps, session_z):
+                    zs = slice_z_positions_mm(dseg_lps)
+                    fig.notes.append(
+                        f"this session does not cover the position (z = {session_z:.1f} mm in "
+                        f"its coordinates; it covers {zs.min():.1f} to {zs.max():.1f} mm)"
+                    )
+                    pending[v.key].append(fig)
+                    continue
+                fl = resample_to_slab(fluid, slab, transform, is_label=False)
+                lb = resample_to_slab(dseg, slab, transform, is_label=True)
+                t1s = None if t1 is None else resample_to_slab(t1, slab, transform, is_label=False)
+                if v.plane == "axial":
+                    a = radiological_axial_slice(fl, v.position_mm)
+                    pending[v.key].append(
+                        _Pending(
+                            fig,
+                            a.pixels,
+                            None if t1s is None else radiological_axial_slice(t1s, a.z_mm).pixels,
+                            radiological_axial_slice(lb, a.z_mm).pixels,
+                            a.spacing_rc_mm,
+                            None,
+                            session_z,
+                            float(centre[2]),
+                        )
+                    )
+                else:
+                    c = radiological_coronal_slice(fl)
+                    pending[v.key].append(
+                        _Pending(
+                            fig,
+                            c.pixels,
+                            None if t1s is None else radiological_coronal_slice(t1s).pixels,
+                            radiological_coronal_slice(lb).pixels,
+                            c.spacing_rc_mm,
+                            c.row_z_mm,
+                            None,
+                            float(centre[1]),
+                        )
+                    )
+            except Exception as exc:
+                log.warning("%s of %s failed: %s", v.title, titles[i], exc)
+                fig.error = f"{type(exc).__name__}: {exc}"
+                pending[v.key].append(fig)
+        del fluid, dseg, dseg_lps, t1
+
+    # pass 3: one crop per view (union of all sessions' labels), then render
+    axial_marks = [(v.position_mm, v.key) for v in views if v.plane == "axial"]
+    for v in views:
+        items = pending[v.key]
+        spacing = next((p.spacing_rc_mm for p in items if isinstance(p, _Pending)), (1.0, 1.0))
+        rows, cols = crop_box(
+            [p.lab > 0 for p in items if isinstance(p, _Pending)], spacing, margin_mm=15.0
+        )
+        for p in items:
+            if isinstance(p, FigureResult):
+                v.figures.append(p)
+                continue
+            fig = p.figure
+            try:
+                panels = [(p.fluid[rows, cols], "fluid-sensitive")]
+                if p.t1 is not None:
+                    panels.append((p.t1[rows, cols], "T1-weighted"))
+                marks: list[tuple[float, str, str]] = []
+                if p.row_z_mm is not None:
+                    z_rows = p.row_z_mm[rows]
+                    idx = np.arange(z_rows.size, dtype=float)
+                    for z, key in axial_marks:
+                        if z is not None:
+                            label = "lesion centre" if key == "lesion" else "largest swelling"
+                            marks.append((_z_to_row(z_rows, idx, z), label, "-"))
+                    if extent_z_mm is not None:
+                        for z in extent_z_mm:
+                            marks.append((_z_to_row(z_rows, idx, z), "", "--"))
+                fig.png_base64 = render_panels(
+                    panels, p.lab[rows, cols], p.spacing_rc_mm, v.plane, marks
+                )
+                if v.plane == "axial":
+                    fig.caption = (
+                        f"Axial slice at baseline z = {p.base_mm:.1f} mm (nearest slice to "
+                        f"{v.position_mm:.1f} mm: {v.why}); "
+                        f"z = {p.session_z_mm:.1f} mm in this session's scanner coordinates. "
+                        "Resampled into baseline space through the session's rigid registration "
+                        "(labels nearest neighbour). Radiological convention: patient's right on "
+                        "the viewer's left, anterior up."
+                    )
+                else:
+                    fig.caption = (
+                        f"Coronal reformat at baseline y = {p.base_mm:.1f} mm ({v.why}), "
+                        "resampled through the session's registration. Superior up, patient's "
+                        "right on the viewer's left, physical aspect ratio "
+                        f"({p.spacing_rc_mm[0]:.1f} mm slices × {p.spacing_rc_mm[1]:.1f} mm "
+                        "pixels). Magenta lines: the axial positions above; dashed: the common "
+                        "extent over which volumes are counted."
+                    )
+            except Exception as exc:
+                log.warning("%s of %s failed: %s", v.title, fig.title, exc)
+                fig.error = f"{type(exc).__name__}: {exc}"
+            v.figures.append(fig)
+    return views
+
+
+def _z_to_row(z_rows: np.ndarray, idx: np.ndarray, z_mm: float) -> float:
+    """Fractional display row of physical `z_mm` (rows run superior to inferior)."""
+    if z_rows.size < 2:
+        return 0.0 if z_rows.size else -1.0
+    step = float(z_rows[1] - z_rows[0])
+    return float(idx[0] + (z_mm - float(z_rows[0])) / step) if step else -1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -738,13 +1345,130 @@ def _overlay_figures(
 # --------------------------------------------------------------------------------------------
 
 
-def build_context(subject_dir: Path) -> dict[str, Any]:
+#: Keys that would carry protected health information; never rendered unless show_phi.
+PHI_KEY_RE = re.compile(
+    r"patient.?(name|id|birth|sex|age|address|telephone)|birth.?date|other.?patient|"
+    r"referring.?physician|institution.?address|accession",
+    re.I,
+)
+
+
+def is_phi_key(key: str) -> bool:
+    """Whether a (possibly dotted) key names patient-identifying data (PatientName, ...)."""
+    return bool(PHI_KEY_RE.search(key.replace("_", "").replace(" ", "")))
+
+
+def _registration_of(
+    subject_dir: Path, summary: Mapping[str, Any], sessions: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Registration results per session label: summary.json first, else the ``_xfm.json``."""
+    out: dict[str, Any] = dict(summary.get("registration") or {})
+    for s in sessions:
+        label = str(s.get("session", ""))
+        if not label or label in out:
+            continue
+        tfm = _xfm_path(subject_dir, s)
+        js = tfm.with_suffix(".json") if tfm is not None else None
+        if js is not None and js.exists():
+            try:
+                out[label] = json.loads(js.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                pass
+    return out
+
+
+def _vector(values: Any, digits: int = 2) -> str:
+    if not isinstance(values, list | tuple) or not values:
+        return "n/a"
+    return ", ".join(_fmt(v, digits, signed=True) for v in values)
+
+
+def _registration_table(
+    sessions: Sequence[Mapping[str, Any]], registration: Mapping[str, Any], baseline_date: str
+) -> list[dict[str, Any]]:
+    table = []
+    for s in sessions:
+        label = str(s.get("session", ""))
+        row: dict[str, Any] = {
+            "study_date": str(s.get("study_date", "")),
+            "day": str(s.get("day", "")),
+            "is_baseline": str(s.get("study_date")) == baseline_date,
+        }
+        reg = registration.get(label)
+        if row["is_baseline"]:
+            row.update(status="reference (baseline)", poor=False)
+        elif not reg:
+            row.update(status="no registration result found", poor=True)
+        else:
+            q = reg.get("quality") or {}
+            poor = bool(reg.get("poor"))
+            row.update(
+                translation=_vector(reg.get("translation_mm")),
+                rotation=_vector(reg.get("rotation_deg")),
+                bone_dice=_fmt(q.get("bone_dice"), 3),
+                limb_dice=_fmt(q.get("limb_dice"), 3),
+                centroid=_fmt(q.get("centroid_distance_mm"), 2),
+                z_vs_profile=_fmt(q.get("z_vs_bone_profile_mm"), 2, signed=True),
+                overlap=_fmt(q.get("overlap_mm"), 0),
+                poor=poor,
+                status=(
+                    "POOR: " + "; ".join(str(r) for r in reg.get("poor_reasons") or [])
+                    if poor
+                    else "ok"
+                ),
+                initialisation=str(reg.get("initialisation") or ""),
+            )
+        table.append(row)
+    return table
+
+
+def _circumference_table(
+    rows: Sequence[Mapping[str, Any]], affected: str, session_info: Mapping[str, tuple[str, str]]
+) -> list[dict[str, str]]:
+    """One row per session and distance: tape (convex hull) and contour circumference, cm."""
+    if affected not in labels.SIDE_OFFSET:
+        return []
+    other = labels.other_side(affected)
+    cells: dict[tuple[str, float], dict[str, Mapping[str, Any]]] = {}
+    for r in rows:
+        d = _to_float(r.get("distance_mm"))
+        if d is not None:
+            cells.setdefault((str(r.get("session", "")), d), {})[str(r.get("side"))] = r
+    out = []
+    for (ses, d), by_side in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        date, day = session_info.get(ses, (ses, "?"))
+
+        def cm(side: str, column: str, _by: Mapping[str, Mapping[str, Any]] = by_side) -> Any:
+            v = _to_float((_by.get(side) or {}).get(column))
+            return None if v is None else v / 10.0
+
+        a, c = cm(affected, "hull_circumference_mm"), cm(other, "hull_circumference_mm")
+        out.append(
+            {
+                "study_date": date,
+                "day": day,
+                "distance_cm": _fmt(d / 10.0, 0, signed=True),
+                "affected_cm": _fmt(a),
+                "contralateral_cm": _fmt(c),
+                "difference_cm": _fmt(None if a is None or c is None else a - c, signed=True),
+                "affected_contour_cm": _fmt(cm(affected, "circumference_mm")),
+                "contralateral_contour_cm": _fmt(cm(other, "circumference_mm")),
+            }
+        )
+    return out
+
+
+def build_context(subject_dir: Path, show_phi: bool = False) -> dict[str, Any]:
     """Everything the template needs, read from the outputs in `subject_dir`.
 
     Parameters
     ----------
     subject_dir : Path
         Folder with ``summary.json`` and the tables and images of one subject.
+    show_phi : bool
+        Render keys naming patient-identifying data (PatientName, PatientID, birth date...)
+        found in the summary's settings/software tables. Off by default; the pipeline does not
+        carry such data into its outputs in the first place.
 
     Returns
     -------
@@ -772,11 +1496,14 @@ def build_context(subject_dir: Path) -> dict[str, Any]:
     volumes = _read_optional_tsv(subject_dir / "volumes.tsv", input_notes) or []
     index_rows = _read_optional_tsv(subject_dir / "index.tsv", input_notes)
     problems = _read_optional_tsv(subject_dir / "problems.tsv", input_notes)
+    csa_rows = _read_optional_tsv(subject_dir / "profile_csa.tsv", input_notes)
+    circ_rows = _read_optional_tsv(subject_dir / "circumference.tsv", input_notes)
 
     affected = str(summary.get("affected_side", "n/a"))
     source = str(summary.get("affected_side_source", ""))
     source_text = {
         "config": "as configured",
+        "configuration": "as configured",
         "auto": "determined automatically from the images",
         "automatic": "determined automatically from the images",
     }.get(source, source)
@@ -785,6 +1512,17 @@ def build_context(subject_dir: Path) -> dict[str, Any]:
     sessions = sorted(summary.get("sessions", []) or [], key=_session_key)
     events = sorted(summary.get("events", []) or [], key=lambda e: _to_int(e.get("day")) or 0)
     thresholds = summary.get("thresholds", {}) or {}
+    extent = summary.get("extent_mm") or {}
+    z_lo, z_hi = _to_float(extent.get("z_min_mm")), _to_float(extent.get("z_max_mm"))
+    extent_z = (z_lo, z_hi) if z_lo is not None and z_hi is not None else None
+    unilateral = bool(summary.get("unilateral"))
+    registration = _registration_of(subject_dir, summary, sessions)
+    session_info = {
+        str(s.get("session", "")): (str(s.get("study_date", "?")), str(s.get("day", "?")))
+        for s in sessions
+    }
+    session_titles = {k: f"{d} (day {day})" for k, (d, day) in session_info.items()}
+    affected_known = affected if affected in labels.SIDE_OFFSET else None
 
     figures: list[FigureResult] = []
     timeline = FigureResult(title="Timeline")
@@ -802,10 +1540,45 @@ def build_context(subject_dir: Path) -> dict[str, Any]:
         timeline.error = f"{type(exc).__name__}: {exc}"
     figures.append(timeline)
 
-    overlays = _overlay_figures(
-        subject_dir, sessions, affected if affected in labels.SIDE_OFFSET else None, baseline_date
+    swelling = None
+    if csa_rows and affected_known and not unilateral:
+        try:
+            swelling = largest_swelling(csa_rows, affected_known, extent_z)
+        except Exception as exc:
+            log.warning("largest swelling from profile_csa.tsv: %s", exc)
+    profile = FigureResult(title="Cross-sectional area profile")
+    if csa_rows is None:
+        profile.error = "profile_csa.tsv not found in the subject folder"
+    else:
+        try:
+            profile.png_base64 = render_profile(csa_rows, affected, session_titles, swelling)
+            profile.caption = (
+                "Limb cross-sectional area per slice (baseline coordinates) against the distance "
+                "from each limb's own femoral landmark (proximal positive): affected solid, "
+                "contralateral dashed, one colour per session. Bottom: affected minus "
+                "contralateral at the same distance. Grey line: landmark; magenta dotted: the "
+                "largest swelling shown in the images. A sudden step from one slice to the next "
+                "usually means a segmentation error at that level."
+            )
+        except Exception as exc:
+            log.warning("profile failed: %s", exc)
+            profile.error = f"{type(exc).__name__}: {exc}"
+    figures.append(profile)
+
+    views = _overlay_views(
+        subject_dir,
+        sessions,
+        affected_known,
+        baseline_date,
+        swelling,
+        extent_z,
+        registration,
     )
-    figures.extend(overlays)
+    for v in views:
+        figures.extend(v.figures)
+    for v in views:
+        for f in v.figures:
+            f.title = f"{v.title}: {f.title}" if not f.title.startswith(v.title) else f.title
 
     session_warnings = [
         {"session": str(s.get("study_date", s.get("session", "?"))), "warning": str(w)}
@@ -830,6 +1603,10 @@ def build_context(subject_dir: Path) -> dict[str, Any]:
         "status",
         "reason",
     ]
+    landmarks = summary.get("landmarks") or {}
+
+    def flat(mapping: Any) -> list[tuple[str, str]]:
+        return [(k, v) for k, v in _flatten(mapping) if show_phi or not is_phi_key(k)]
 
     return {
         "subject": str(summary.get("subject", subject_dir.name)),
@@ -857,9 +1634,33 @@ def build_context(subject_dir: Path) -> dict[str, Any]:
             {k: str(e.get(k, "")) for k in ("day", "date", "label", "category")} for e in events
         ],
         "timeline": timeline,
-        "overlays": overlays,
+        "profile": profile,
+        "views": views,
         "failed_figures": [f for f in figures if f.error],
         "longitudinal": _longitudinal_table(longitudinal, baseline_date),
+        "circumference": _circumference_table(circ_rows or [], affected, session_info),
+        "circumference_found": circ_rows is not None,
+        "registration": _registration_table(sessions, registration, baseline_date),
+        "n_poor_registrations": sum(
+            1 for s in sessions if (registration.get(str(s.get("session", ""))) or {}).get("poor")
+        ),
+        "extent": {
+            "method": str(extent.get("method", "")),
+            "z_min_mm": _fmt(extent.get("z_min_mm")),
+            "z_max_mm": _fmt(extent.get("z_max_mm")),
+            "length_mm": _fmt(extent.get("length_mm")),
+        }
+        if extent
+        else None,
+        "landmarks": [
+            {
+                "side": str(side),
+                "z_mm": _fmt((lm or {}).get("z_mm")),
+                "method": str((lm or {}).get("method", "")),
+            }
+            for side, lm in sorted(landmarks.items())
+        ],
+        "unilateral": unilateral,
         "volumes": [
             {
                 "study_date": r.get("study_date", ""),
@@ -883,9 +1684,9 @@ def build_context(subject_dir: Path) -> dict[str, Any]:
         ],
         "problems": problems,
         "input_notes": input_notes,
-        "thresholds": _flatten(thresholds),
-        "settings": _flatten(summary.get("settings", {}) or {}),
-        "software": _flatten(summary.get("software", {}) or {}),
+        "thresholds": flat(thresholds),
+        "settings": flat(summary.get("settings", {}) or {}),
+        "software": flat(summary.get("software", {}) or {}),
         "n_input_files": str(inputs.get("n_files", "n/a")),
         "input_checksum": str(inputs.get("sha256_of_list", "n/a")),
         "run_date": str(summary.get("run_date", "n/a")),
@@ -914,18 +1715,21 @@ def render_html(context: Mapping[str, Any]) -> str:
     return env.get_template(TEMPLATE_NAME).render(**context)
 
 
-def build_report(subject_dir: Path, out_path: Path) -> None:
+def build_report(subject_dir: Path, out_path: Path, show_phi: bool = False) -> None:
     """Build the self-contained HTML report of one subject and write it atomically.
 
     Parameters
     ----------
     subject_dir : Path
         Subject results folder (``summary.json``, ``longitudinal.tsv``, ``volumes.tsv``, session
-        images, optional ``index.tsv`` and ``problems.tsv``).
+        images and ``_xfm.tfm``, optional ``index.tsv``, ``problems.tsv``, ``profile_csa.tsv``,
+        ``circumference.tsv``).
     out_path : Path
         Where to write the HTML file.
+    show_phi : bool
+        See :func:`build_context`.
     """
-    html = render_html(build_context(Path(subject_dir)))
+    html = render_html(build_context(Path(subject_dir), show_phi=show_phi))
     write_text_atomic(out_path, html)
 
 
@@ -939,9 +1743,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="subject results folder containing summary.json",
     )
     parser.add_argument("--out", type=Path, required=True, help="output HTML file")
+    parser.add_argument(
+        "--show-phi",
+        action="store_true",
+        help="render patient-identifying keys (name, ID, birth date) if any are present",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    build_report(args.subject_dir, args.out)
+    build_report(args.subject_dir, args.out, show_phi=args.show_phi)
     return 0
 
 

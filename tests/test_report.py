@@ -16,10 +16,23 @@ from matplotlib.image import imread
 
 from pipeline import labels
 from pipeline.io_utils import write_tsv_atomic
+from pipeline.profiles import (
+    CIRCUMFERENCE_COLUMNS,
+    CSA_COLUMNS,
+    Landmark,
+    circumference_profile,
+    csa_profile,
+)
 from pipeline.report import (
+    axial_slab,
     build_report,
+    is_phi_key,
+    largest_swelling,
     main,
+    orient_lps,
     radiological_axial_slice,
+    radiological_coronal_slice,
+    resample_to_slab,
     slice_candidates,
 )
 
@@ -29,6 +42,16 @@ XSS_IMG = "<img src=x onerror=alert(2)>"
 SESSIONS = [("2024-02-25", -5, 20.0), ("2024-03-04", 3, 60.0), ("2024-03-15", 14, 22.0)]
 FLIP_X = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+SWELLING_Z_MM = 12.5
+LESION_Z_MM = 5.0
+#: Session 2024-03-04 lies 10 mm higher in its scanner than the baseline (registration +10 mm z).
+SHIFTED_SESSION, SHIFT_Z_MM = 1, 10.0
+FAKE_NAME = "MUSTERMANN^ERIKA"
+PHI_CANARY = {
+    "PatientName": "CANARY^PHI",
+    "PatientID": "CANARY-ID-123",
+    "PatientBirthDate": "19990101",
+}
 
 
 def _physical_grid(size_xyz, spacing_xyz, origin_xyz, direction):
@@ -59,6 +82,7 @@ def _image(array_zyx, spacing, origin, direction):
 def _phantom(size=(64, 48, 10), spacing=(3.0, 3.0, 5.0), direction=IDENTITY, edema_mm=20.0):
     """Two legs (discs at LPS x = -45 mm: right, +45 mm: left) with a left marrow lesion.
 
+    The left leg swells by edema_mm / 5 mm of radius at most, at z = SWELLING_Z_MM.
     Returns fluid image, T1 image, label map; labels follow the geometry, not the array order.
     """
     origin = _centred_origin(size, spacing, direction)
@@ -66,13 +90,16 @@ def _phantom(size=(64, 48, 10), spacing=(3.0, 3.0, 5.0), direction=IDENTITY, ede
     lab = np.zeros(x.shape, np.uint8)
     for side, cx in (("right", -45.0), ("left", 45.0)):
         r = np.hypot(x - cx, y)
-        lab[r < 30.0] = labels.label_value(side, labels.SOFT_TISSUE)
+        radius = 30.0
         if side == "left":
-            lab[(r < 30.0) & (r >= 30.0 - edema_mm / 4) & (y < 0)] = labels.label_value(
+            radius = 30.0 + edema_mm / 5.0 * np.clip(1.0 - np.abs(z - SWELLING_Z_MM) / 30.0, 0, 1)
+        lab[r < radius] = labels.label_value(side, labels.SOFT_TISSUE)
+        if side == "left":
+            lab[(r < radius) & (r >= radius - edema_mm / 4) & (y < 0)] = labels.label_value(
                 side, labels.EDEMA
             )
         lab[r < 10.0] = labels.label_value(side, labels.BONE)
-    lesion = (np.hypot(x - 45.0, y) < 6.0) & (np.abs(z - 5.0) < 8.0)
+    lesion = (np.hypot(x - 45.0, y) < 6.0) & (np.abs(z - LESION_Z_MM) < 8.0)
     lab[lesion] = labels.label_value("left", labels.LESION)
     rng = np.random.default_rng(0)
     fluid = (
@@ -93,7 +120,7 @@ def _phantom(size=(64, 48, 10), spacing=(3.0, 3.0, 5.0), direction=IDENTITY, ede
 
 def _write_subject(d: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
-    sessions, long_rows, vol_rows = [], [], []
+    sessions, long_rows, vol_rows, csa_rows, circ_rows = [], [], [], [], []
     base_soft = None
     for i, (date, day, edema_mm) in enumerate(SESSIONS):
         ses = date.replace("-", "")
@@ -111,6 +138,18 @@ def _write_subject(d: Path) -> Path:
             sitk.sitkLinear,
             0.0,
         )
+        if i == SHIFTED_SESSION:  # the same anatomy 10 mm higher in this session's scanner
+            for img in (t1, fluid, dseg):
+                o = img.GetOrigin()
+                img.SetOrigin((o[0], o[1], o[2] + SHIFT_Z_MM))
+        xfm = sitk.Euler3DTransform()
+        xfm.SetTranslation((0.0, 0.0, SHIFT_Z_MM if i == SHIFTED_SESSION else 0.0))
+        if i > 0:  # maps baseline points to session points (pipeline.register)
+            (d / f"ses-{ses}").mkdir(parents=True, exist_ok=True)
+            sitk.WriteTransform(xfm, str(d / f"ses-{ses}/sub-{SUBJECT}_ses-{ses}_xfm.tfm"))
+        landmarks = {side: Landmark(side, -20.0, "test", None, "") for side in labels.SIDES}
+        csa_rows.extend(csa_profile(dseg, xfm, landmarks, ses))
+        circ_rows.extend(circumference_profile(dseg, xfm, landmarks, step_mm=10.0, session=ses))
         files = {}
         for key, img in (("t1", t1), ("fluid", fluid), ("dseg", dseg)):
             suffix = {"t1": "T1w", "fluid": "fluid", "dseg": "dseg"}[key]
@@ -125,7 +164,7 @@ def _write_subject(d: Path) -> Path:
                 "day": day,
                 "files": files,
                 "anatomical_series": "T1 TSE AX (series 3)",
-                "fluid_series": XSS_SCRIPT if i == 1 else "STIR AX (series 4)",
+                "fluid_series": XSS_SCRIPT if i == 1 else f"STIR <b>{FAKE_NAME}</b> (series 4)",
                 "warnings": [XSS_IMG] if i == 1 else [],
             }
         )
@@ -172,6 +211,8 @@ def _write_subject(d: Path) -> Path:
                     ),
                 }
             )
+    write_tsv_atomic(d / "profile_csa.tsv", csa_rows, list(CSA_COLUMNS))
+    write_tsv_atomic(d / "circumference.tsv", circ_rows, list(CIRCUMFERENCE_COLUMNS))
     write_tsv_atomic(
         d / "volumes.tsv",
         vol_rows,
@@ -237,7 +278,46 @@ def _write_subject(d: Path) -> Path:
             {"day": 3, "date": "2024-03-04", "label": "tocilizumab $x^2$", "category": "drug"},
         ],
         "thresholds": {"flare_asymmetry_pp": 5.0, "resolved_asymmetry_pp": 2.0},
-        "settings": {"n4": {"shrink": 4}, "registration": "rigid"},
+        "settings": {"n4": {"shrink": 4}, "registration": "rigid", "dicom": PHI_CANARY},
+        "extent_mm": {
+            "method": "common extent after registration",
+            "z_min_mm": -12.5,
+            "z_max_mm": 22.5,
+            "length_mm": 35.0,
+        },
+        "baseline_session": "20240225",
+        "landmarks": {s: {"z_mm": -20.0, "method": "test"} for s in labels.SIDES},
+        "unilateral": False,
+        "registration": {
+            "20240304": {
+                "translation_mm": [0.0, 0.0, SHIFT_Z_MM],
+                "rotation_deg": [0.0, 0.0, 0.0],
+                "quality": {
+                    "bone_dice": 0.61,
+                    "limb_dice": 0.9,
+                    "centroid_distance_mm": 4.2,
+                    "overlap_mm": 35.0,
+                    "z_vs_bone_profile_mm": 0.1,
+                },
+                "poor": True,
+                "poor_reasons": ["bone Dice 0.61 < 0.80"],
+                "initialisation": "bones (right, left)",
+            },
+            "20240315": {
+                "translation_mm": [0.0, 0.0, 0.0],
+                "rotation_deg": [0.0, 0.0, 0.0],
+                "quality": {
+                    "bone_dice": 0.987,
+                    "limb_dice": 0.97,
+                    "centroid_distance_mm": 0.12,
+                    "overlap_mm": 45.0,
+                    "z_vs_bone_profile_mm": 0.0,
+                },
+                "poor": False,
+                "poor_reasons": [],
+                "initialisation": "bones (right, left)",
+            },
+        },
         "software": {"limbtrack": "0.1.0", "python": "3.11.7", "SimpleITK": "2.5.7"},
         "inputs": {"n_files": 320, "sha256_of_list": "ab" * 32, "files": []},
         "run_date": "2026-11-25T12:00:00Z",
@@ -266,6 +346,13 @@ def _data_uri_pngs(html: str) -> list[np.ndarray]:
     ]
 
 
+N_VIEWS = 3  # axial at the lesion centre, axial at the largest swelling, coronal
+
+
+def _captions(html: str, prefix: str) -> list[str]:
+    return re.findall(re.escape(prefix) + r"[^<]*", html)
+
+
 def test_report_content(report_html: str) -> None:
     assert "Pattern consistent with pseudo-progression" in report_html
     assert "measurement aid, not a diagnosis" in report_html
@@ -273,24 +360,41 @@ def test_report_content(report_html: str) -> None:
         assert date in report_html
     assert "+9.1 pp" in report_html
     assert "(mL)" in report_html and "(pp)" in report_html and "(%)" in report_html
-    assert report_html.count("z = ") == len(SESSIONS)
     assert "could not be drawn" not in report_html
-    # same physical slice position for all sessions (all cover the baseline lesion centre)
-    assert len(set(re.findall(r"z = (-?[\d.]+) mm", report_html))) == 1
     assert "2.5.7" in report_html and "ab" * 32 in report_html
+    assert "@media print" in report_html and "break-inside: avoid" in report_html
 
 
-def test_self_contained(report_html: str) -> None:
-    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", report_html, re.I)
-    assert "http://" not in report_html and "https://" not in report_html
-    assert "<script" not in report_html.lower()
-    assert "url(" not in report_html
-    for src in re.findall(r'src="([^"]*)"', report_html):
-        assert src.startswith("data:image/png;base64,")
-    pngs = _data_uri_pngs(report_html)
-    assert len(pngs) == 1 + len(SESSIONS)
-    for png in pngs:
-        assert png.ndim == 3 and png[..., :3].std() > 0.01
+def test_same_baseline_position_across_sessions(report_html: str) -> None:
+    """Every session shows the same baseline z; the shifted session is read 10 mm higher."""
+    axial = _captions(report_html, "Axial slice at baseline z = ")
+    assert len(axial) == 2 * len(SESSIONS)
+    lesion, swelling = axial[: len(SESSIONS)], axial[len(SESSIONS) :]
+    for captions, expected_z in ((lesion, LESION_Z_MM), (swelling, SWELLING_Z_MM)):
+        base_z = {float(re.search(r"baseline z = (-?[\d.]+)", c)[1]) for c in captions}
+        assert len(base_z) == 1 and abs(base_z.pop() - expected_z) <= 2.5  # nearest 5 mm slice
+        session_z = [float(re.search(r"z = (-?[\d.]+) mm in this session", c)[1]) for c in captions]
+        assert session_z[SHIFTED_SESSION] - session_z[0] == pytest.approx(SHIFT_Z_MM, abs=0.01)
+        assert session_z[2] == pytest.approx(session_z[0], abs=0.01)
+    assert "centre of the marrow lesion segmented at 2024-02-25" in report_html
+    assert "largest limb cross-sectional area difference" in report_html
+    coronal = _captions(report_html, "Coronal reformat at baseline y = ")
+    assert len(coronal) == len(SESSIONS)
+    assert len({re.search(r"baseline y = (-?[\d.]+)", c)[1] for c in coronal}) == 1
+
+
+def test_profile_circumference_and_qc(report_html: str) -> None:
+    assert 'id="profile"' in report_html and "Cross-sectional area profile" in report_html
+    table = report_html[report_html.index('id="circumference"') :]
+    table = table[: table.index("</table>")]
+    assert table.count("<tr>") == 1 + len(SESSIONS) * 5  # header + 5 distances per session
+    reg = report_html[report_html.index('id="registration"') :]
+    reg = reg[: reg.index("</table>")]
+    assert 'class="poor"' in reg and "POOR: bone Dice 0.61 &lt; 0.80" in reg
+    assert "reference (baseline)" in reg and "+10.00" in reg and "0.987" in reg
+    assert "1 session(s) flagged poor" in report_html
+    assert "35.0 mm" in report_html  # common extent length
+    assert "Both limbs are in the field of view" in report_html
 
 
 def test_file_strings_escaped(report_html: str) -> None:
@@ -313,8 +417,8 @@ def test_failing_figure_is_reported(subject_dir: Path, tmp_path: Path) -> None:
     assert "could not be drawn" in html
     assert missing.name in html
     assert "Figure “Timeline” could not be drawn" in html
-    # the two other sessions still have their overlays
-    assert len(_data_uri_pngs(html)) == 2
+    # the two other sessions still have their overlays (and the profile is still drawn)
+    assert len(_data_uri_pngs(html)) == 1 + N_VIEWS * 2
     assert "T1 panel not shown" in html  # fluid-only overlay for the session without T1
     assert "Pattern consistent with pseudo-progression" in html
 
@@ -366,3 +470,98 @@ def test_slice_candidates_lesion_centre() -> None:
     cand = slice_candidates(dseg, "left")
     assert cand.lesion_z_mm is not None and abs(cand.lesion_z_mm - 5.0) < 5.0
     assert cand.largest_limb_z_mm is not None
+
+
+def test_phi_never_rendered(report_html: str, subject_dir: Path, tmp_path: Path) -> None:
+    """Canary: PHI keys in the summary are dropped; a DICOM text holding a name is escaped."""
+    for value in PHI_CANARY.values():
+        assert value not in report_html
+    assert "PatientName" not in report_html and "PatientBirthDate" not in report_html
+    assert f"STIR &lt;b&gt;{FAKE_NAME}&lt;/b&gt; (series 4)" in report_html
+    assert f"<b>{FAKE_NAME}" not in report_html
+    out = tmp_path / "phi.html"
+    build_report(subject_dir, out, show_phi=True)
+    assert "CANARY^PHI" in out.read_text(encoding="utf-8")  # only when asked for
+
+
+@pytest.mark.parametrize(
+    ("key", "phi"),
+    [
+        ("dicom.PatientName", True),
+        ("patient_id", True),
+        ("PatientBirthDate", True),
+        ("Patient's Birth Date", True),
+        ("segment.n4_shrink", False),
+        ("software.pydicom", False),
+    ],
+)
+def test_is_phi_key(key: str, phi: bool) -> None:
+    assert is_phi_key(key) is phi
+
+
+def test_resample_to_slab_follows_registration(subject_dir: Path) -> None:
+    """The baseline lesion slice of the shifted session holds the lesion only through its xfm."""
+    base = sitk.ReadImage(str(subject_dir / f"ses-20240225/sub-{SUBJECT}_ses-20240225_dseg.nii.gz"))
+    ses = "20240304"
+    moving = sitk.ReadImage(str(subject_dir / f"ses-{ses}/sub-{SUBJECT}_ses-{ses}_dseg.nii.gz"))
+    xfm = sitk.ReadTransform(str(subject_dir / f"ses-{ses}/sub-{SUBJECT}_ses-{ses}_xfm.tfm"))
+    slab = axial_slab(orient_lps(base), LESION_Z_MM)
+    lesion = labels.label_value("left", labels.LESION)
+    registered = sitk.GetArrayFromImage(resample_to_slab(moving, slab, xfm, is_label=True))
+    unregistered = sitk.GetArrayFromImage(
+        resample_to_slab(moving, slab, sitk.Transform(3, sitk.sitkIdentity), is_label=True)
+    )
+    assert (registered == lesion).sum() > 5
+    assert (unregistered == lesion).sum() == 0
+
+
+@pytest.mark.parametrize("direction", [IDENTITY, FLIP_X, (-1.0, 0, 0, 0, -1.0, 0, 0, 0, -1.0)])
+def test_radiological_coronal_orientation(direction: tuple[float, ...]) -> None:
+    """Patient left (LPS +x) on the viewer's right, superior (+z) up, physical spacing kept."""
+    size, spacing = (40, 30, 12), (2.0, 2.0, 4.0)
+    origin = _centred_origin(size, spacing, direction)
+    x, y, z = _physical_grid(size, spacing, origin, direction)
+    lab = np.zeros(x.shape, np.uint8)
+    lab[(x > 10.0) & (z > 8.0)] = labels.label_value("left", labels.SOFT_TISSUE)
+    img = orient_lps(_image(lab, spacing, origin, direction))
+    from pipeline.report import coronal_slab
+
+    sl = radiological_coronal_slice(coronal_slab(img, 0.0))
+    rows, cols = sl.pixels.shape
+    rc = np.argwhere(sl.pixels == 5).mean(axis=0)
+    assert rc[1] > cols / 2, "patient left must be on the viewer's right"
+    assert rc[0] < rows / 2, "superior must be up"
+    assert sl.spacing_rc_mm == (4.0, 2.0)
+    assert sl.row_z_mm[0] > sl.row_z_mm[-1]
+
+
+def test_largest_swelling_pairs_by_distance() -> None:
+    rows = []
+    for ses, bump in (("20240101", 100.0), ("20240201", 900.0)):
+        for k in range(5):
+            d = 10.0 * k
+            rows.append(
+                {
+                    "session": ses,
+                    "side": "right",
+                    "z_mm": 50.0 + d,
+                    "distance_mm": d,
+                    "limb_area_mm2": 5000.0,
+                }
+            )
+            # left landmark 3 mm higher: its z differs, its distances match
+            rows.append(
+                {
+                    "session": ses,
+                    "side": "left",
+                    "z_mm": 53.0 + d,
+                    "distance_mm": d,
+                    "limb_area_mm2": 5000.0 + (bump if k == 3 else 0.0),
+                }
+            )
+    best = largest_swelling(rows, "left")
+    assert best is not None
+    assert (best.session, best.z_mm, best.distance_mm) == ("20240201", 83.0, 30.0)
+    assert best.difference_mm2 == pytest.approx(900.0)
+    assert largest_swelling(rows, "left", z_range_mm=(0.0, 80.0)).difference_mm2 == 0.0
+    assert largest_swelling([r for r in rows if r["side"] == "left"], "left") is None
