@@ -6,6 +6,7 @@ import sys
 from snakemake.utils import min_version, validate
 
 from pipeline.workflow import (
+    as_flag,
     baseline_session,
     convert_module,
     index_args,
@@ -24,13 +25,9 @@ configfile: "config/config.yaml"
 for _key in ("subject", "day0", "input_dir", "results_dir", "events", "subjects_sheet"):
     config[_key] = str(config.get(_key, ""))
 # Values from the command line may arrive as text: --config show_phi=true 'export={dicom: true}'.
-def _flag(value):
-    return value.strip().lower() in ("true", "yes", "1") if isinstance(value, str) else value
-
-
-config["show_phi"] = _flag(config.get("show_phi", False))
+config["show_phi"] = as_flag(config.get("show_phi", False))
 for _key, _value in list(config.get("export", {}).items()):
-    config["export"][_key] = _flag(_value)
+    config["export"][_key] = as_flag(_value)
 validate(config, "config/schema.yaml")
 
 PYTHON = sys.executable  # the interpreter running Snakemake runs the steps too

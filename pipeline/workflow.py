@@ -156,3 +156,10 @@ def registration_reference(affected_side: str) -> str:
     """Limb that drives the registration: the contralateral one when the side is known (its
     size does not change with the disease), else both are tried."""
     return {"left": "right", "right": "left"}.get(affected_side, "auto")
+
+
+def as_flag(value: Any) -> Any:
+    """A boolean from command-line text ('true', 'yes', '1'); other values unchanged."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "yes", "1")
+    return value
