@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
 
-from .extent import common_extent, volumes_in_extent
+from .extent import common_extent, covered_range, volumes_in_extent
 from .io_utils import mm3_to_ml, write_json_atomic, write_tsv_atomic
 from .labels import SIDES, STRUCTURES, other_side, structure_labels
 from .profiles import (
@@ -31,6 +31,9 @@ from .profiles import (
     find_landmarks,
     write_profile_tsv,
 )
+
+#: Common-extent edges within this distance (mm) of the baseline's edges snap to them.
+SNAP_MM = 1.0
 
 VOLUME_COLUMNS = ("subject", "study_date", "day", "side", "role", "structure", "volume_ml")
 
@@ -180,6 +183,14 @@ def measure_subject(
     extent_info: dict[str, Any] = {"method": "common extent after registration"}
     try:
         z_lo, z_hi = common_extent(label_maps, transforms)
+        # Registration is good to a few tenths of a millimetre: an edge that close to the
+        # baseline's own edge means the sessions cover the same extent, i.e. every slice.
+        base_idx = next((i for i, t in enumerate(transforms) if t is None), 0)
+        b_lo, b_hi = covered_range(label_maps[base_idx])
+        if abs(z_lo - b_lo) <= SNAP_MM:
+            z_lo = min(z_lo, b_lo)
+        if abs(z_hi - b_hi) <= SNAP_MM:
+            z_hi = max(z_hi, b_hi)
         extent_info.update(z_min_mm=round(z_lo, 2), z_max_mm=round(z_hi, 2),
                            length_mm=round(z_hi - z_lo, 2))
     except ValueError as err:
