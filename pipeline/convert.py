@@ -49,13 +49,15 @@ from __future__ import annotations
 import argparse
 import ctypes
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,10 @@ CONVERTED_COLUMNS: tuple[str, ...] = (
 REFUSAL_COLUMNS: tuple[str, ...] = (
     "study_date", "series_number", "series_description", "volume", "n_files", "path",
     "reason", "series_uid")
+
+
+#: Largest rows or columns accepted (MR matrices are at most a few thousand pixels a side).
+MAX_MATRIX = 8192
 
 
 class SeriesError(Exception):
@@ -224,9 +230,29 @@ def _writable_array(image: sitk.Image) -> np.ndarray:
     return array
 
 
+class _CappedReader(io.BufferedReader):
+    """A file whose reads never ask for more than the bytes left in it.
+
+    pydicom reads an element by asking for its stated length; for a corrupt length such as
+    0xFFFFFFF0 a plain file allocates a 4 GiB buffer before finding the file shorter.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(io.FileIO(path, "rb"))
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = max(0, min(size, self._size - self.tell()))
+        return super().read(size)
+
+
 def _read_dataset(path: Path) -> pydicom.Dataset:
     try:
-        return pydicom.dcmread(path, defer_size=DEFER_SIZE)
+        with _CappedReader(path) as fh:
+            ds = pydicom.dcmread(fh, defer_size=DEFER_SIZE)
+        ds.filename = str(path)  # deferred elements are read later from the file by name
+        return ds
     except Exception as err:  # noqa: BLE001 - report any parse failure against the file
         raise SeriesError(path, f"cannot read as DICOM ({type(err).__name__}: {err}); remove "
                                 "the file or re-export the series") from err
@@ -380,7 +406,12 @@ def _assemble(series: _Series, group: VolumeGroup,
     # assembled slice by slice in the image's own float32 buffer: no float64 volume, no
     # numpy -> SimpleITK copy (peak memory ~ one float32 volume)
     assert frames[0].rows is not None and frames[0].columns is not None
-    image = sitk.Image([frames[0].columns, frames[0].rows, len(kept)], sitk.sitkFloat32)
+    n_cols, n_rows = int(frames[0].columns or 0), int(frames[0].rows or 0)
+    if not (0 < n_rows <= MAX_MATRIX and 0 < n_cols <= MAX_MATRIX):
+        raise SeriesError(frames[0].path, f"implausible matrix {n_rows} x {n_cols} (more than "
+                          f"{MAX_MATRIX} pixels a side): a damaged header; refused before "
+                          "allocating memory")
+    image = sitk.Image([n_cols, n_rows, len(kept)], sitk.sitkFloat32)
     volume = _writable_array(image)  # [z, y, x]
     try:
         for k, item in enumerate(kept):
@@ -461,6 +492,24 @@ def _sidecar(ds: pydicom.Dataset, group: VolumeGroup, kept: list[_Slice], step_m
     }
 
 
+@contextmanager
+def _guard(files: Sequence[Path], what: str) -> Iterator[None]:
+    """Turn any unexpected failure while reading damaged files into a SeriesError.
+
+    pydicom and the decoders raise many exception types on corrupt data (and the Rust RLE
+    decoder a panic that is not an Exception); the user needs the file and a reason, and the
+    rest of the study must go on.
+    """
+    try:
+        yield
+    except (SeriesError, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - see the docstring
+        path = Path(files[0]) if files else Path(".")
+        raise SeriesError(path, f"cannot {what}: {type(err).__name__}: {err} (a damaged or "
+                          "unusual file; check the export)") from err
+
+
 def read_volumes(files: Sequence[Path]) -> list[Volume]:
     """Read every volume of one series (several when it holds echoes, Dixon images, ...).
 
@@ -481,13 +530,15 @@ def read_volumes(files: Sequence[Path]) -> list[Volume]:
         When the series as a whole cannot be read (a file that is not DICOM, colour images,
         frames that cannot be placed).
     """
-    series = _load_series(files)
-    groups = dicom_frames.split_volumes(series.frames)
+    with _guard(files, "read the series"):
+        series = _load_series(files)
+        groups = dicom_frames.split_volumes(series.frames)
     n_files = len(series.datasets)
     volumes: list[Volume] = []
     for group in groups:
         try:
-            image, sidecar = _assemble(series, group, n_files)
+            with _guard([f.path for f in group.frames], f"read volume {group.label or 1}"):
+                image, sidecar = _assemble(series, group, n_files)
         except SeriesError as err:
             volumes.append(Volume(group.label, None, {}, err, len(group.frames)))
             continue
@@ -526,8 +577,9 @@ def read_series(files: Sequence[Path],
         When the volume breaks one of the rules of the module docstring, or the series holds
         several volumes and `volume` does not name one of them.
     """
-    series = _load_series(files)
-    groups = dicom_frames.split_volumes(series.frames)
+    with _guard(files, "read the series"):
+        series = _load_series(files)
+        groups = dicom_frames.split_volumes(series.frames)
     labels = [g.label for g in groups]
     if volume:
         chosen = [g for g in groups if g.label == volume]
@@ -541,7 +593,8 @@ def read_series(files: Sequence[Path],
             "read (read_series(files, volume=...)) or use read_volumes"))
     else:
         group = groups[0]
-    return _assemble(series, group, len(series.datasets))
+    with _guard(files, "read the series"):
+        return _assemble(series, group, len(series.datasets))
 
 
 def sidecar_path(nifti_path: Path) -> Path:

@@ -26,6 +26,7 @@ import dataclasses
 import datetime as dt
 import io
 import logging
+import mmap
 import multiprocessing
 import os
 import re
@@ -448,16 +449,37 @@ def _dcmread_header(path: Path, force: bool = False) -> pydicom.Dataset:
     buffer = io.BytesIO(data)
     if len(data) < HEADER_PREFIX_BYTES:  # the whole file is in memory
         ds = pydicom.dcmread(buffer, stop_before_pixels=True, force=force)
+        ds._header_end = buffer.tell()
     else:
         try:
             ds = pydicom.dcmread(buffer, stop_before_pixels=True, force=force)
+            ds._header_end = buffer.tell()
             cut = buffer.tell() >= len(data)  # stopped at the prefix end, not at pixel data
         except Exception:  # noqa: BLE001 - possibly an artefact of the cut; decide on the file
             cut = True
         if cut:
-            return pydicom.dcmread(path, stop_before_pixels=True, force=force)
+            ds = _dcmread_mapped(path, force)
     ds.filename = str(path)
     return ds
+
+
+def _dcmread_mapped(path: Path, force: bool) -> pydicom.dataset.FileDataset:
+    """Header of `path` parsed from a read-only memory map of the file.
+
+    Not from a plain file object: for a corrupt element length (e.g. 0xFFFFFFF0) pydicom
+    asks the file for that many bytes, and a file object allocates a buffer of the requested
+    size before reading (4 GiB); a memory map returns at most the rest of the file.
+    """
+    with open(path, "rb") as fh:
+        try:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (ValueError, OSError):  # empty file, or a file that cannot be mapped
+            return pydicom.dcmread(fh, stop_before_pixels=True, force=force)
+        with mapped:
+            ds = pydicom.dcmread(mapped, stop_before_pixels=True,  # type: ignore[arg-type]
+                                 force=force)
+            ds._header_end = mapped.tell()  # where the pixel data element starts, if any
+            return ds
 
 
 def _read_header(path: Path) -> pydicom.Dataset:
@@ -477,6 +499,35 @@ def _read_header(path: Path) -> pydicom.Dataset:
     return ds
 
 
+def _pixel_size_error(path: Path, ds: pydicom.Dataset) -> str | None:
+    """Why `path` cannot hold the uncompressed pixel data its header claims, else None.
+
+    Checked from the header and the file size, so that a truncated file or a header claiming
+    e.g. 65535 x 65535 pixels is refused here, before anything allocates memory for it.
+    """
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_transfer_syntax or syntax.is_encapsulated \
+            or syntax.is_deflated:
+        return None  # compressed: the decoded size is not bounded by the file size
+    rows, columns = int_or_none(ds.get("Rows")), int_or_none(ds.get("Columns"))
+    if not rows or not columns:
+        return None
+    n_frames = max(1, int_or_none(ds.get("NumberOfFrames")) or 1)
+    samples = max(1, int_or_none(ds.get("SamplesPerPixel")) or 1)
+    bits = max(1, int_or_none(ds.get("BitsAllocated")) or 16)
+    needed = (rows * columns * n_frames * samples * bits + 7) // 8
+    available = path.stat().st_size
+    header_end = getattr(ds, "_header_end", None)  # the parse stopped before the pixel data
+    if isinstance(header_end, int) and header_end <= available:
+        element = 8 if syntax.is_implicit_VR else 12  # tag, (VR, reserved,) length
+        available = max(0, available - header_end - element)
+    if available >= needed:
+        return None
+    return (f"the file holds at most {available} bytes of pixel data but its header claims "
+            f"{n_frames} frame(s) of {rows} x {columns} pixels at {bits} bits ({needed} "
+            "bytes): truncated file or corrupt header; re-export the series")
+
+
 def _file_header(path: Path, ds: pydicom.Dataset) -> FileHeader:
     iop = floats_or_none(ds.get("ImageOrientationPatient"), 6)
     ipp = floats_or_none(ds.get("ImagePositionPatient"), 3)
@@ -485,6 +536,7 @@ def _file_header(path: Path, ds: pydicom.Dataset) -> FileHeader:
         frames, frame_error = dicom_frames.frames_of(path, ds), None
     except FrameError as err:
         frames, frame_error = (), str(err)
+    frame_error = frame_error or _pixel_size_error(path, ds)
     return FileHeader(
         path=path,
         sop_uid=str(ds.get("SOPInstanceUID", "")) or None,
@@ -551,22 +603,39 @@ class _FileScan:
     header: FileHeader | None = None  # for image files with both UIDs
 
 
+def _safe_get(ds: pydicom.Dataset, keyword: str, default: Any = None) -> Any:
+    """``ds.get(keyword, default)``, or `default` when the stored value cannot be converted."""
+    try:
+        return ds.get(keyword, default)
+    except Exception:  # noqa: BLE001 - pydicom converts on access (unknown VR, bad number)
+        return default
+
+
 def _scan_file(path: Path) -> _FileScan:
     """Read the header of `path` once and keep what :func:`index_folder` needs of it."""
     try:
         if path.stat().st_size == 0:
             return _FileScan("empty file (0 bytes)")
         ds = _read_header(path)
+        return _scan_dataset(path, ds)
     except InvalidDicomError:
         return _FileScan("not a DICOM file")
     except Exception as err:  # noqa: BLE001 - a broken file must not stop the index
+        # (pydicom converts values on access: a corrupt value - unknown VR, bad number,
+        # broken sequence - raises only when it is read)
         return _FileScan(f"unreadable DICOM header ({type(err).__name__}: {err})")
+
+
+def _scan_dataset(path: Path, ds: pydicom.Dataset) -> _FileScan:
     sop_class = str(ds.get("SOPClassUID", "") or getattr(
         getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
     if sop_class == DICOMDIR_SOP_CLASS or path.name.upper() == "DICOMDIR":
         return _FileScan(None, sop_class)
     if "Rows" not in ds or "Columns" not in ds:
-        return _FileScan(None, sop_class, False, str(ds.get("Modality", "") or ""))
+        # the UIDs tell whether an image series lost this file (e.g. a truncated header)
+        return _FileScan(None, sop_class, False, str(ds.get("Modality", "") or ""),
+                         str(ds.get("StudyInstanceUID", "") or ""),
+                         str(ds.get("SeriesInstanceUID", "") or ""))
     study_uid = str(ds.get("StudyInstanceUID", "") or "")
     series_uid = str(ds.get("SeriesInstanceUID", "") or "")
     header = _file_header(path, ds) if study_uid and series_uid else None
@@ -679,7 +748,8 @@ def _series_volumes(
                             "slice_spacing_mm": None}
     broken = [h for h in headers if h.frame_error]
     if broken:
-        return info, f"{len(broken)} file(s): {broken[0].frame_error}", \
+        return info, f"{len(broken)} file(s) (first: {broken[0].path.name}): " \
+            f"{broken[0].frame_error}", \
             classify_sequence(first), ()
     frames = [f for h in headers for f in h.frames]
     groups = dicom_frames.split_volumes(frames)
@@ -729,6 +799,8 @@ def index_folder(input_dir: Path, *, workers: int | None = None) -> IndexResult:
     by_series: dict[tuple[str, str], list[FileHeader]] = defaultdict(list)
     first_header: dict[tuple[str, str], pydicom.Dataset] = {}
     seen_sops: dict[str, Path] = {}
+    # files of a series without Rows/Columns, with their SOP class (see the refusal below)
+    lost: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
     paths = _walk(input_dir)
     n_dicom = 0
 
@@ -750,6 +822,8 @@ def index_folder(input_dir: Path, *, workers: int | None = None) -> IndexResult:
             kind = scan.modality or "unknown modality"
             problems.append(Problem(rel(path), f"not an image (no pixel data; {kind}, "
                                     f"SOP class {sop_class or 'unknown'})"))
+            if scan.series_uid:
+                lost[(scan.study_uid, scan.series_uid)].append((rel(path), sop_class))
             continue
         study_uid = scan.study_uid
         series_uid = scan.series_uid
@@ -779,18 +853,34 @@ def index_folder(input_dir: Path, *, workers: int | None = None) -> IndexResult:
     records: list[SeriesRecord] = []
     for (study_uid, series_uid), headers in by_series.items():
         first = first_header[(study_uid, series_uid)]
-        geometry, refusal, sequence_class, volumes = _series_volumes(headers, first)
-        modality = str(first.get("Modality", "") or "")
+        try:
+            geometry, refusal, sequence_class, volumes = _series_volumes(headers, first)
+            modality = str(first.get("Modality", "") or "")
+        except Exception as err:  # noqa: BLE001 - a corrupt value of the series' first header
+            geometry = {"orientation": None, "rows": None, "columns": None,
+                        "pixel_spacing_mm": None, "slice_spacing_mm": None}
+            refusal = (f"unreadable header value in {headers[0].path.name} "
+                       f"({type(err).__name__}: {err})")
+            sequence_class, volumes, modality = "other", (), ""
+        image_class = str(_safe_get(first, "SOPClassUID", "") or "")
+        partial = [name for name, sop in lost.get((study_uid, series_uid), ())
+                   if sop == image_class]
+        if partial and not refusal:
+            # an image file of the series whose header ends early (truncated, corrupt): the
+            # volume would silently lack its slice, so the series is not used
+            refusal = (f"{len(partial)} file(s) of the series have an incomplete image header "
+                       f"(first: {partial[0]}; see problems.tsv): truncated or corrupt; "
+                       "re-export the series")
         status, reason = ("refused", refusal) if refusal else ("skipped", "")
         if not refusal and modality != "MR":
             status, reason = "skipped", f"modality {modality or 'missing'} (only MR is analysed)"
         records.append(SeriesRecord(
             study_uid=study_uid,
-            study_date=parse_dicom_date(first.get("StudyDate")),
-            study_time=parse_dicom_time(first.get("StudyTime")),
+            study_date=parse_dicom_date(_safe_get(first, "StudyDate")),
+            study_time=parse_dicom_time(_safe_get(first, "StudyTime")),
             series_uid=series_uid,
-            series_number=int_or_none(first.get("SeriesNumber")),
-            series_description=str(first.get("SeriesDescription", "") or "").strip(),
+            series_number=int_or_none(_safe_get(first, "SeriesNumber")),
+            series_description=str(_safe_get(first, "SeriesDescription", "") or "").strip(),
             modality=modality,
             sequence_class=sequence_class,
             orientation=geometry["orientation"],
