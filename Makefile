@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: demo test install lint sample-data benchmark clean
+.PHONY: demo test install lint sample-data benchmark benchmark-cohort clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11 not found (python3.11 or python3)"; exit 1; }
@@ -38,6 +38,9 @@ sample-data: $(STAMP)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/accuracy.py
+
+benchmark-cohort: $(STAMP)
+	$(BIN)/python benchmarks/cohort_speed.py
 
 clean:
 	rm -rf results .snakemake

@@ -15,9 +15,11 @@ rule segment:
         f"{SUBJECT_DIR}/logs/segment_ses-{{session}}.log",
     conda:
         "../environment.yml"
+    group: "session"
     threads: 1
+    # peak RSS 1.05 GB at 512x384x60; ~4.1 GB expected at 512x512x200
     resources:
-        mem_mb=3000,
+        mem_mb=5000,
         runtime=30,
     shell:
         "{params.python} -m pipeline.segment --t1 {input.t1:q} --fluid {input.fluid:q}"
@@ -41,9 +43,10 @@ rule register:
     conda:
         "../environment.yml"
     threads: 1
+    # peak RSS 0.72 GB and 3 min at 512x384x60 (0.5 mm); ~2.7 GB at 512x512x200
     resources:
-        mem_mb=2000,
-        runtime=20,
+        mem_mb=3000,
+        runtime=30,
     shell:
         "{params.python} -m pipeline.register --fixed-image {input.fixed_image:q}"
         " --fixed-labels {input.fixed_labels:q} --moving-image {input.moving_image:q}"
@@ -71,7 +74,9 @@ rule measure:
         f"{SUBJECT_DIR}/logs/measure.log",
     conda:
         "../environment.yml"
+    group: "tables"
     threads: 1
+    # peak RSS 390 MB for 2 sessions of 512x384x60
     resources:
         mem_mb=2000,
         runtime=10,
@@ -103,9 +108,11 @@ rule longitudinal:
         f"{SUBJECT_DIR}/logs/longitudinal.log",
     conda:
         "../environment.yml"
+    group: "tables"
     threads: 1
+    # peak RSS 23 MB: tables only
     resources:
-        mem_mb=1000,
+        mem_mb=500,
         runtime=10,
     shell:
         "{params.python} -m pipeline.longitudinal --subject {wildcards.subject} --day0 {params.day0}"

@@ -16,6 +16,7 @@ checkpoint index:
     conda:
         "../environment.yml"
     threads: 1
+    # peak RSS 60 MB (320 files): headers only
     resources:
         mem_mb=1000,
         runtime=30,
@@ -39,9 +40,11 @@ rule convert:
         f"{SUBJECT_DIR}/logs/convert_ses-{{session}}.log",
     conda:
         "../environment.yml"
+    group: "session"
     threads: 1
+    # peak RSS 280 MB at 512x384x60; ~700 MB expected at 512x512x200
     resources:
-        mem_mb=2000,
+        mem_mb=1000,
         runtime=20,
     shell:
         "{params.python} -m {params.module} --sessions-json {input.sessions_json:q}"

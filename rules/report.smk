@@ -30,9 +30,11 @@ rule report:
         f"{SUBJECT_DIR}/logs/report.log",
     conda:
         "../environment.yml"
+    group: "tables"
     threads: 1
+    # peak RSS 520 MB for 2 sessions of 512x384x60
     resources:
-        mem_mb=2000,
+        mem_mb=3000,
         runtime=10,
     shell:
         "{params.python} -m pipeline.report --subject-dir {params.subject_dir:q} --out {output:q}"

@@ -1,0 +1,162 @@
+"""Cohort throughput on this machine, and how much of it is workflow overhead (issue 7).
+
+Cohorts of small phantom subjects (two sessions each, 16 slices of 128 x 96) run through the
+workflow with ``--cores 2`` in a fresh working folder. For each cohort size it prints the wall
+time, subjects per hour, and where the CPU time went:
+
+- *Snakemake*: the CPU time of the Snakemake process itself (DAG, scheduling, checkpoint
+  re-evaluation), read from /proc/<pid>/stat just before it exits;
+- *job start-up*: per job, starting Python and importing the step's module
+  (``python -c "import pipeline.<step>"``, measured separately, median of 3) times the number of
+  jobs of each step;
+- *compute*: the jobs' CPU time (from the kernel's accounting of Snakemake's children) minus
+  their start-up.
+
+Overhead share = (Snakemake + job start-up) / all CPU time. CPU rather than wall time is used
+for the split because a shared machine's load inflates wall time but hardly CPU time.
+
+    python benchmarks/cohort_speed.py [--sizes 5,10,20] [--cores 2] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def make_phantom(out: Path, subject: str, seed: int) -> Path:
+    if not (out / "dicom").is_dir():
+        subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "phantom", str(out), "--subject", subject,
+             "--seed", str(seed), "--slices", "16", "--matrix", "128x96", "--leg-radius-mm",
+             "40", "--sessions=-2:0.1:4:0.3,10:0:0:0"],
+            check=True, capture_output=True, text=True,
+        )
+    return out / "dicom"
+
+
+def write_sheet(path: Path, dicom_dirs: list[Path]) -> Path:
+    lines = ["subject\tinput_dir\tday0\taffected_side\tevents"]
+    lines += [f"C{i:03d}\t{d}\t2024-03-01\tleft\t" for i, d in enumerate(dicom_dirs, 1)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def child_cpu_s(cmd: list[str]) -> float:
+    """CPU seconds (user + system) of running ``cmd`` to completion."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(cmd, check=True, capture_output=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def startup_cpu_s(module: str, repeats: int = 3) -> float:
+    """Median CPU seconds to start Python and import ``module`` (a job's fixed cost)."""
+    return statistics.median(
+        child_cpu_s([sys.executable, "-c", f"import {module}"]) for _ in range(repeats)
+    )
+
+
+def self_cpu_s(pid: int) -> float | None:
+    """CPU seconds of process ``pid`` itself (not its children), or None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+def run_cohort(sheet: Path, work: Path, cores: int) -> dict[str, object]:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
+           "--directory", str(work), "--configfile", str(ROOT / "config" / "config.yaml"),
+           "--cores", str(cores), "--printshellcmds", "--config", f"subjects_sheet={sheet}",
+           f"results_dir={work / 'results'}"]
+    log_path = work / "snakemake.log"
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        snakemake_cpu = 0.0
+        while True:
+            sample = self_cpu_s(proc.pid)
+            if sample is not None:
+                snakemake_cpu = sample
+            done, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if done == proc.pid:
+                break
+            time.sleep(0.2)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    if proc.returncode != 0:
+        raise SystemExit(f"workflow failed ({proc.returncode}); see {log_path}")
+    modules = Counter(re.findall(r"^Shell command: \S+ -m (pipeline\.\w+)",
+                                 log_path.read_text(), flags=re.M))
+    return {"wall_s": wall, "total_cpu_s": usage.ru_utime + usage.ru_stime,
+            "snakemake_cpu_s": snakemake_cpu, "jobs": modules}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="5,10,20", help="cohort sizes, comma-separated")
+    ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    work = args.work or Path(tempfile.mkdtemp(prefix="cohort_speed_"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    print(f"phantoms: {max(sizes)} subjects in {work}", file=sys.stderr)
+    with ThreadPoolExecutor(max_workers=args.cores) as pool:
+        dicom_dirs = list(pool.map(
+            lambda i: make_phantom(work / "phantoms" / f"C{i:03d}", f"C{i:03d}", 100 + i),
+            range(1, max(sizes) + 1)))
+
+    rows, startup = [], {}
+    for n in sizes:
+        run_dir = work / f"cohort_{n}"
+        run_dir.mkdir(exist_ok=True)
+        sheet = write_sheet(run_dir / "subjects.tsv", dicom_dirs[:n])
+        print(f"cohort of {n} ...", file=sys.stderr)
+        result = run_cohort(sheet, run_dir, args.cores)
+        jobs: Counter[str] = result["jobs"]  # type: ignore[assignment]
+        for module in jobs:
+            if module not in startup:
+                startup[module] = startup_cpu_s(module)
+        startup_cpu = sum(startup[m] * k for m, k in jobs.items())
+        total = float(result["total_cpu_s"])  # type: ignore[arg-type]
+        snakemake_cpu = float(result["snakemake_cpu_s"])  # type: ignore[arg-type]
+        compute = total - snakemake_cpu - startup_cpu
+        wall = float(result["wall_s"])  # type: ignore[arg-type]
+        rows.append((n, sum(jobs.values()), wall, 3600 * n / wall, wall / n, total,
+                     snakemake_cpu, startup_cpu, compute,
+                     100 * (snakemake_cpu + startup_cpu) / total,
+                     100 * total / (wall * args.cores)))
+
+    print(f"\nCohorts of phantom subjects (2 sessions, 16 x 128 x 96), --cores {args.cores}\n")
+    print("| subjects | jobs | wall (s) | subjects/hour | wall/subject (s) | CPU (s) "
+          "| Snakemake CPU (s) | job start-up CPU (s) | compute CPU (s) | overhead share "
+          "| cores busy |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]:.0f} | {r[3]:.0f} | {r[4]:.1f} | {r[5]:.0f} "
+              f"| {r[6]:.1f} | {r[7]:.1f} | {r[8]:.1f} | {r[9]:.0f} % | {r[10]:.0f} % |")
+    print("\nStart-up CPU per job (python + imports, median of 3): "
+          + ", ".join(f"{m.removeprefix('pipeline.')} {s:.2f} s" for m, s in
+                      sorted(startup.items())))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
