@@ -6,6 +6,7 @@ import sys
 from snakemake.utils import min_version, validate
 
 from pipeline.workflow import (
+    pass_research_salt,
     as_flag,
     baseline_session,
     convert_module,
@@ -28,6 +29,8 @@ for _key in ("subject", "day0", "input_dir", "results_dir", "events", "subjects_
 config["show_phi"] = as_flag(config.get("show_phi", False))
 for _key, _value in list(config.get("export", {}).items()):
     config["export"][_key] = as_flag(_value)
+config["research"]["export"] = as_flag(config["research"].get("export", False))
+pass_research_salt(config)
 validate(config, "config/schema.yaml")
 
 PYTHON = sys.executable  # the interpreter running Snakemake runs the steps too
@@ -53,6 +56,8 @@ include: "rules/export.smk"
 FINAL = ["volumes.tsv", "longitudinal.tsv", "summary.json", "report.html"]
 if config["export"]["viewers"] or config["export"]["dicom"]:
     FINAL.append("dataset_description.json")
+if config["research"]["export"]:
+    FINAL.append("research")
 
 
 COHORT = [f"{RESULTS}/cohort.html", f"{RESULTS}/cohort.tsv"] if config["subjects_sheet"] else []

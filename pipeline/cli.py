@@ -24,6 +24,7 @@ COMMANDS = {
     "measure": ("pipeline.measure", "volumes per session, side and structure"),
     "longitudinal": ("pipeline.longitudinal", "asymmetry, change, response pattern, summary"),
     "report": ("pipeline.report", "the self-contained HTML report of a subject"),
+    "research": ("pipeline.research", "de-identified export with shifted dates"),
 }
 
 

@@ -163,3 +163,13 @@ def as_flag(value: Any) -> Any:
     if isinstance(value, str):
         return value.strip().lower() in ("true", "yes", "1")
     return value
+
+
+def pass_research_salt(config: Mapping[str, Any]) -> None:
+    """Hand the research-export salt to jobs through the environment, never through a command
+    line (which Snakemake prints and logs)."""
+    import os
+
+    salt = str(config.get("research", {}).get("salt") or "")
+    if salt:
+        os.environ["LIMBTRACK_RESEARCH_SALT"] = salt

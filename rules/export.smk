@@ -71,3 +71,28 @@ rule export:
     shell:
         "{params.python} -m pipeline.export --subject-dir {params.subject_dir:q} --dataset"
         " > {log:q} 2>&1"
+
+
+rule research_export:
+    input:
+        volumes=f"{SUBJECT_DIR}/volumes.tsv",
+        longitudinal=f"{SUBJECT_DIR}/longitudinal.tsv",
+        images=session_files(f"{SESSION_STEM}_fluid.nii.gz"),
+        t1=session_files(f"{SESSION_STEM}_T1w.nii.gz"),
+        dseg=session_files(f"{SESSION_STEM}_dseg.nii.gz"),
+    output:
+        directory(f"{SUBJECT_DIR}/research"),
+    params:
+        python=PYTHON,
+        subject_dir=subject_dir_param,
+    log:
+        f"{SUBJECT_DIR}/logs/research_export.log",
+    conda:
+        "../environment.yml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "{params.python} -m pipeline.research --subject-dir {params.subject_dir:q}"
+        " --subject {wildcards.subject} --out-dir {output:q} > {log:q} 2>&1"
