@@ -120,12 +120,18 @@ def assert_same(got: object, want: object, where: str = "summary") -> None:
         assert got == want, f"{where}: {got!r} != {want!r}"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_killed_run_resumes_to_identical_outputs(sig: signal.Signals, subject: Path,
-                                                 reference: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "marker"), [
+    (signal.SIGTERM, "ses-*/*_dseg.nii.gz"),
+    (signal.SIGKILL, "ses-*/*_fluid.json"),  # during conversion
+    (signal.SIGKILL, "ses-*/*_dseg.nii.gz"),  # after the first segmentation
+    (signal.SIGKILL, "ses-*/*_xfm.json"),  # during registration
+], ids=["SIGTERM-segment", "SIGKILL-convert", "SIGKILL-segment", "SIGKILL-register"])
+def test_killed_run_resumes_to_identical_outputs(sig: signal.Signals, marker: str,
+                                                 subject: Path, reference: Path,
+                                                 tmp_path: Path) -> None:
     results = tmp_path / "results"
     cmd = snakemake_cmd(tmp_path, subject, results)
-    kill_when(cmd, (results / SUBJECT, "ses-*/*_dseg.nii.gz"), sig, tmp_path / "killed.log")
+    kill_when(cmd, (results / SUBJECT, marker), sig, tmp_path / "killed.log")
     assert not (results / SUBJECT / "summary.json").exists(), "killed too late: run complete"
     killed_at = progress((tmp_path / "killed.log").read_text())
     if sig == signal.SIGKILL:  # the lock of the killed run is left behind
