@@ -470,6 +470,25 @@ def limb_region(
     return sitk.RegionOfInterest(image, [int(v) for v in extent], [int(v) for v in i_lo])
 
 
+def _result(
+    tr: sitk.Euler3DTransform, tr0: sitk.Transform, metric: float | None, how: str, iterations: int,
+    stop: str, t0: float, quality: RegistrationQuality | None, reasons: list[str],
+) -> RegistrationResult:
+    return RegistrationResult(
+        parameters=tuple(float(v) for v in tr.GetParameters()),  # type: ignore[arg-type]
+        center_mm=tuple(float(v) for v in tr.GetCenter()),  # type: ignore[arg-type]
+        metric_value=metric,
+        initial_parameters=tuple(float(v) for v in tr0.GetParameters()),  # type: ignore[arg-type]
+        initialisation=how,
+        iterations=iterations,
+        stop_condition=stop,
+        seconds=round(time.perf_counter() - t0, 3),
+        quality=quality,
+        poor=bool(reasons),
+        poor_reasons=tuple(reasons),
+    )
+
+
 def register_session(
     fixed_image: LabelMapLike,
     moving_image: LabelMapLike,
@@ -563,19 +582,7 @@ def register_session(
             )
             + ")"
         )
-    return RegistrationResult(
-        parameters=tuple(float(v) for v in tr.GetParameters()),  # type: ignore[arg-type]
-        center_mm=tuple(float(v) for v in tr.GetCenter()),  # type: ignore[arg-type]
-        metric_value=metric,
-        initial_parameters=tuple(float(v) for v in tr0.GetParameters()),  # type: ignore[arg-type]
-        initialisation=how,
-        iterations=iterations,
-        stop_condition=stop,
-        seconds=round(time.perf_counter() - t0, 3),
-        quality=quality,
-        poor=bool(reasons),
-        poor_reasons=tuple(reasons),
-    )
+    return _result(tr, tr0, metric, how, iterations, stop, t0, quality, reasons)
 
 
 def poor_reasons(quality: RegistrationQuality, settings: RegistrationSettings) -> list[str]:
@@ -730,19 +737,7 @@ def align_within_session(
         reasons.append(f"series moved {shift:.1f} mm apart within the session")
     if rot > settings.max_within_session_rotation_deg:
         reasons.append(f"series rotated {rot:.1f} deg apart within the session")
-    return RegistrationResult(
-        parameters=tuple(float(v) for v in tr.GetParameters()),  # type: ignore[arg-type]
-        center_mm=tuple(float(v) for v in tr.GetCenter()),  # type: ignore[arg-type]
-        metric_value=metric,
-        initial_parameters=tuple(float(v) for v in tr0.GetParameters()),  # type: ignore[arg-type]
-        initialisation=how,
-        iterations=iterations,
-        stop_condition=stop,
-        seconds=round(time.perf_counter() - t0, 3),
-        quality=None,
-        poor=bool(reasons),
-        poor_reasons=tuple(reasons),
-    )
+    return _result(tr, tr0, metric, how, iterations, stop, t0, None, reasons)
 
 
 # --------------------------------------------------------------------------- command line

@@ -209,19 +209,7 @@ class Hang(Exception):
 
 #: Reported bugs in modules this test does not own: the module whose code let the error out
 #: -> what is wrong. Hits are counted per site (see TALLY) instead of failing.
-KNOWN_BUGS: dict[str, str] = {
-    "convert.py": (
-        "read_series lets pydicom's value errors out instead of a SeriesError: a corrupt "
-        "value is converted on access (unknown VR -> NotImplementedError, bad number -> "
-        "ValueError, multi-valued -> TypeError in int(ds.get('SamplesPerPixel')) of "
-        "_load_series, and any ds.get in _sidecar / dicom_frames)"),
-    "dicom_frames.py": (
-        "stored_pixels / frames_of let value errors out instead of FrameError (e.g. "
-        "int(ds.get('BitsAllocated', 16) or 16) on a multi-valued BitsAllocated -> TypeError; "
-        "a broken sequence read lazily in _group_item -> OSError; stored_pixels catches "
-        "Exception around ds.pixel_array, but pylibjpeg-rle's Rust decoder panics on a "
-        "corrupt RLE segment with pyo3_runtime.PanicException, a BaseException)"),
-}
+KNOWN_BUGS: dict[str, str] = {}  # all reported bugs are fixed; list new ones here
 STRICT = os.environ.get("LIMBTRACK_FUZZ_STRICT", "1") == "1"  # known bugs fixed: strict
 TALLY: Counter[str] = Counter()
 
