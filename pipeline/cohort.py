@@ -31,14 +31,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
-from pipeline import __version__
+from pipeline import __version__, html
 from pipeline.io_utils import read_tsv, write_text_atomic, write_tsv_atomic
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_DIR = Path(__file__).parent / "templates"
 TEMPLATE_NAME = "cohort.html"
 
 COLUMNS: tuple[str, ...] = (
@@ -226,13 +223,6 @@ def _cell(column: str, value: Any) -> dict[str, Any]:
 
 def render_cohort_html(rows: Sequence[Mapping[str, Any]]) -> str:
     """The cohort page (autoescaped: subject names and reasons render as text)."""
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
     shown = [c for c in COLUMNS if c != "report"]
     table = [
         {
@@ -245,7 +235,8 @@ def render_cohort_html(rows: Sequence[Mapping[str, Any]]) -> str:
     counts = Counter(
         "failed" if r.get("status") == "failed" else str(r.get("classification")) for r in rows
     )
-    return env.get_template(TEMPLATE_NAME).render(
+    return html.render(
+        TEMPLATE_NAME,
         columns=[{"key": c, "title": TITLES[c], "numeric": c in NUMERIC} for c in shown],
         rows=table,
         counts=sorted(counts.items()),

@@ -76,7 +76,7 @@ from pipeline.dicom_index import (
     int_or_none,
     parse_dicom_date,
 )
-from pipeline.io_utils import atomic_path, write_json_atomic, write_tsv_atomic
+from pipeline.io_utils import atomic_path, is_within, write_json_atomic, write_tsv_atomic
 
 log = logging.getLogger(__name__)
 
@@ -818,14 +818,6 @@ def convert_folder(input_dir: Path, out_dir: Path, subject: str = "unknown",
     return FolderConversion(converted, refusals, len(result.problems))
 
 
-def _is_within(child: Path, parent: Path) -> bool:
-    try:
-        child.resolve().relative_to(parent.resolve())
-    except ValueError:
-        return False
-    return True
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point.
 
@@ -873,7 +865,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ERROR {args.input_dir}: input folder does not exist or is not a folder",
               file=sys.stderr)
         return 2
-    if _is_within(args.output_dir, args.input_dir):
+    if is_within(args.output_dir, args.input_dir):
         print(f"ERROR {args.output_dir}: the output folder lies inside the input folder "
               f"{args.input_dir}, which is read-only; choose another output folder",
               file=sys.stderr)

@@ -166,7 +166,8 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def _tokens(value: Any) -> tuple[str, ...]:
+def tokens(value: Any) -> tuple[str, ...]:
+    """A (possibly multi-valued) code string as upper-case tokens."""
     if value is None:
         return ()
     if isinstance(value, str):
@@ -231,7 +232,7 @@ def _gradient(ds: Any) -> tuple[float, ...] | None:
 
 
 def _is_mosaic(ds: Any) -> bool:
-    return "MOSAIC" in _tokens(ds.get("ImageType"))
+    return "MOSAIC" in tokens(ds.get("ImageType"))
 
 
 def _mosaic_frames(path: Path, ds: Any) -> list[FrameInfo]:
@@ -287,7 +288,7 @@ def _common_attrs(ds: Any) -> dict[str, Any]:
         "intercept": _float(ds.get("RescaleIntercept")),
         "echo_number": _int(ds.get("EchoNumbers")),
         "echo_time_ms": _float(ds.get("EchoTime")),
-        "image_type": _tokens(ds.get("ImageType")),
+        "image_type": tokens(ds.get("ImageType")),
         "b_value": _b_value(ds),
         "gradient": _gradient(ds),
         "temporal": _int(ds.get("TemporalPositionIdentifier")),
@@ -335,8 +336,8 @@ def _multiframe_frames(path: Path, ds: Any, n_frames: int) -> list[FrameInfo]:
             direction = _group_item(diffusion, "DiffusionGradientDirectionSequence")
             if direction is not None:
                 gradient = _floats(direction.get("DiffusionGradientOrientation"), 3)
-        frame_type = _tokens(value("MRImageFrameTypeSequence", "FrameType")) \
-            or _tokens(ds.get("ImageType"))
+        frame_type = tokens(value("MRImageFrameTypeSequence", "FrameType")) \
+            or tokens(ds.get("ImageType"))
         dims = tuple(int(v) for v in (content.get("DimensionIndexValues") or [])) \
             if content is not None and content.get("DimensionIndexValues") is not None else ()
         dims = dims if isinstance(dims, tuple) else (dims,)

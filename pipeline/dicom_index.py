@@ -46,7 +46,7 @@ from pydicom.errors import InvalidDicomError
 
 from pipeline import dicom_frames
 from pipeline.dicom_frames import FrameError, FrameInfo
-from pipeline.io_utils import write_json_atomic, write_tsv_atomic
+from pipeline.io_utils import is_within, write_json_atomic, write_tsv_atomic
 
 log = logging.getLogger(__name__)
 
@@ -267,19 +267,6 @@ def int_or_none(value: Any) -> int | None:
         return None
 
 
-def _tokens(value: Any) -> list[str]:
-    """A (possibly multi-valued) code string as upper-case tokens."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        items: Iterable[Any] = value.split("\\")
-    elif isinstance(value, Iterable):
-        items = value
-    else:
-        items = [value]
-    return [str(v).strip().upper() for v in items if str(v).strip()]
-
-
 def slice_normal(orientation: Sequence[float]) -> np.ndarray:
     """Unit slice normal (LPS) of an ImageOrientationPatient: row cosine x column cosine."""
     row = np.asarray(orientation[:3], dtype=float)
@@ -330,7 +317,7 @@ _DERIVED_TOKENS = {"MPR", "PROJECTION IMAGE", "MIP", "SUBTRACT", "ADC", "TRACEW"
                    "REFORMATTED", "MNIP", "CSA MPR", "CSAPARALLEL"}
 
 
-def _dixon_kind(image_type: list[str], description: str) -> str | None:
+def _dixon_kind(image_type: Sequence[str], description: str) -> str | None:
     """Dixon component from ImageType tokens (beyond the first two) or the description."""
     # ImageType[0:2] are ORIGINAL/DERIVED and PRIMARY/SECONDARY; vendors put W/F/IP/OP later
     for kind, tokens in _DIXON_TOKENS.items():
@@ -381,9 +368,9 @@ def classify_sequence(ds: Any) -> str:
         10. ``other``.
     """
     description = str(getattr(ds, "SeriesDescription", "") or "")
-    image_type = _tokens(getattr(ds, "ImageType", None))
-    scanning = set(_tokens(getattr(ds, "ScanningSequence", None)))
-    options = set(_tokens(getattr(ds, "ScanOptions", None)))
+    image_type = dicom_frames.tokens(getattr(ds, "ImageType", None))
+    scanning = set(dicom_frames.tokens(getattr(ds, "ScanningSequence", None)))
+    options = set(dicom_frames.tokens(getattr(ds, "ScanOptions", None)))
     tr = float_or_none(getattr(ds, "RepetitionTime", None))
     te = float_or_none(getattr(ds, "EchoTime", None))
     ti = float_or_none(getattr(ds, "InversionTime", None))
@@ -396,7 +383,7 @@ def classify_sequence(ds: Any) -> str:
         return "post_contrast"
     if dixon:
         return dixon
-    if image_type[:1] == ["DERIVED"] or _DERIVED_TOKENS.intersection(image_type[2:]):
+    if image_type[:1] == ("DERIVED",) or _DERIVED_TOKENS.intersection(image_type[2:]):
         return "derived"
 
     inversion = "IR" in scanning or "IR" in options or (ti is not None and ti > 0)
@@ -1109,14 +1096,6 @@ def write_outputs(
         for s in sessions], SESSION_COLUMNS)
 
 
-def _is_within(child: Path, parent: Path) -> bool:
-    try:
-        child.resolve().relative_to(parent.resolve())
-    except ValueError:
-        return False
-    return True
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (0 when at least one session is usable)."""
     parser = argparse.ArgumentParser(
@@ -1148,7 +1127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ERROR {input_dir}: input folder does not exist or is not a folder",
               file=sys.stderr)
         return 2
-    if _is_within(args.out_dir, input_dir):
+    if is_within(args.out_dir, input_dir):
         print(f"ERROR {args.out_dir}: the output folder lies inside the input folder "
               f"{input_dir}, which is read-only to the workflow; choose another --out-dir",
               file=sys.stderr)

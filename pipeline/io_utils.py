@@ -116,6 +116,15 @@ def read_tsv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
         return list(csv.DictReader(fh, delimiter="\t"))
 
 
+def is_within(child: str | os.PathLike[str], parent: str | os.PathLike[str]) -> bool:
+    """True when `child` is `parent` or lies below it (after resolving links)."""
+    try:
+        Path(child).resolve().relative_to(Path(parent).resolve())
+    except ValueError:
+        return False
+    return True
+
+
 def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 import SimpleITK as sitk
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -47,13 +46,12 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 from skimage.measure import find_contours
 
-from pipeline import __version__, labels
+from pipeline import __version__, html, labels
 from pipeline.extent import affine_of, as_transform
 from pipeline.io_utils import read_tsv, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_DIR = Path(__file__).parent / "templates"
 TEMPLATE_NAME = "report.html"
 
 #: Report wording of each response pattern: a measurement aid, never a diagnosis.
@@ -1705,14 +1703,7 @@ def build_context(subject_dir: Path, show_phi: bool = False) -> dict[str, Any]:
 
 def render_html(context: Mapping[str, Any]) -> str:
     """Render the report template with autoescaping on (all file-derived text shows as text)."""
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    return env.get_template(TEMPLATE_NAME).render(**context)
+    return html.render(TEMPLATE_NAME, **context)
 
 
 def build_report(subject_dir: Path, out_path: Path, show_phi: bool = False) -> None:
