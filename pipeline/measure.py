@@ -18,9 +18,16 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 from numpy.typing import NDArray
 
-from .extent import common_extent, covered_range, volumes_in_extent
+from .extent import (
+    as_transform,
+    common_extent,
+    covered_range,
+    read_label_map,
+    volumes_in_extent,
+)
 from .io_utils import mm3_to_ml, write_json_atomic, write_tsv_atomic
 from .labels import SIDES, STRUCTURES, other_side, structure_labels
 from .profiles import (
@@ -157,6 +164,28 @@ def volume_rows(
     return rows
 
 
+def load_sessions(sessions: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of `sessions` with each label map and transform read once into memory (the
+    extent, volumes and profiles all use them; reading per use read each file 5 times)."""
+    loaded = []
+    for s in sessions:
+        entry = dict(s)
+        entry["dseg"] = read_label_map(s["dseg"])
+        entry["xfm"] = None if s.get("xfm") is None else as_transform(s["xfm"])
+        loaded.append(entry)
+    return loaded
+
+
+def _extent_of(labels: sitk.Image) -> tuple[tuple[float, float], int]:
+    """Superior-inferior range (mm) of a label map's grid corners and its slice count."""
+    size = labels.GetSize()
+    z = [labels.TransformIndexToPhysicalPoint((i, j, k))[2]
+         for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)]
+    direction = np.asarray(labels.GetDirection()).reshape(3, 3)
+    axis = int(np.argmax(np.abs(direction[2])))  # the image axis closest to superior
+    return (float(min(z)), float(max(z))), int(size[axis])
+
+
 def measure_subject(
     subject: str,
     day0: str,
@@ -177,7 +206,7 @@ def measure_subject(
     -------
     (session volumes sorted by date, affected side, how the side was decided, extent info)
     """
-    ordered = sorted(sessions, key=lambda s: s["study_date"])
+    ordered = load_sessions(sorted(sessions, key=lambda s: s["study_date"]))
     label_maps = [s["dseg"] for s in ordered]
     transforms = [None if s["session"] == baseline else s.get("xfm") for s in ordered]
     extent_info: dict[str, Any] = {"method": "common extent after registration"}
@@ -199,7 +228,7 @@ def measure_subject(
             f"no common extent could be set ({err}); volumes cover every slice"))
     measured = []
     for s, xfm in zip(ordered, transforms, strict=True):
-        _, z_range, n = measure_label_map(s["dseg"])
+        z_range, n = _extent_of(s["dseg"])
         vols = volumes_in_extent(s["dseg"], xfm, (z_lo, z_hi))
         measured.append(SessionVolumes(s["session"], s["study_date"],
                                        session_day(s["study_date"], day0), vols, z_range, n))
@@ -271,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "xfm": None if xfm is None else str(xfm.with_suffix(".tfm")),
                          "xfm_json": None if xfm is None else str(xfm)})
     baseline = args.baseline or min(sessions, key=lambda s: s["study_date"])["session"]
+    sessions = load_sessions(sessions)
     measured, side, how, extent = measure_subject(
         args.subject, args.day0, sessions, args.affected_side, baseline)
     write_tsv_atomic(args.out, volume_rows(args.subject, measured, side), VOLUME_COLUMNS)
