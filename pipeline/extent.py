@@ -298,8 +298,44 @@ def extent_weights_zyx(
     return np.clip(overlap / (2 * h), 0.0, 1.0)
 
 
+#: Margin (voxels) inside the in-plane edge of a grid that counts as outside its field of view.
+FOV_MARGIN_VOXELS = 0.0
+
+
+@dataclass(frozen=True)
+class FieldOfView:
+    """A session's grid and its baseline-to-session transform: what that session can see."""
+
+    geometry: Geometry
+    transform: TransformLike
+
+
+def inside_fovs(
+    points_baseline_mm: NDArray[np.float64], fovs: Sequence[FieldOfView]
+) -> NDArray[np.bool_]:
+    """True for baseline points (N, 3) that lie inside the in-plane field of view of every
+    session in `fovs` (the cranio-caudal range is the extent's business, not this one's)."""
+    ok = np.ones(points_baseline_mm.shape[0], bool)
+    for fov in fovs:
+        a, b = affine_of(fov.transform)
+        p = points_baseline_mm @ a.T + b
+        idx = (p - fov.geometry.origin) @ np.linalg.inv(fov.geometry.matrix).T
+        axis = fov.geometry.layer_axis_xyz
+        for i in range(3):
+            if i == axis:
+                continue
+            n = fov.geometry.size_xyz[i]
+            ok &= (idx[:, i] >= FOV_MARGIN_VOXELS - 0.5) & (
+                idx[:, i] <= n - 0.5 - FOV_MARGIN_VOXELS
+            )
+    return ok
+
+
 def volumes_in_extent(
-    label_map: LabelMapLike, transform: TransformLike, extent: tuple[float, float]
+    label_map: LabelMapLike,
+    transform: TransformLike,
+    extent: tuple[float, float],
+    fovs: Sequence[FieldOfView] = (),
 ) -> dict[str, dict[str, float]]:
     """Volume (mL) per side and structure inside a baseline cranio-caudal extent.
 
@@ -315,6 +351,10 @@ def volumes_in_extent(
     label_map : label map (path or SimpleITK image) of one session.
     transform : baseline-to-session transform (None for the baseline).
     extent : (z_min_mm, z_max_mm) in baseline coordinates, e.g. from :func:`common_extent`.
+    fovs : the fields of view of every session of the subject: a limb voxel counts only where
+        every one of them sees it in-plane (:func:`inside_fovs`), so that a session whose
+        limb is cut by the edge of its image and the sessions that see all of it measure the
+        same region. Empty: no in-plane restriction.
 
     Returns
     -------
@@ -327,10 +367,17 @@ def volumes_in_extent(
         raise ValueError(f"{_name(label_map)}: label values outside 0..8")
     sums = np.zeros(9)
     lab = np.asarray(labels, dtype=np.int64)
+    c_mat, c0 = to_baseline(geo, transform)
     for k in range(lab.shape[0]):
         w = extent_weights_zyx(geo, transform, extent, k)
         if not w.any():
             continue
+        if fovs:
+            jj, ii = np.nonzero(lab[k])
+            idx = np.stack([ii, jj, np.full(ii.size, k)], axis=1).astype(float)
+            seen = inside_fovs(c0[None, :] + idx @ c_mat.T, fovs)
+            w = w.copy()
+            w[jj[~seen], ii[~seen]] = 0.0
         sums += np.bincount(lab[k].ravel(), weights=w.ravel(), minlength=9)
     return {
         side: {
@@ -344,6 +391,7 @@ def volumes_in_extent(
 
 
 __all__ = [
+    "FieldOfView",
     "Geometry",
     "LabelMapLike",
     "LayerStats",
@@ -354,6 +402,7 @@ __all__ = [
     "covered_range",
     "extent_weights_zyx",
     "half_height_mm",
+    "inside_fovs",
     "layer_stats",
     "read_label_map",
     "side_mask",

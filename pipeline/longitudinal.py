@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from . import qc as qc_mod
 from .io_utils import read_tsv, sha256_file, write_json_atomic, write_tsv_atomic
 from .labels import STRUCTURES
 
@@ -36,6 +37,7 @@ LONGITUDINAL_COLUMNS = (
     "difference_ml",
     "asymmetry_pct",
     "change_from_baseline_pct",
+    "qc",
 )
 CLASSES = ("pseudo-progression", "progression", "response", "stable", "indeterminate")
 EVENT_CATEGORIES = ("infusion", "CRS grade", "drug", "other")
@@ -58,18 +60,39 @@ class Thresholds:
 
 @dataclass
 class Visit:
-    """One session's affected / contralateral volumes (mL) per structure."""
+    """One session's affected / contralateral volumes (mL) per structure.
+
+    None is *not available* (a QC flag excluded it, see ``qc``); a structure absent from
+    ``contralateral_ml`` has no contralateral limb in view.
+    """
 
     study_date: str
     day: int
-    affected_ml: dict[str, float]
+    affected_ml: dict[str, float | None]
     contralateral_ml: dict[str, float | None]
+    qc: list[str] = field(default_factory=list)
 
     def asymmetry_pct(self, structure: str = "soft_tissue") -> float | None:
         contra = self.contralateral_ml.get(structure)
-        if not contra:
+        aff = self.affected_ml.get(structure)
+        if not contra or aff is None:
             return None
-        return 100.0 * (self.affected_ml[structure] / contra - 1.0)
+        return 100.0 * (aff / contra - 1.0)
+
+    def has(self, structure: str) -> bool:
+        """True when the affected limb's `structure` was measured."""
+        return self.affected_ml.get(structure) is not None
+
+    @property
+    def contralateral_in_view(self) -> bool:
+        """A contralateral limb was imaged (measured, or not available by a QC flag)."""
+        contra = self.contralateral_ml.get("limb", 0.0)
+        return (contra is None and bool(self.qc)) or (contra is not None and contra > 0)
+
+    @property
+    def excluded(self) -> bool:
+        """Nothing of the affected limb was measured (every structure not available)."""
+        return not any(self.has(s) for s in STRUCTURES)
 
 
 @dataclass
@@ -88,9 +111,12 @@ def visits_from_rows(rows: Sequence[Mapping[str, str]]) -> list[Visit]:
         v = by_date.setdefault(r["study_date"], Visit(r["study_date"], int(r["day"]), {}, {}))
         value = None if r["volume_ml"] in ("n/a", "") else float(r["volume_ml"])
         if r["role"] == "affected":
-            v.affected_ml[r["structure"]] = value if value is not None else 0.0
+            v.affected_ml[r["structure"]] = value
         else:
             v.contralateral_ml[r["structure"]] = value
+        for code in (r.get("qc") or "").split(","):
+            if code.strip() and code.strip() != "n/a" and code.strip() not in v.qc:
+                v.qc.append(code.strip())
     return sorted(by_date.values(), key=lambda v: v.study_date)
 
 
@@ -100,8 +126,8 @@ def baseline_index(visits: Sequence[Visit]) -> int:
     return before[-1] if before else 0
 
 
-def _pct(new: float, old: float) -> float | None:
-    return None if old == 0 else 100.0 * (new / old - 1.0)
+def _pct(new: float | None, old: float | None) -> float | None:
+    return None if new is None or not old else 100.0 * (new / old - 1.0)
 
 
 def longitudinal_rows(subject: str, visits: Sequence[Visit]) -> list[dict[str, Any]]:
@@ -110,7 +136,7 @@ def longitudinal_rows(subject: str, visits: Sequence[Visit]) -> list[dict[str, A
     rows = []
     for v in visits:
         for s in STRUCTURES:
-            aff = v.affected_ml[s]
+            aff = v.affected_ml.get(s)
             contra = v.contralateral_ml.get(s)
             rows.append(
                 dict(
@@ -118,11 +144,13 @@ def longitudinal_rows(subject: str, visits: Sequence[Visit]) -> list[dict[str, A
                     study_date=v.study_date,
                     day=v.day,
                     structure=s,
-                    affected_ml=round(aff, 3),
-                    contralateral_ml=None if contra is None else round(contra, 3),
-                    difference_ml=None if contra is None else round(aff - contra, 3),
+                    affected_ml=_round(aff, 3),
+                    contralateral_ml=_round(contra, 3),
+                    difference_ml=None if contra is None or aff is None else round(
+                        aff - contra, 3),
                     asymmetry_pct=_round(v.asymmetry_pct(s)),
-                    change_from_baseline_pct=_round(_pct(aff, base.affected_ml[s])),
+                    change_from_baseline_pct=_round(_pct(aff, base.affected_ml.get(s))),
+                    qc=",".join(v.qc),
                 )
             )
     return rows
@@ -152,17 +180,33 @@ def swelling_change(v: Visit, base: Visit) -> tuple[float, str] | None:
 
     With both limbs: soft-tissue asymmetry now minus at baseline. With one limb only (no
     contralateral control): the affected soft tissue's change from baseline in percent, which
-    equals the asymmetry change when the other limb does not change. None when neither exists.
+    equals the asymmetry change when the other limb does not change. None when neither can be
+    computed (not in view, or not available at either session).
     """
     a, a0 = v.asymmetry_pct(), base.asymmetry_pct()
     if a is not None and a0 is not None:
         return a - a0, f"soft-tissue asymmetry {a:+.1f} % vs {a0:+.1f} % at baseline"
-    x, x0 = v.affected_ml.get("soft_tissue", 0.0), base.affected_ml.get("soft_tissue", 0.0)
-    if x0 > 0:
+    if v.contralateral_in_view or base.contralateral_in_view:
+        return None  # a contralateral limb exists: its absence from one session is a QC gap
+    x, x0 = v.affected_ml.get("soft_tissue"), base.affected_ml.get("soft_tissue")
+    if x is not None and x0:
         return 100.0 * (x / x0 - 1.0), (
             f"affected soft tissue {x:.0f} mL vs {x0:.0f} mL at baseline (one limb only: "
             "change from baseline in place of asymmetry)")
     return None
+
+
+#: The three kinds of evidence the pattern weighs, and the structure each needs.
+CRITERIA = ("swelling", "marrow_lesion", "edema")
+
+
+def assessable(v: Visit, base: Visit) -> dict[str, bool]:
+    """Which criteria can be judged at `v` against `base` (both values available)."""
+    return {
+        "swelling": swelling_change(v, base) is not None,
+        "marrow_lesion": v.has("marrow_lesion") and base.has("marrow_lesion"),
+        "edema": v.has("edema") and base.has("edema"),
+    }
 
 
 def _flare_criteria(v: Visit, base: Visit, t: Thresholds) -> list[str]:
@@ -174,7 +218,9 @@ def _flare_criteria(v: Visit, base: Visit, t: Thresholds) -> list[str]:
         ("marrow_lesion", t.flare_lesion_ratio, t.flare_lesion_min_ml),
         ("edema", t.flare_edema_ratio, t.flare_edema_min_ml),
     ):
-        x, x0 = v.affected_ml[s], base.affected_ml[s]
+        x, x0 = v.affected_ml.get(s), base.affected_ml.get(s)
+        if x is None or x0 is None:
+            continue
         if _at_least(x, ratio * x0) and _at_least(x - x0, min_ml):
             out.append(
                 f"{s.replace('_', ' ')} {x:.1f} mL vs {x0:.1f} mL at baseline "
@@ -188,10 +234,11 @@ def _flare_criteria(v: Visit, base: Visit, t: Thresholds) -> list[str]:
 
 
 def _resolved(v: Visit, base: Visit, t: Thresholds) -> tuple[bool, str]:
+    """Whether `v` is back to baseline; only call when every criterion is assessable."""
     change = swelling_change(v, base)
     asym_ok = change is None or _at_most(change[0], t.resolved_asymmetry_pp)
-    les, les0 = v.affected_ml["marrow_lesion"], base.affected_ml["marrow_lesion"]
-    ede, ede0 = v.affected_ml["edema"], base.affected_ml["edema"]
+    les, les0 = v.affected_ml["marrow_lesion"] or 0.0, base.affected_ml["marrow_lesion"] or 0.0
+    ede, ede0 = v.affected_ml["edema"] or 0.0, base.affected_ml["edema"] or 0.0
     ok = asym_ok and _at_most(les, les0) and _at_most(ede, ede0)
     asym_txt = "swelling not available" if change is None else change[1]
     return ok, (
@@ -200,23 +247,47 @@ def _resolved(v: Visit, base: Visit, t: Thresholds) -> tuple[bool, str]:
     )
 
 
+def _qc_note(v: Visit) -> str:
+    return f" ({', '.join(v.qc)})" if v.qc else ""
+
+
 def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
-    """Response pattern of DESIGN.md.
+    """Response pattern of DESIGN.md, on what passed QC.
 
     * ``pseudo-progression``: a flare after baseline, and the last session resolved;
     * ``progression``: the last session still flares against baseline;
     * ``response``: no flare, and at the last session a baseline lesion >= 1 mL is down to
       <= 0.7 x baseline, or asymmetry is >= 5 pp below baseline;
     * ``stable``: none of these; ``indeterminate``: fewer than two sessions.
+
+    Values that a QC flag excluded (None) never enter: a session with nothing measured is
+    left out; a criterion is judged only where it is available at the session and at the
+    baseline. A label that needs every criterion (pseudo-progression, response, stable) is
+    given only when every criterion is assessable at the last session; otherwise, and when
+    no session after the baseline is left, the pattern is ``indeterminate`` and the reasons
+    say which flags removed what.
     """
     t = t or Thresholds()
     if len(visits) < 2:
         return Pattern("indeterminate", [f"{len(visits)} session(s): at least two are needed"])
     b = baseline_index(visits)
     base = visits[b]
-    later = list(visits[b + 1 :])
+    if base.excluded:
+        return Pattern("indeterminate", [
+            f"The baseline session ({base.study_date}, day {base.day}) did not pass QC"
+            f"{_qc_note(base)}: nothing to compare with."])
+    reasons: list[str] = []
+    later = []
+    for v in visits[b + 1:]:
+        ok = assessable(v, base)
+        if v.excluded or not any(ok.values()):
+            reasons.append(f"Session {v.study_date} (day {v.day}) left out of the pattern: "
+                           f"nothing assessable against baseline{_qc_note(v)}.")
+        else:
+            later.append(v)
     if not later:
-        return Pattern("indeterminate", [f"no session after the baseline (day {base.day})"])
+        return Pattern("indeterminate", [
+            *reasons, f"No session after the baseline (day {base.day}) passed QC."])
     flares: list[dict[str, Any]] = []
     for v in later:
         crit = _flare_criteria(v, base, t)
@@ -224,24 +295,33 @@ def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
             flares.append({"study_date": v.study_date, "day": v.day, "criteria": crit})
     last = later[-1]
     last_flare = _flare_criteria(last, base, t)
-    resolved, resolved_txt = _resolved(last, base, t)
-    reasons = [
+    reasons.insert(0,
         f"Baseline: {base.study_date} (day {base.day}); last session: "
         f"{last.study_date} (day {last.day})."
-    ]
+    )
     for f in flares:
         criteria: list[str] = f["criteria"]
         reasons.append(f"Flare at day {f['day']}: " + "; ".join(criteria) + ".")
     if last_flare:
         reasons.append(f"The last session (day {last.day}) still flares against baseline.")
         return Pattern("progression", reasons, flares)
+    missing = [c for c, ok in assessable(last, base).items() if not ok]
+    if missing:
+        names = ", ".join(c.replace("_", " ") for c in missing)
+        reasons.append(
+            f"At the last session (day {last.day}) {names} cannot be judged against "
+            f"baseline (not available{_qc_note(last) or _qc_note(base)}): resolution, "
+            "response or stability cannot be stated.")
+        return Pattern("indeterminate", reasons, flares)
+    resolved, resolved_txt = _resolved(last, base, t)
     if flares and resolved:
         reasons.append(f"Resolved by day {last.day}: {resolved_txt}.")
         return Pattern("pseudo-progression", reasons, flares)
     if flares:
         reasons.append(f"Not resolved at day {last.day} ({resolved_txt}), no flare either.")
         return Pattern("stable", reasons, flares)
-    les0, les = base.affected_ml["marrow_lesion"], last.affected_ml["marrow_lesion"]
+    les0 = base.affected_ml["marrow_lesion"] or 0.0
+    les = last.affected_ml["marrow_lesion"] or 0.0
     change = swelling_change(last, base)
     if _at_least(les0, t.response_lesion_min_ml) and _at_most(les, t.response_lesion_ratio * les0):
         reasons.append(
@@ -254,6 +334,12 @@ def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
         return Pattern("response", reasons, flares)
     reasons.append(f"No flare and no response criterion met at day {last.day} ({resolved_txt}).")
     return Pattern("stable", reasons, flares)
+
+
+def qc_reasons(flags: Sequence[qc_mod.QCFlag]) -> list[str]:
+    """One reason per ``exclude`` flag: what the pattern was not allowed to rest on."""
+    return [f"Not used for the pattern: {qc_mod.describe(f)}." for f in flags
+            if f.severity == "exclude"]
 
 
 def read_events(path: str | Path | None, day0: str) -> list[dict[str, Any]]:
@@ -346,6 +432,8 @@ def build_summary(
     warnings: list[str] = []
     by_label = {s["session"]: s for s in sessions_index.get("sessions", [])}
     extents = {s["session"]: s for s in side_info.get("sessions", [])}
+    flags = qc_mod.flags_from_json(side_info.get("qc_flags", []))
+    visit_by_date = {v.study_date: v for v in visits}
     sessions = []
     for label, files in session_files.items():
         entry = by_label.get(label, {})
@@ -368,6 +456,10 @@ def build_summary(
                 "z_range_mm": ext.get("z_range_mm"),
                 "n_slices": ext.get("n_slices"),
                 "warnings": s_warn,
+                "qc_codes": qc_mod.codes_for(flags, label),
+                "excluded": qc_mod.session_excluded(flags, label)
+                or bool(visit_by_date.get(str(entry.get("study_date")))
+                        and visit_by_date[str(entry.get("study_date"))].excluded),
             }
         )
     warnings.extend(side_info.get("warnings", []))
@@ -381,7 +473,7 @@ def build_summary(
             "poor_reasons": reg.get("poor_reasons", []),
             "initialisation": reg.get("initialisation"),
         }
-    unilateral = bool(visits) and all(v.asymmetry_pct() is None for v in visits)
+    unilateral = bool(visits) and not any(v.contralateral_in_view for v in visits)
     if unilateral:
         warnings.append("one limb only in the field of view: asymmetry is not available; "
                         "swelling is judged from the affected limb's change from baseline")
@@ -399,6 +491,7 @@ def build_summary(
         "a measurement aid, not a diagnosis.",
         "reasons": pattern.reasons,
         "flares": pattern.flares,
+        "qc_flags": [f.to_json() for f in flags],
         "warnings": warnings,
         "sessions": sessions,
         "extent_mm": side_info.get("extent", {}),
@@ -435,6 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     visits = visits_from_rows(read_tsv(args.volumes))
     pattern = classify(visits, thresholds)
     side_info = json.loads(args.side_json.read_text(encoding="utf-8"))
+    pattern.reasons.extend(qc_reasons(qc_mod.flags_from_json(side_info.get("qc_flags", []))))
     index = json.loads(args.sessions_json.read_text(encoding="utf-8"))
     qc = {}
     session_files: dict[str, dict[str, str]] = {}

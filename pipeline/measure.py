@@ -12,7 +12,7 @@ import argparse
 import datetime as dt
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,10 @@ import numpy as np
 import SimpleITK as sitk
 from numpy.typing import NDArray
 
+from . import qc as qc_mod
 from .extent import (
+    FieldOfView,
+    Geometry,
     as_transform,
     common_extent,
     covered_range,
@@ -38,23 +41,26 @@ from .profiles import (
     find_landmarks,
     write_profile_tsv,
 )
+from .qc import QCFlag
 
 #: Common-extent edges within this distance (mm) of the baseline's edges snap to them.
 SNAP_MM = 1.0
 
-VOLUME_COLUMNS = ("subject", "study_date", "day", "side", "role", "structure", "volume_ml")
+VOLUME_COLUMNS = ("subject", "study_date", "day", "side", "role", "structure", "volume_ml", "qc")
 
 
 @dataclass(frozen=True)
 class SessionVolumes:
-    """Volumes of one session: ``volumes_ml[side][structure]`` and the extent covered."""
+    """Volumes of one session: ``volumes_ml[side][structure]`` (None: not available, see
+    ``qc``) and the extent covered; ``qc[side]`` lists the QC codes raised for that side."""
 
     session: str
     study_date: str
     day: int
-    volumes_ml: dict[str, dict[str, float]]
+    volumes_ml: dict[str, dict[str, float | None]]
     z_range_mm: tuple[float, float]
     n_slices: int
+    qc: dict[str, list[str]] = field(default_factory=dict)
 
 
 def volumes_from_labels(
@@ -118,7 +124,12 @@ def infer_affected_side(sessions: Sequence[SessionVolumes]) -> tuple[str | None,
     """
 
     def total(side: str, structure: str) -> float:
-        return sum(s.volumes_ml[side][structure] for s in sessions)
+        # sessions where either side is not available say nothing about the difference
+        return sum(
+            s.volumes_ml[side][structure] or 0.0
+            for s in sessions
+            if None not in (s.volumes_ml["left"][structure], s.volumes_ml["right"][structure])
+        )
 
     for structure, margin_ml, rel in (
         ("marrow_lesion", 1.0, 0.0),
@@ -158,10 +169,15 @@ def volume_rows(
                         side=side,
                         role=role,
                         structure=structure,
-                        volume_ml=round(s.volumes_ml[side][structure], 3),
+                        volume_ml=_round3(s.volumes_ml[side][structure]),
+                        qc=",".join(s.qc.get(side, [])),
                     )
                 )
     return rows
+
+
+def _round3(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
 
 
 def load_sessions(sessions: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -186,12 +202,33 @@ def _extent_of(labels: sitk.Image) -> tuple[tuple[float, float], int]:
     return (float(min(z)), float(max(z))), int(size[axis])
 
 
+def collect_flags(sessions: Sequence[Mapping[str, Any]]) -> list[QCFlag]:
+    """QC flags of every session: the segmentation's (``qc``: the label map's JSON sidecar)
+    and ``registration_failed`` where the registration to the baseline (``xfm_json``) was
+    poor. Paths may be absent (None)."""
+    flags: list[QCFlag] = []
+    for s in sessions:
+        label = str(s["session"])
+        if s.get("qc"):
+            sidecar = json.loads(Path(s["qc"]).read_text(encoding="utf-8"))
+            flags += qc_mod.flags_from_json(sidecar.get("qc_flags", []), session=label)
+        if s.get("xfm_json"):
+            reg = json.loads(Path(s["xfm_json"]).read_text(encoding="utf-8"))
+            if reg.get("poor"):
+                flags.append(QCFlag(
+                    label, qc_mod.BOTH, qc_mod.REGISTRATION_FAILED, "exclude",
+                    "registration to the baseline failed: "
+                    + "; ".join(reg.get("poor_reasons", []) or ["poor quality"])))
+    return flags
+
+
 def measure_subject(
     subject: str,
     day0: str,
     sessions: Sequence[Mapping[str, Any]],
     affected_side: str,
     baseline: str | None = None,
+    flags: Sequence[QCFlag] = (),
 ) -> tuple[list[SessionVolumes], str, str, dict[str, Any]]:
     """Measure every session's label map over the common extent; resolve ``'auto'`` sides.
 
@@ -201,6 +238,9 @@ def measure_subject(
         optionally ``xfm`` (the baseline-to-session transform of :mod:`pipeline.register`,
         a .tfm path; None or absent for the baseline, or when there is none).
     baseline : session label of the baseline; the extent is in its coordinates.
+    flags : QC flags (:mod:`pipeline.qc`). A structure an ``exclude`` flag removes is None
+        (not available); a session with nothing left (failed registration, not T1-like)
+        neither narrows the common extent nor the common field of view.
 
     Returns
     -------
@@ -209,9 +249,16 @@ def measure_subject(
     ordered = load_sessions(sorted(sessions, key=lambda s: s["study_date"]))
     label_maps = [s["dseg"] for s in ordered]
     transforms = [None if s["session"] == baseline else s.get("xfm") for s in ordered]
+    usable = [not qc_mod.session_excluded(flags, s["session"]) for s in ordered]
+    gone = qc_mod.unavailable(flags)
     extent_info: dict[str, Any] = {"method": "common extent after registration"}
+    fovs: list[FieldOfView] = []
     try:
-        z_lo, z_hi = common_extent(label_maps, transforms)
+        if not any(usable):
+            raise ValueError("every session is excluded by a QC flag")
+        maps_ok = [m for m, u in zip(label_maps, usable, strict=True) if u]
+        trs_ok = [t for t, u in zip(transforms, usable, strict=True) if u]
+        z_lo, z_hi = common_extent(maps_ok, trs_ok)
         # Registration is good to a few tenths of a millimetre: an edge that close to the
         # baseline's own edge means the sessions cover the same extent, i.e. every slice.
         base_idx = next((i for i, t in enumerate(transforms) if t is None), 0)
@@ -222,16 +269,28 @@ def measure_subject(
             z_hi = max(z_hi, b_hi)
         extent_info.update(z_min_mm=round(z_lo, 2), z_max_mm=round(z_hi, 2),
                            length_mm=round(z_hi - z_lo, 2))
+        if len(maps_ok) > 1:
+            fovs = [FieldOfView(Geometry.of(m), t) for m, t in zip(maps_ok, trs_ok, strict=True)]
+            extent_info["in_plane"] = "voxels seen by every session's field of view"
     except ValueError as err:
         z_lo, z_hi = -np.inf, np.inf
         extent_info.update(method="every slice of each session", warning=(
             f"no common extent could be set ({err}); volumes cover every slice"))
     measured = []
-    for s, xfm in zip(ordered, transforms, strict=True):
+    for s, xfm, ok in zip(ordered, transforms, usable, strict=True):
         z_range, n = _extent_of(s["dseg"])
-        vols = volumes_in_extent(s["dseg"], xfm, (z_lo, z_hi))
+        vols: dict[str, dict[str, float | None]] = {
+            side: dict(v) for side, v in volumes_in_extent(
+                s["dseg"], xfm, (z_lo, z_hi), fovs if ok else ()).items()}
+        for sd in SIDES:
+            for structure in STRUCTURES:
+                if (s["session"], sd, structure) in gone:
+                    vols[sd][structure] = None
+        qc_codes: dict[str, list[str]] = {
+            sd: qc_mod.codes_for(flags, s["session"], sd) for sd in SIDES}
         measured.append(SessionVolumes(s["session"], s["study_date"],
-                                       session_day(s["study_date"], day0), vols, z_range, n))
+                                       session_day(s["study_date"], day0), vols, z_range, n,
+                                       qc_codes))
     if affected_side == "auto":
         side, why = infer_affected_side(measured)
         if side is None:
@@ -279,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--xfm", nargs="*", default=[], type=Path,
                    help="registration results (_xfm.json, with the .tfm beside) of the "
                    "sessions other than the baseline")
+    p.add_argument("--qc", nargs="*", default=[], type=Path,
+                   help="segmentation QC sidecars (_dseg.json) holding the QC flags")
     p.add_argument("--baseline", default=None, help="baseline session label")
     p.add_argument("--out", required=True, type=Path, help="volumes.tsv")
     p.add_argument("--side-json", required=True, type=Path,
@@ -289,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     index = json.loads(args.sessions_json.read_text(encoding="utf-8"))
     dates = {s["session"]: s["study_date"] for s in index["sessions"]}
     xfms = {_session_label(x): x for x in args.xfm}
+    sidecars = {_session_label(q): q for q in args.qc}
     sessions: list[dict[str, Any]] = []
     for path in args.dseg:
         label = _session_label(path)
@@ -298,11 +360,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         xfm = xfms.get(label)
         sessions.append({"session": label, "study_date": dates[label], "dseg": str(path),
                          "xfm": None if xfm is None else str(xfm.with_suffix(".tfm")),
-                         "xfm_json": None if xfm is None else str(xfm)})
+                         "xfm_json": None if xfm is None else str(xfm),
+                         "qc": None if label not in sidecars else str(sidecars[label])})
     baseline = args.baseline or min(sessions, key=lambda s: s["study_date"])["session"]
+    flags = collect_flags(sessions)
     sessions = load_sessions(sessions)
     measured, side, how, extent = measure_subject(
-        args.subject, args.day0, sessions, args.affected_side, baseline)
+        args.subject, args.day0, sessions, args.affected_side, baseline, flags)
     write_tsv_atomic(args.out, volume_rows(args.subject, measured, side), VOLUME_COLUMNS)
     landmarks: dict[str, Any] = {}
     warnings: list[str] = [extent["warning"]] if "warning" in extent else []
@@ -318,9 +382,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if s["xfm_json"]:
             reg = json.loads(Path(s["xfm_json"]).read_text(encoding="utf-8"))
             registration[s["session"]] = reg
-            if reg.get("poor"):
-                warnings.append(f"session {s['session']}: poor registration to the baseline ("
-                                + "; ".join(reg.get("poor_reasons", [])) + ")")
     write_json_atomic(args.side_json, {
         "affected_side": side,
         "affected_side_source": how,
@@ -329,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "landmarks": landmarks,
         "registration": registration,
         "warnings": warnings,
+        "qc_flags": [f.to_json() for f in flags],
         "sessions": [
             {"session": m.session, "study_date": m.study_date, "day": m.day,
              "z_range_mm": list(m.z_range_mm), "n_slices": m.n_slices}

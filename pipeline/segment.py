@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import SimpleITK as sitk
@@ -38,6 +38,7 @@ from scipy import ndimage
 from skimage import filters, measure, morphology, segmentation
 
 from . import __version__
+from . import qc as qc_mod
 from .io_utils import atomic_path, write_json_atomic
 from .labels import BONE, EDEMA, LESION, SIDE_OFFSET, SOFT_TISSUE
 
@@ -61,6 +62,10 @@ class SegmentSettings:
     min_lesion_component_mm3: float = 100.0
     min_edema_component_mm3: float = 60.0
     edema_grow_fraction: float = 0.4
+    signal_void_fraction: float = 0.4
+    min_fov_contact_mm: float = 3.0
+    t1_like_min_fat_ratio: float = 1.0
+    fat_suppressed_max_fat_ratio: float = 0.7
 
 
 @dataclass
@@ -237,46 +242,164 @@ def _muscle_level_t1(t1: FloatArray, limb: BoolArray) -> tuple[float, float]:
     return float(np.median(tissue[tissue < split])), float(np.median(tissue[tissue >= split]))
 
 
-def bone_mask(t1: FloatArray, limb: BoolArray, muscle: float, pixel_mm: float) -> BoolArray:
-    """Cortex and marrow cavity (Z, Y, X) inside one limb.
+#: Threshold levels (x muscle T1) tried for the dark cortex, lowest first: partial volume lifts
+#: a thin (metaphyseal, child's) cortex above half the muscle level.
+CORTEX_LEVELS: Final = (0.5, 0.65, 0.8)
+#: A bone's marrow cavity: at least this area (mm^2) of not-dark signal inside the cortex.
+#: Marrow is not required to be bright: on gradient-echo images it is near muscle.
+MIN_CAVITY_MM2: Final = 6.0
+#: Mean cortical thickness (dark area / outline length, mm) of a bone section found on its
+#: own; fascia enclosing a muscle compartment is one voxel thick (0.8-1.3 mm with partial
+#: volume). Thinner (metaphyseal) cortex is followed from the adjacent slice instead.
+MIN_CORTEX_MM: Final = 1.5
+#: Compactness of a bone section (area / convex hull area).
+MIN_BONE_SOLIDITY: Final = 0.85
+#: Smallest bone section (mm^2): a child's fibula is ~30 mm^2.
+MIN_BONE_AREA_MM2: Final = 25.0
+#: Largest bone section as a fraction of the limb's (femoral condyles reach ~45 %).
+MAX_BONE_FRACTION: Final = 0.5
+#: A section continues a bone of the adjacent slice when they overlap by this fraction of the
+#: smaller one and it is at most this many times larger (bones change slowly along z).
+MIN_CONTINUATION_OVERLAP: Final = 0.5
+MAX_CONTINUATION_GROWTH: Final = 1.6
 
-    Per slice: voxels darker than half the muscle level (cortex is ~0) away from the skin, holes
-    filled; among compact components (solidity >= 0.85, under 30 % of the limb's section) the one
-    enclosing the largest cavity wins, so septa and fascia loops are not taken for bone. Where
-    partial volume lifts a thin (metaphyseal) cortex above that level and the ring is open, the
-    level is raised step by step (0.65, 0.8 x muscle) until a ring closes.
+
+def bone_mask(t1: FloatArray, limb: BoolArray, muscle: float, pixel_mm: float) -> BoolArray:
+    """Every bone (cortex and marrow) of one limb, array of shape (Z, Y, X).
+
+    A bone section is a compact region enclosed by a dark cortex. Per slice, dark voxels (T1
+    below ``level x muscle``) away from the skin are hole-filled and opened (thin septa and
+    vessels touching the cortex go), and each compact component of plausible size is a
+    candidate; levels rise (:data:`CORTEX_LEVELS`) so that a cortex lifted by partial volume
+    still closes, and a place keeps the lowest level that finds it.
+
+    - **sections found on their own**: a marrow cavity inside a thick cortex
+      (:data:`MIN_CORTEX_MM`): femur, tibia, fibula, patella, several per slice;
+    - **followed sections**: other candidates (thin metaphyseal cortex, the distal fibula's
+      solid cortex, a cavity filled by a T1-dark lesion) are bone only where they continue a
+      bone section of an adjacent slice (overlap, similar size), followed slice by slice.
+      Flow voids (dark, no cavity) and fascia loops never start a bone;
+    - with three or more slices every bone section must continue into an adjacent slice:
+      bones are long.
+
+    Parameters
+    ----------
+    t1 : ndarray of shape (Z, Y, X)
+        Bias-corrected T1-like image.
+    limb : ndarray of bool, shape (Z, Y, X)
+        One limb.
+    muscle : float
+        Muscle T1 level of that limb.
+    pixel_mm : float
+        In-plane pixel size (mm).
     """
     inner = ndimage.binary_erosion(
-        limb, structure=np.ones((1, 3, 3), bool), iterations=max(1, int(round(4.0 / pixel_mm)))
+        limb, structure=np.ones((1, 3, 3), bool), iterations=max(1, int(round(3.0 / pixel_mm)))
     )
-    out = np.zeros_like(limb)
-    min_px = 40.0 / pixel_mm**2
+    found = np.zeros_like(limb)
+    weak = np.zeros_like(limb)
     for k in range(limb.shape[0]):
         limb_px = float(limb[k].sum())
         if limb_px == 0:
             continue
-        for level in (0.5, 0.65, 0.8):
-            best = _best_ring(((t1[k] < level * muscle) & inner[k]), min_px, 0.3 * limb_px)
-            if best is not None:
-                out[k] = best
-                break
-    return out
+        for level in CORTEX_LEVELS:
+            dark = (t1[k] < level * muscle) & inner[k]
+            for comp, on_its_own in _bone_candidates(dark, pixel_mm, limb_px):
+                if (comp & found[k]).any():
+                    continue
+                if (comp & weak[k]).any():
+                    if not on_its_own:
+                        continue
+                    # a whole bone at a higher level beats fragments of its cortex
+                    lab, _ = ndimage.label(weak[k])
+                    weak[k] &= ~np.isin(lab, np.unique(lab[comp & weak[k]]))
+                (found if on_its_own else weak)[k] |= comp
+    bone = _follow_along_z(found, weak)
+    if bone.shape[0] >= 3:
+        bone = _continued_along_z(bone)
+    return bone
 
 
-def _best_ring(dark: BoolArray, min_px: float, max_px: float) -> BoolArray | None:
+def _sections(mask2d: BoolArray) -> list[BoolArray]:
+    lab, n = ndimage.label(mask2d)
+    return [lab == i for i in range(1, n + 1)]
+
+
+def _continues(section: BoolArray, neighbour: BoolArray) -> bool:
+    """True when `section` overlaps a bone section of `neighbour` enough, and is not much
+    larger than it."""
+    if not (section & neighbour).any():
+        return False
+    area = float(section.sum())
+    for other in _sections(neighbour):
+        inter = float((section & other).sum())
+        size = float(other.sum())
+        if inter >= MIN_CONTINUATION_OVERLAP * min(area, size) and (
+            area <= MAX_CONTINUATION_GROWTH * size
+        ):
+            return True
+    return False
+
+
+def _follow_along_z(found: BoolArray, weak: BoolArray) -> BoolArray:
+    """`found` plus the `weak` sections that continue it slice by slice (both directions)."""
+    bone = found.copy()
+    pending = {k: _sections(weak[k]) for k in range(weak.shape[0]) if weak[k].any()}
+    changed = True
+    while changed and pending:
+        changed = False
+        for k in list(pending):
+            keep = []
+            for section in pending[k]:
+                neighbours = [bone[j] for j in (k - 1, k + 1) if 0 <= j < bone.shape[0]]
+                if any(_continues(section, nb) for nb in neighbours):
+                    bone[k] |= section
+                    changed = True
+                else:
+                    keep.append(section)
+            if keep:
+                pending[k] = keep
+            else:
+                del pending[k]
+    return bone
+
+
+_SLICE_CONNECTIVITY = np.zeros((3, 3, 3), bool)
+_SLICE_CONNECTIVITY[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _continued_along_z(bone: BoolArray) -> BoolArray:
+    """Bone sections (2-D components) that overlap bone in an adjacent slice."""
+    lab, _ = ndimage.label(bone, structure=_SLICE_CONNECTIVITY)
+    up = np.zeros_like(bone)
+    down = np.zeros_like(bone)
+    up[:-1] = bone[1:]
+    down[1:] = bone[:-1]
+    keep = np.unique(lab[bone & (up | down)])
+    return np.isin(lab, keep[keep > 0])
+
+
+def _bone_candidates(
+    dark: BoolArray, pixel_mm: float, limb_px: float
+) -> list[tuple[BoolArray, bool]]:
+    """Compact dark-outlined regions of one slice: ``(mask, found_on_its_own)``."""
     # The opening strips thin dark lines (septa, vessels) that touch the cortex, so that the
     # bone's own outline decides its compactness.
     filled = ndimage.binary_opening(ndimage.binary_fill_holes(dark), structure=_DISK1)
-    lab, n = ndimage.label(filled)
-    best, best_cavity = None, 0.0
+    lab, _ = ndimage.label(filled)
+    px_mm2 = pixel_mm**2
+    out = []
     for region in measure.regionprops(lab):
-        if not min_px <= region.area <= max_px or region.solidity < 0.85:
+        area_mm2 = region.area * px_mm2
+        if not MIN_BONE_AREA_MM2 <= area_mm2 <= MAX_BONE_FRACTION * limb_px * px_mm2:
+            continue
+        if region.solidity < MIN_BONE_SOLIDITY:
             continue
         comp = lab == region.label
-        cavity = float((comp & ~dark).sum())
-        if cavity > best_cavity:
-            best, best_cavity = comp, cavity
-    return best
+        cavity_mm2 = float((comp & ~dark).sum()) * px_mm2
+        cortex_mm = (area_mm2 - cavity_mm2) / max(region.perimeter * pixel_mm, 1e-6)
+        out.append((comp, cavity_mm2 >= MIN_CAVITY_MM2 and cortex_mm >= MIN_CORTEX_MM))
+    return out
 
 
 def _hysteresis(image: FloatArray, region: BoolArray, low: float, high: float) -> BoolArray:
@@ -412,18 +535,87 @@ def edema_mask(
     )
 
 
+def _column_band(limb: BoolArray, margin_px: int) -> BoolArray:
+    """The columns (x) a limb occupies in any slice, widened by `margin_px`, over every row and
+    slice: where that limb's signal is looked for even on a slice where its outline failed."""
+    cols = ndimage.binary_dilation(limb.any(axis=(0, 1)), iterations=margin_px)
+    return np.broadcast_to(cols[None, None, :], limb.shape)
+
+
+def _contrast_checks(
+    t1: FloatArray,
+    fluid: FloatArray,
+    per_side: dict[str, dict[str, Any]],
+    pixel_mm: float,
+    settings: SegmentSettings,
+) -> dict[str, Any]:
+    """Subcutaneous fat against muscle on both images (both limbs pooled).
+
+    Fat is located by position (1.5-5 mm inside the skin, :func:`pipeline.qc.
+    subcutaneous_ring`), muscle as deep tissue away from bone. The anatomical image is
+    T1-like when its bright class (the upper of the two classes of :func:`_muscle_level_t1`)
+    fills more of the fat ring than of the deep tissue: a ratio of fractions, free of the
+    image's scale and of how strong the T1 weighting is (a 5-degree gradient echo's in-phase
+    image gives 1.2-1.3, a fat-suppressed image well below 1). On the fluid image, fat is then
+    the T1-bright part of the ring and muscle the T1-muscle-like deep tissue, and their median
+    ratio says whether fat is suppressed (STIR 0.1-0.4; an unsuppressed echo 0.8-1.2).
+    """
+    if not per_side:
+        return {}
+    ring = np.zeros(t1.shape, bool)
+    deep = np.zeros(t1.shape, bool)
+    for s in per_side.values():
+        ring |= qc_mod.subcutaneous_ring(s["limb"], pixel_mm)
+        deep |= qc_mod.deep_tissue(s["limb"], s["bone"], pixel_mm)
+    if not ring.any() or not deep.any():
+        return {}
+    muscle = float(np.mean([s["t1_muscle"] for s in per_side.values()]))
+    fat = float(np.mean([s["t1_fat"] for s in per_side.values()]))
+    bright = t1 > 0.5 * (muscle + fat)
+    deep_bright = float(bright[deep].mean())
+    t1_ratio = float(bright[ring].mean()) / max(deep_bright, 1e-3)
+    fat_vox, muscle_vox = ring, deep
+    if t1_ratio >= settings.t1_like_min_fat_ratio:
+        fat_vox = ring & bright
+        muscle_vox = deep & (np.abs(t1 / muscle - 1.0) < 0.25)
+    fluid_ratio = qc_mod.contrast_ratio(fluid, fat_vox, muscle_vox)
+    return {"t1_fat_to_muscle": t1_ratio, "fluid_fat_to_muscle": fluid_ratio}
+
+
 def segment_arrays(
     t1: FloatArray,
     fluid: FloatArray,
     spacing_zyx_mm: tuple[float, float, float],
     x_of_column_mm: FloatArray,
     settings: SegmentSettings,
+    raw: tuple[FloatArray, FloatArray] | None = None,
 ) -> tuple[NDArray[np.uint8], dict[str, Any]]:
-    """Label map (Z, Y, X) from bias-corrected T1 and fluid images on one axial grid."""
+    """Label map (Z, Y, X) from bias-corrected T1 and fluid images on one axial grid.
+
+    `raw` holds the same images before bias correction (the signal checks need the coil's
+    fall-off that the correction removes); without it the corrected images stand in. QC flags
+    (:mod:`pipeline.qc`) go to ``qc['qc_flags']``.
+    """
     qc: dict[str, Any] = {}
     voxel_mm3 = float(np.prod(spacing_zyx_mm))
     pixel_mm = float(np.sqrt(spacing_zyx_mm[1] * spacing_zyx_mm[2]))
     limbs = limb_masks(t1, spacing_zyx_mm, x_of_column_mm, settings, qc)
+    flags: list[qc_mod.QCFlag] = []
+    n_slices = t1.shape[0]
+    raw_t1, raw_fluid = raw if raw is not None else (t1, fluid)
+    for side in ("right", "left"):
+        limb = limbs[side]
+        if limb.sum() * voxel_mm3 <= 10_000:
+            continue
+        band = _column_band(limb, margin_px=max(2, int(round(10.0 / pixel_mm))))
+        levels = [qc_mod.slice_signal(raw_t1, band), qc_mod.slice_signal(raw_fluid, band)]
+        void = qc_mod.void_slices(levels, settings.signal_void_fraction)
+        limb[void] = False
+        cut = qc_mod.border_contact_slices(limb, pixel_mm, settings.min_fov_contact_mm)
+        for flag in (qc_mod.void_flag(side, void, n_slices, settings.signal_void_fraction),
+                     qc_mod.fov_flag(side, cut, n_slices)):
+            if flag is not None:
+                flags.append(flag)
     present = [s for s in ("right", "left") if limbs[s].sum() * voxel_mm3 > 10_000]
     qc["sides_present"] = present
     labels = np.zeros(t1.shape, dtype=np.uint8)
@@ -438,6 +630,18 @@ def segment_arrays(
         per_side[side] = dict(
             limb=limb, bone=bone, marrow=marrow, soft=soft, t1_muscle=muscle, t1_fat=fat
         )
+    contrast = _contrast_checks(t1, fluid, per_side, pixel_mm, settings)
+    qc["contrast"] = contrast
+    for flag in (
+        qc_mod.t1_like_flag(contrast.get("t1_fat_to_muscle"), settings.t1_like_min_fat_ratio),
+        qc_mod.fat_suppression_flag(
+            contrast.get("fluid_fat_to_muscle"), settings.fat_suppressed_max_fat_ratio
+        ),
+    ):
+        if flag is not None:
+            flags.append(flag)
+    qc["qc_flags"] = [f.to_json() for f in flags]
+    fluid_usable = not any(f.code == qc_mod.FLUID_NOT_FAT_SUPPRESSED for f in flags)
     for side in present:
         s = per_side[side]
         # The contralateral limb is the patient's own control; with one limb only, the same
@@ -447,13 +651,17 @@ def segment_arrays(
         soft_vals = fluid[ref["soft"]]
         soft_vals = soft_vals[soft_vals > 0]
         muscle_fl = _muscle_level_fluid(soft_vals)
-        lesion, lesion_info = marrow_lesion(
-            t1, fluid, s, ref, muscle_fl, settings, voxel_mm3, own_reference=contra is None
-        )
-        edema, edema_info = edema_mask(
-            t1, fluid, s, soft_vals, muscle_fl, settings, voxel_mm3,
-            own_reference=contra is None,
-        )
+        if fluid_usable:
+            lesion, lesion_info = marrow_lesion(
+                t1, fluid, s, ref, muscle_fl, settings, voxel_mm3, own_reference=contra is None
+            )
+            edema, edema_info = edema_mask(
+                t1, fluid, s, soft_vals, muscle_fl, settings, voxel_mm3,
+                own_reference=contra is None,
+            )
+        else:  # fat would read as fluid: not measured (qc flag), never a guess
+            lesion = edema = np.zeros_like(s["limb"])
+            lesion_info = edema_info = {"not measured": qc_mod.FLUID_NOT_FAT_SUPPRESSED}
         off = SIDE_OFFSET[side]
         labels[s["limb"]] = off + SOFT_TISSUE
         labels[edema & s["soft"]] = off + EDEMA
@@ -505,7 +713,10 @@ def segment_session(
         ],
         dtype=np.float32,
     )
-    labels_arr, qc = segment_arrays(t1c, fluid_c, spacing_zyx, x_of_column, settings)
+    labels_arr, qc = segment_arrays(
+        t1c, fluid_c, spacing_zyx, x_of_column, settings,
+        raw=(t1_arr, sitk.GetArrayFromImage(fluid)),
+    )
     t_seg = time.perf_counter()
 
     labels = sitk.GetImageFromArray(labels_arr)

@@ -58,6 +58,7 @@ rule measure:
     input:
         sessions_json=f"{SUBJECT_DIR}/sessions.json",
         dseg=session_files(f"{SESSION_STEM}_dseg.nii.gz"),
+        qc=session_files(f"{SESSION_STEM}_dseg.json"),
         xfm=followup_files(f"{SESSION_STEM}_xfm.json"),
         tfm=followup_files(f"{SESSION_STEM}_xfm.tfm"),
     output:
@@ -83,7 +84,8 @@ rule measure:
     shell:
         "{params.python} -m pipeline.measure --subject {wildcards.subject} --day0 {params.day0}"
         " --affected-side {params.affected_side} --sessions-json {input.sessions_json:q}"
-        " --dseg {input.dseg:q} --xfm {input.xfm:q} --baseline {params.baseline}"
+        " --dseg {input.dseg:q} --qc {input.qc:q} --xfm {input.xfm:q}"
+        " --baseline {params.baseline}"
         " --out {output.volumes:q} --side-json {output.side:q}"
         " --csa {output.csa:q} --circumference {output.circumference:q} > {log:q} 2>&1"
 

@@ -50,9 +50,10 @@ def test_demo_outputs_follow_the_contract(demo_run: Path) -> None:
     for name in ("volumes.tsv", "longitudinal.tsv", "summary.json", "report.html"):
         assert (demo_run / name).is_file(), name
     with open(demo_run / "volumes.tsv") as fh:
-        assert fh.readline().rstrip("\n").split("\t") == VOLUME_COLUMNS
+        # the contract's columns in their order; new ones (the QC codes) only after them
+        assert fh.readline().rstrip("\n").split("\t") == [*VOLUME_COLUMNS, "qc"]
     with open(demo_run / "longitudinal.tsv") as fh:
-        assert fh.readline().rstrip("\n").split("\t") == LONGITUDINAL_COLUMNS
+        assert fh.readline().rstrip("\n").split("\t") == [*LONGITUDINAL_COLUMNS, "qc"]
     volumes = read_tsv(demo_run / "volumes.tsv")
     assert len(volumes) == 5 * 2 * 5  # sessions x sides x structures
     assert {r["day"] for r in volumes} == {"-5", "3", "6", "14", "30"}

@@ -95,7 +95,7 @@ def test_visits_from_rows_groups_sorts_and_reads_na():
     visits = visits_from_rows(rows)
     assert [v.study_date for v in visits] == ["2024-02-28", "2024-03-15"]
     assert [v.day for v in visits] == [-2, 14]
-    assert visits[0].affected_ml == {"marrow_lesion": 5.0, "edema": 0.0}
+    assert visits[0].affected_ml == {"marrow_lesion": 5.0, "edema": None}  # never 0
     assert visits[0].contralateral_ml == {"marrow_lesion": 0.0}
     assert visits[1].contralateral_ml == {"marrow_lesion": None}
 
@@ -108,7 +108,7 @@ def test_longitudinal_rows_values_and_change_from_baseline():
               visit(7, asym_pct=25.0, lesion=5.0, edema=30.0)]
     rows = longitudinal_rows("P1", visits)
     assert len(rows) == 3 * 5
-    assert all(list(r) == DESIGN_LONGITUDINAL_COLUMNS for r in rows)
+    assert all(list(r) == [*DESIGN_LONGITUDINAL_COLUMNS, "qc"] for r in rows)
     assert [r["structure"] for r in rows[:5]] == STRUCTURES
     soft = {r["day"]: r for r in rows if r["structure"] == "soft_tissue"}
     assert soft[7]["affected_ml"] == 1250.0
@@ -491,7 +491,7 @@ def test_main_end_to_end(tmp_path, capsys):
         reader = csv.reader(fh, delimiter="\t")
         header = next(reader)
         rows = [dict(zip(header, r, strict=True)) for r in reader]
-    assert header == DESIGN_LONGITUDINAL_COLUMNS
+    assert header == [*DESIGN_LONGITUDINAL_COLUMNS, "qc"]
     assert len(rows) == 3 * 5
     soft = [r for r in rows if r["structure"] == "soft_tissue"]
     assert [r["asymmetry_pct"] for r in soft] == ["10", "22", "9"]

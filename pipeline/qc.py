@@ -1,0 +1,297 @@
+"""QC flags: what the image cannot show is said, never measured.
+
+A flag is raised per session and side by the step that can see the problem (segmentation:
+field of view, signal, contrast; registration: alignment with the baseline) and travels with
+the results to ``summary.json`` (``qc_flags``) and to the tables (column ``qc``).
+
+Each code has one meaning and one consequence, defined here and nowhere else:
+
+=========================== ========= ==========================================================
+code                        severity  consequence for the numbers
+=========================== ========= ==========================================================
+``limb_cut_by_fov``         warn      the limb touches the in-plane edge of the image; volumes
+                                      of every session are counted over the region that every
+                                      session covers in 3-D, so a clipped session cannot fake a
+                                      change (absolute volumes and asymmetry are of that region)
+``signal_void_slices``      warn      end slices with coil-edge signal loss, wrap or artefact
+                                      are left out of the extent (listed in the message);
+                                      ``exclude`` when such slices lie between good ones
+``fluid_not_fat_suppressed`` exclude  subcutaneous fat is not darker than muscle on the
+                                      fluid-sensitive image: edema and marrow lesion are not
+                                      available (empty), limb, soft tissue and bone stay
+``anatomical_not_t1_like``  exclude   fat is not brighter than muscle on the anatomical image:
+                                      bone and limb outlines cannot be trusted; nothing of the
+                                      session is available
+``registration_failed``     exclude   the session could not be aligned with the baseline:
+                                      nothing of the session is available and it does not
+                                      narrow the common extent
+=========================== ========= ==========================================================
+
+An ``exclude`` flag makes its structures *not available*: empty in ``volumes.tsv`` and
+``longitudinal.tsv`` (never 0), and left out of the response pattern.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from .labels import SIDES, STRUCTURES
+
+Severity = Literal["exclude", "warn"]
+
+LIMB_CUT_BY_FOV: Final = "limb_cut_by_fov"
+SIGNAL_VOID_SLICES: Final = "signal_void_slices"
+FLUID_NOT_FAT_SUPPRESSED: Final = "fluid_not_fat_suppressed"
+ANATOMICAL_NOT_T1_LIKE: Final = "anatomical_not_t1_like"
+REGISTRATION_FAILED: Final = "registration_failed"
+
+#: Structures made not available by an ``exclude`` flag of each code (all: every structure).
+EXCLUDED_STRUCTURES: Final[dict[str, tuple[str, ...]]] = {
+    LIMB_CUT_BY_FOV: STRUCTURES,
+    SIGNAL_VOID_SLICES: STRUCTURES,
+    FLUID_NOT_FAT_SUPPRESSED: ("marrow_lesion", "edema"),
+    ANATOMICAL_NOT_T1_LIKE: STRUCTURES,
+    REGISTRATION_FAILED: STRUCTURES,
+}
+
+#: What each code means for the numbers, in words (README, report legend).
+MEANING: Final[dict[str, str]] = {
+    LIMB_CUT_BY_FOV: "limb cut by the in-plane edge of the image; every session is measured "
+    "over the region all sessions cover",
+    SIGNAL_VOID_SLICES: "slices with signal loss or artefact, left out of the extent",
+    FLUID_NOT_FAT_SUPPRESSED: "fluid-sensitive image not fat-suppressed: edema and marrow "
+    "lesion not available",
+    ANATOMICAL_NOT_T1_LIKE: "anatomical image not T1-like (fat not brighter than muscle): "
+    "session not measured",
+    REGISTRATION_FAILED: "registration to the baseline failed: session not measured",
+}
+
+BOTH: Final = "both"
+
+
+@dataclass(frozen=True)
+class QCFlag:
+    """One QC finding of one session (and side, or ``'both'``).
+
+    ``slices`` lists affected slice indices of the session's label map (numpy axis 0 of the
+    LPS-oriented array) where the code concerns slices.
+    """
+
+    session: str
+    side: str
+    code: str
+    severity: Severity
+    message: str
+    slices: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.code not in EXCLUDED_STRUCTURES:
+            raise ValueError(f"unknown QC code {self.code!r}")
+        if self.severity not in ("exclude", "warn"):
+            raise ValueError(f"severity must be exclude or warn, not {self.severity!r}")
+        if self.side not in (*SIDES, BOTH):
+            raise ValueError(f"side must be left, right or both, not {self.side!r}")
+
+    @property
+    def sides(self) -> tuple[str, ...]:
+        return tuple(SIDES) if self.side == BOTH else (self.side,)
+
+    @property
+    def excluded_structures(self) -> tuple[str, ...]:
+        return EXCLUDED_STRUCTURES[self.code] if self.severity == "exclude" else ()
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["slices"] = list(self.slices)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], session: str | None = None) -> QCFlag:
+        return cls(
+            session=str(session if session is not None else d["session"]),
+            side=str(d["side"]),
+            code=str(d["code"]),
+            severity=d["severity"],
+            message=str(d["message"]),
+            slices=tuple(int(k) for k in d.get("slices", ()) or ()),
+        )
+
+
+def flags_from_json(items: Iterable[Mapping[str, Any]], session: str | None = None) -> list[QCFlag]:
+    """Flags from their JSON form (``session`` overrides the stored one when given)."""
+    return [QCFlag.from_json(d, session) for d in items]
+
+
+def unavailable(flags: Iterable[QCFlag]) -> dict[tuple[str, str, str], list[str]]:
+    """``(session, side, structure) -> [codes]`` for every structure an exclude flag removes."""
+    out: dict[tuple[str, str, str], list[str]] = {}
+    for f in flags:
+        for side in f.sides:
+            for s in f.excluded_structures:
+                codes = out.setdefault((f.session, side, s), [])
+                if f.code not in codes:
+                    codes.append(f.code)
+    return out
+
+
+def codes_for(flags: Iterable[QCFlag], session: str, side: str | None = None) -> list[str]:
+    """Codes (any severity) raised for `session` (and `side`, when given), in order."""
+    out: list[str] = []
+    for f in flags:
+        if f.session == session and (side is None or side in f.sides) and f.code not in out:
+            out.append(f.code)
+    return out
+
+
+def session_excluded(flags: Sequence[QCFlag], session: str) -> bool:
+    """True when an exclude flag removes every structure of both sides of `session`."""
+    gone = unavailable(flags)
+    return all((session, side, s) in gone for side in SIDES for s in STRUCTURES)
+
+
+def describe(flag: QCFlag) -> str:
+    """One line for reasons and logs: ``session 20240301, left: limb_cut_by_fov (warn): ...``."""
+    side = "both sides" if flag.side == BOTH else flag.side
+    return f"session {flag.session}, {side}: {flag.code} ({flag.severity}): {flag.message}"
+
+
+# --------------------------------------------------------------------------- image checks
+# Pure functions on arrays of shape (Z, Y, X) in the segmentation's LPS-ordered frame (axis 0
+# runs inferior to superior). Each returns what it saw; the flags are made from it below.
+
+
+def slice_signal(image: NDArray[np.floating[Any]], band: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """Per slice, the 99th percentile of `image` inside `band` (a column band of one limb,
+    the same in every slice): a robust "brightest tissue" level that does not need the limb
+    outline, which is exactly what fails on a slice without signal."""
+    out = np.zeros(image.shape[0])
+    for k in range(image.shape[0]):
+        vals = image[k][band[k]]
+        out[k] = float(np.percentile(vals, 99)) if vals.size else 0.0
+    return out
+
+
+def void_slices(levels: Sequence[NDArray[np.float64]], fraction: float) -> list[int]:
+    """Slices whose signal (any of `levels`, one per image) is below `fraction` of that
+    image's typical level (the 75th percentile over slices: the coil's sensitive middle)."""
+    bad: set[int] = set()
+    for lv in levels:
+        ref = float(np.percentile(lv, 75))
+        if ref > 0:
+            bad.update(int(k) for k in np.nonzero(lv < fraction * ref)[0])
+    return sorted(bad)
+
+
+def _runs(slices: Sequence[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for k in sorted(slices):
+        if runs and k == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], k)
+        else:
+            runs.append((k, k))
+    return runs
+
+
+def format_slices(slices: Sequence[int]) -> str:
+    """``[0, 1, 2, 7]`` -> ``'0-2, 7'``."""
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in _runs(slices))
+
+
+def void_flag(side: str, slices: Sequence[int], n_slices: int, fraction: float) -> QCFlag | None:
+    """``signal_void_slices`` for one side: ``warn`` when the slices are runs at the ends of
+    the series (left out of the extent), ``exclude`` when some lie between good slices."""
+    if not slices:
+        return None
+    runs = _runs(slices)
+    interior = [r for r in runs if r[0] > 0 and r[1] < n_slices - 1]
+    where = format_slices(slices)
+    if interior:
+        return QCFlag("", side, SIGNAL_VOID_SLICES, "exclude",
+                      f"slices {where} of {n_slices} have signal below {fraction:.0%} of the "
+                      "series' typical level, some between good slices: the limb cannot be "
+                      "measured as one piece", tuple(slices))
+    return QCFlag("", side, SIGNAL_VOID_SLICES, "warn",
+                  f"slices {where} of {n_slices} have signal below {fraction:.0%} of the "
+                  "series' typical level (coil edge or artefact): left out of the extent",
+                  tuple(slices))
+
+
+def border_contact_slices(limb: NDArray[np.bool_], pixel_mm: float,
+                          min_contact_mm: float) -> list[int]:
+    """Slices where `limb` runs along the in-plane edge of the image for at least
+    `min_contact_mm` (a limb cut by the field of view).
+
+    The edge is the outer two voxels: scanners and converters often pad the matrix with a
+    row or column of zeros, and a limb that close to the edge has no air around it anyway.
+    """
+    edge = np.zeros(limb.shape[1:], bool)
+    edge[:2, :] = edge[-2:, :] = edge[:, :2] = edge[:, -2:] = True
+    contact = (limb & edge[None]).sum(axis=(1, 2)) * pixel_mm / 2
+    return [int(k) for k in np.nonzero(contact >= min_contact_mm)[0]]
+
+
+def fov_flag(side: str, slices: Sequence[int], n_slices: int) -> QCFlag | None:
+    """``limb_cut_by_fov`` (warn): volumes then cover the region every session covers."""
+    if not slices:
+        return None
+    return QCFlag("", side, LIMB_CUT_BY_FOV, "warn",
+                  f"the limb is cut by the in-plane edge of the image on slices "
+                  f"{format_slices(slices)} of {n_slices}: volumes of every session are "
+                  "counted over the region that every session covers", tuple(slices))
+
+
+def subcutaneous_ring(limb: NDArray[np.bool_], pixel_mm: float) -> NDArray[np.bool_]:
+    """Voxels 1.5 to 5 mm inside the skin of `limb`, per slice: mostly subcutaneous fat,
+    whatever the contrast (its location, not its signal, defines it)."""
+    plane = np.ones((1, 3, 3), bool)
+    outer = ndimage.binary_erosion(limb, plane, iterations=max(1, round(1.5 / pixel_mm)))
+    inner = ndimage.binary_erosion(limb, plane, iterations=max(2, round(5.0 / pixel_mm)))
+    return outer & ~inner
+
+
+def deep_tissue(limb: NDArray[np.bool_], bone: NDArray[np.bool_],
+                pixel_mm: float) -> NDArray[np.bool_]:
+    """Voxels more than 15 mm inside the skin and away from bone: mostly muscle."""
+    plane = np.ones((1, 3, 3), bool)
+    deep = ndimage.binary_erosion(limb, plane, iterations=max(3, round(15.0 / pixel_mm)))
+    return deep & ~ndimage.binary_dilation(bone, plane, iterations=2)
+
+
+def contrast_ratio(image: NDArray[np.floating[Any]], region: NDArray[np.bool_],
+                   reference: NDArray[np.bool_]) -> float | None:
+    """Median of `image` in `region` over its median in `reference` (None when either is
+    empty or the reference is not positive)."""
+    if not region.any() or not reference.any():
+        return None
+    ref = float(np.median(image[reference]))
+    return None if ref <= 0 else float(np.median(image[region])) / ref
+
+
+def t1_like_flag(ratio: float | None, minimum: float) -> QCFlag | None:
+    """``anatomical_not_t1_like`` when subcutaneous fat is not brighter than deep tissue
+    (muscle) on the anatomical image: `ratio` is how much more of the fat ring than of the
+    deep tissue falls in the image's bright class (1: no difference)."""
+    if ratio is None or ratio >= minimum:
+        return None
+    return QCFlag("", BOTH, ANATOMICAL_NOT_T1_LIKE, "exclude",
+                  f"subcutaneous fat is not brighter than muscle on the anatomical image "
+                  f"(bright-class ratio fat ring / deep tissue {ratio:.2f} < {minimum:g}): "
+                  "not T1-weighted, Dixon in-phase or proton-density-like; bone and limb "
+                  "outlines are not trusted, the session is not measured")
+
+
+def fat_suppression_flag(ratio: float | None, maximum: float) -> QCFlag | None:
+    """``fluid_not_fat_suppressed`` when subcutaneous fat is not darker than muscle by
+    `maximum` on the fluid-sensitive image."""
+    if ratio is None or ratio <= maximum:
+        return None
+    return QCFlag("", BOTH, FLUID_NOT_FAT_SUPPRESSED, "exclude",
+                  f"subcutaneous fat / muscle signal on the fluid-sensitive image is "
+                  f"{ratio:.2f} (> {maximum:g}): fat is not suppressed, so fat would read as "
+                  "fluid; edema and marrow lesion are not available")
