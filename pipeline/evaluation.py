@@ -191,6 +191,32 @@ SUITE: tuple[Case, ...] = (
          ("--seed", "43", "--sides", "left", "--sessions=0:0:4:0.4"), "left"),
 )
 
+#: Anatomy and acquisition beyond the thigh (issue: regions, vessels, growth plates, QC cases).
+#: Small grids (<= 160 x 120, <= 32 slices, <= 2 sessions): about a minute each.
+ANATOMY_SUITE: tuple[Case, ...] = (
+    Case("calf_lesion", "calf: lesion in the tibia, edema, vessels",
+         ("--region", "calf", "--slices", "24", "--seed", "51",
+          "--sessions=-2:0.08:3:0.5,12:0.0:1.5:0.1")),
+    Case("knee_child", "knee, child size, growth plates, lesion in the distal femur",
+         ("--region", "knee", "--growth-plates", "--leg-radius-mm", "45",
+          "--bone-radius-mm", "8.5", "--cortex-mm", "2.2", "--slice-mm", "4", "--slices", "32",
+          "--seed", "52", "--sessions=-1:0.06:2.5:0.4,14:0.0:1.0:0.05")),
+    Case("calf_control", "negative control: calf with vessels, nothing to find",
+         ("--region", "calf", "--slices", "24", "--seed", "53", "--sessions=0:0:0:0,14:0:0:0"),
+         "left"),
+    Case("thigh_clipped", "thigh, second session clipped in-plane 15 mm on the affected side",
+         ("--seed", "54", "--pixel-mm", "1.8", "--slices", "24",
+          "--sessions=-1:0.1:4:0.4,10:0.02:2:0.1",
+          "--fov-clip", "2:15:affected")),
+    Case("thigh_void", "thigh, 3 coil-edge void slices at the inferior end of both sessions",
+         ("--seed", "55", "--pixel-mm", "1.8", "--slices", "28",
+          "--sessions=-1:0.1:4:0.4,10:0.02:2:0.1",
+          "--void-slices", "all:3:inferior")),
+    Case("calf_nofatsat", "calf, fluid image without fat suppression, lesion and edema",
+         ("--region", "calf", "--no-stir-fat-suppressed", "--slices", "24", "--seed", "56",
+          "--sessions=0:0.05:3:0.5")),
+)
+
 
 def run_case(case: Case, work: Path, python: str, root: Path) -> dict[str, Any]:
     """Generate the case's phantom, run the workflow on it, score it. Returns a result dict."""

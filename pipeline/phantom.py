@@ -1,16 +1,25 @@
-"""Serial bilateral thigh MRI phantom with exact ground truth, written as real DICOM.
+"""Serial bilateral leg MRI phantom (thigh, knee or calf) with exact ground truth, as real DICOM.
 
 The anatomy is defined analytically in DICOM patient coordinates (LPS, millimetres: +x toward
-the patient's left, +y posterior, +z superior). Every voxel of the acquisition grid is
-supersampled (in-plane and through the slice thickness); the fraction of samples falling in each
-tissue gives partial-volume images and the exact ground-truth volume of every structure on that
-grid. Signal = sum of tissue fractions x tissue intensity, times a smooth bias field, with Rician
-noise.
+the patient's left, +y posterior, +z superior; z = 0 is the knee joint line). Every voxel of the
+acquisition grid is supersampled (in-plane and through the slice thickness); the fraction of
+samples falling in each tissue gives partial-volume images and the exact ground-truth volume of
+every structure on that grid. Signal = sum of tissue fractions x tissue intensity, times a smooth
+bias field, with Rician noise.
 
 Tissues and relative intensities (T1-weighted TSE / STIR), from the musculoskeletal MRI
 literature: fat 1.0 / 0.05, muscle 0.33 / 0.30, red marrow 0.60 / 0.35, fatty marrow 0.95 / 0.05,
 leukemic lesion 0.28 / 0.65, edematous muscle 0.28 / 0.55, fluid strands in fat 0.15 / 0.90,
-cortex ~0 / ~0, fascia and septa 0.08 / 0.08, skin 0.50 / 0.35.
+cortex ~0 / ~0, fascia, septa and tendon 0.08 / 0.08, skin 0.50 / 0.35, vessels (flow void on
+T1 spin echo, slow flow bright on STIR) 0.05 / 0.70, growth-plate cartilage 0.35 / 0.50.
+
+Regions (``PhantomSpec.region``): ``thigh`` (femur; the default), ``knee`` (distal femur with
+condyles and trochlea, patella, tibial plateau, fibular head, patellar tendon, popliteal fossa)
+and ``calf`` (triangular tibia antero-medially, small thick-walled fibula postero-laterally,
+crural septa). ``bone`` in the truth is every bone of the limb (cortex, marrow, growth plates,
+lesion). Options add vessels, growth plates, in-plane field-of-view clipping, coil-edge signal
+loss, a fluid image without fat suppression and an anatomical image that is not T1-like; with
+all of them at their defaults the output is that of the original thigh phantom, byte for byte.
 """
 
 from __future__ import annotations
@@ -46,8 +55,10 @@ from .labels import BONE, EDEMA, LESION, SIDE_OFFSET, SOFT_TISSUE, STRUCTURE_CLA
     TUMOUR,
     EDEMA_MUSCLE,
     EDEMA_FAT,
-) = range(11)
-N_TISSUES = 11
+    VESSEL,
+    PHYSIS,
+) = range(13)
+N_TISSUES = 13
 
 #: Relative signal per tissue code: (T1-weighted, STIR).
 TISSUE_SIGNAL: dict[int, tuple[float, float]] = {
@@ -62,7 +73,13 @@ TISSUE_SIGNAL: dict[int, tuple[float, float]] = {
     TUMOUR: (0.28, 0.65),
     EDEMA_MUSCLE: (0.28, 0.55),
     EDEMA_FAT: (0.15, 0.90),
+    VESSEL: (0.05, 0.70),
+    PHYSIS: (0.35, 0.50),
 }
+
+#: Tissues holding fat: on a fluid-sensitive image without fat suppression (T2 TSE) they keep
+#: their T1-weighted brightness.
+FAT_TISSUES: frozenset[int] = frozenset({FAT, FATTY_MARROW, RED_MARROW, SKIN})
 
 #: Label-map tissue class (labels.py) of each tissue code; AIR is background.
 TISSUE_CLASS: dict[int, int] = {
@@ -76,7 +93,17 @@ TISSUE_CLASS: dict[int, int] = {
     TUMOUR: LESION,
     EDEMA_MUSCLE: EDEMA,
     EDEMA_FAT: EDEMA,
+    VESSEL: SOFT_TISSUE,
+    PHYSIS: BONE,
 }
+
+#: Tissues a vessel may run through (never bone).
+_SOFT_CODES: tuple[int, ...] = (FAT, FASCIA, MUSCLE, EDEMA_MUSCLE, EDEMA_FAT)
+
+REGIONS: tuple[str, ...] = ("thigh", "knee", "calf")
+
+#: Centre of the default field of view per region, mm above the knee joint line (z = 0).
+REGION_Z_CENTRE: dict[str, float] = {"thigh": 200.0, "knee": 10.0, "calf": -170.0}
 
 #: Image orientation (row cosine, column cosine) per patient position, axial acquisitions.
 POSITION_IOP: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -110,6 +137,15 @@ class SessionSpec:
         imaged part of the thigh moves the other way.
     n_slices : int
         Slices of this visit (0: the phantom's default), a different field of view.
+    fov_clip_mm : float
+        In-plane field of view narrowed (fewer columns) so that the image edge cuts this many mm
+        off the lateral side of the limb(s) named by `fov_clip_side` (0: not clipped).
+    fov_clip_side : str
+        ``affected``, ``contralateral``, ``left``, ``right`` or ``both``.
+    signal_void_slices : int
+        Number of end slices with coil-edge signal loss (signal x 0.05-0.2, ghosting, noise).
+    signal_void_end : str
+        Which end has them: ``inferior`` (lowest z), ``superior`` or ``both``.
     """
 
     day: int
@@ -118,6 +154,25 @@ class SessionSpec:
     edema: float = 0.0
     table_shift_mm: float = 0.0
     n_slices: int = 0
+    fov_clip_mm: float = 0.0
+    fov_clip_side: str = "affected"
+    signal_void_slices: int = 0
+    signal_void_end: str = "both"
+
+    def __post_init__(self) -> None:
+        if self.fov_clip_side not in ("affected", "contralateral", "left", "right", "both"):
+            raise ValueError(f"unknown fov_clip_side {self.fov_clip_side!r}")
+        if self.signal_void_end not in ("inferior", "superior", "both"):
+            raise ValueError(f"unknown signal_void_end {self.signal_void_end!r}")
+        if self.fov_clip_mm < 0 or self.signal_void_slices < 0:
+            raise ValueError("fov_clip_mm and signal_void_slices must be >= 0")
+
+
+#: Session options added after the first release, with the values that leave a phantom as it was.
+_NEW_SESSION_DEFAULTS: dict[str, Any] = {
+    "fov_clip_mm": 0.0, "fov_clip_side": "affected", "signal_void_slices": 0,
+    "signal_void_end": "both",
+}
 
 
 DEFAULT_SESSIONS: tuple[SessionSpec, ...] = (
@@ -131,7 +186,15 @@ DEFAULT_SESSIONS: tuple[SessionSpec, ...] = (
 
 @dataclass(frozen=True)
 class PhantomSpec:
-    """Patient, anatomy and acquisition of a phantom series of studies. Lengths in mm."""
+    """Patient, anatomy and acquisition of a phantom series of studies. Lengths in mm.
+
+    Anatomy options beyond the original thigh phantom: `region` (``thigh``, ``knee``,
+    ``calf``), `vessels` (None: on for knee and calf, off for the thigh), `growth_plates`
+    (2 mm physes of femur and tibia near the knee, with red marrow in the metaphyses: a child),
+    `stir_fat_suppressed` (False: fat bright on the fluid image, a T2 without fat saturation)
+    and `t1_like` (False: the anatomical series has STIR-like contrast). `leg_radius_mm` and
+    `bone_radius_mm` are the thigh's and the femoral shaft's; knee and calf scale from them.
+    """
 
     subject: str = "demo"
     seed: int = 7
@@ -158,8 +221,18 @@ class PhantomSpec:
     bias: float = 0.2
     supersample_xy: int = 3
     supersample_z: int = 5
+    # anatomy and contrast options (defaults: the original thigh phantom)
+    region: str = "thigh"
+    vessels: bool | None = None
+    growth_plates: bool = False
+    stir_fat_suppressed: bool = True
+    t1_like: bool = True
 
     def __post_init__(self) -> None:
+        if self.region not in REGIONS:
+            raise ValueError(f"region must be one of {REGIONS}, not {self.region!r}")
+        if self.vessels is None:
+            object.__setattr__(self, "vessels", self.region != "thigh")
         if self.position not in POSITION_IOP:
             raise ValueError(f"position must be one of {sorted(POSITION_IOP)}, not {self.position}")
         if self.slice_order not in ("ascending", "descending", "interleaved"):
@@ -168,6 +241,25 @@ class PhantomSpec:
             raise ValueError(f"sides must be left and/or right, not {self.sides}")
         if self.affected_side not in self.sides:
             raise ValueError(f"affected side {self.affected_side} is not among sides {self.sides}")
+
+
+#: Phantom options added after the first release, with the values that leave it as it was.
+_NEW_SPEC_DEFAULTS: dict[str, Any] = {
+    "region": "thigh", "vessels": False, "growth_plates": False, "stir_fat_suppressed": True,
+    "t1_like": True,
+}
+
+
+def is_legacy(spec: PhantomSpec) -> bool:
+    """True when no option added after the first release is used (the original thigh phantom).
+
+    Such a phantom's files and ``truth.json`` are byte-identical to the original generator's.
+    """
+    if any(getattr(spec, k) != v for k, v in _NEW_SPEC_DEFAULTS.items()):
+        return False
+    return all(
+        getattr(s, k) == v for s in spec.sessions for k, v in _NEW_SESSION_DEFAULTS.items()
+    )
 
 
 @dataclass
@@ -227,7 +319,8 @@ def make_grid(spec: PhantomSpec, table_shift_mm: float = 0.0, n_slices: int = 0)
 
 
 def _z_centre(spec: PhantomSpec) -> float:
-    return 200.0  # mm above the knee joint line: distal and mid thigh
+    """Centre of the field of view, mm above the knee joint line (thigh: distal and mid)."""
+    return REGION_Z_CENTRE[spec.region]
 
 
 def _fields(spec: PhantomSpec) -> _Fields:
@@ -247,11 +340,21 @@ def _fields(spec: PhantomSpec) -> _Fields:
     return _Fields(lo, step, feathery, reticular, leg_phase)
 
 
-def _lesion_axes(spec: PhantomSpec, lesion_ml: float) -> tuple[float, float]:
-    """In-plane and cranio-caudal semi-axes (mm) of a lesion ellipsoid of about `lesion_ml`."""
-    a = 0.95 * (spec.bone_radius_mm - spec.cortex_mm)
+def _lesion_axes(spec: PhantomSpec, lesion_ml: float, cavity_mm: float | None = None
+                 ) -> tuple[float, float]:
+    """In-plane and cranio-caudal semi-axes (mm) of a lesion ellipsoid of about `lesion_ml`.
+
+    `cavity_mm` is the radius of the marrow cavity holding it (default: the femoral shaft's).
+    """
+    if cavity_mm is None:
+        a = 0.95 * (spec.bone_radius_mm - spec.cortex_mm)
+    else:
+        a = 0.95 * cavity_mm
     c = lesion_ml * 1000.0 / (4.0 / 3.0 * np.pi * a * a)
     return a, max(c, a * 0.6)
+
+
+Claim = tuple[NDArray[np.int8], NDArray[np.float64], NDArray[np.float64]]
 
 
 def _tissue_at(
@@ -259,103 +362,465 @@ def _tissue_at(
 ) -> tuple[NDArray[np.int8], NDArray[np.int8]]:
     """Tissue code and side (0 none, 1 right, 2 left) at points `pts` (N, 3) in LPS mm."""
     n = pts.shape[0]
-    claims: dict[str, tuple[NDArray[np.int8], NDArray[np.float64], NDArray[np.float64]]] = {}
+    build = {"thigh": _thigh_claim, "knee": _knee_claim, "calf": _calf_claim}[spec.region]
+    claims: dict[str, Claim] = {}
+    for side in spec.sides:
+        claim = build(pts, spec, sess, fields, side)
+        if claim is not None:
+            claims[side] = claim
+    return _resolve_contact(claims, n)
+
+
+def _claim(n: int, idx: NDArray[np.intp], t: NDArray[np.int8], rr: NDArray[np.float64],
+           r_skin: NDArray[np.float64]) -> Claim:
+    """One leg's claim on all `n` points: tissue, depth (1 on the skin) and skin radius."""
+    t_full = np.zeros(n, dtype=np.int8)
+    t_full[idx] = t
+    depth = np.full(n, np.inf)
+    depth[idx] = rr / r_skin  # 1 on this leg's skin surface
+    radius = np.zeros(n)
+    radius[idx] = r_skin
+    return t_full, depth, radius
+
+
+def _apply_edema(t: NDArray[np.int8], pts_n: NDArray[np.float64], zz: NDArray[np.float64],
+                 theta: NDArray[np.float64], zles: float, span: float, sess: SessionSpec,
+                 fields: _Fields) -> None:
+    """Edema of the affected leg, in place: feathery in muscle, reticular in subcutaneous fat.
+
+    The envelope is centred on the lesion level `zles` (mm) with a sd of 0.35 x `span` (mm).
+    """
+    env = sess.edema * np.exp(-0.5 * ((zz - zles) / (0.35 * span)) ** 2)
+    env = np.clip(env * (0.6 + 0.4 * np.cos(theta - 0.5)), 1e-6, 0.999)
+    m = t == MUSCLE
+    if m.any():
+        thr = special.ndtri(1 - env[m])
+        t_m = t[m]
+        t_m[fields.sample("feathery", pts_n[m]) > thr] = EDEMA_MUSCLE
+        t[m] = t_m
+    f = t == FAT
+    if f.any():
+        t_f = t[f]
+        t_f[np.abs(fields.sample("reticular", pts_n[f])) < 0.35 * env[f]] = EDEMA_FAT
+        t[f] = t_f
+
+
+def _apply_lesion(t: NDArray[np.int8], cav: NDArray[np.bool_], bu: NDArray[np.float64],
+                  bv: NDArray[np.float64], zz: NDArray[np.float64], zles: float,
+                  axes: tuple[float, float], phase: float) -> None:
+    """Lobulated ellipsoidal marrow lesion (semi-axes `axes`, mm) in the cavity `cav`, in place.
+
+    `bu`, `bv` are in-plane offsets (mm) from the bone's axis, `zles` the lesion centre (mm).
+    """
+    a, c = axes
+    btheta = np.arctan2(bv, bu)
+    lob = 1 + 0.12 * np.cos(3 * btheta + phase) * np.cos((zz - zles) / 9.0)
+    q = (bu / a) ** 2 + (bv / a) ** 2 + ((zz - zles) / c) ** 2
+    t[cav & (q < lob**2)] = TUMOUR
+
+
+def _apply_vessels(t: NDArray[np.int8], u: NDArray[np.float64], v: NDArray[np.float64],
+                   tubes: Sequence[tuple[Any, Any, float]]) -> None:
+    """Vessels running along z, in place: tubes (centre u, centre v, radius; mm) in soft tissue.
+
+    They replace muscle, fat, septa and edema (a vessel is soft tissue, never edema or bone).
+    """
+    soft = np.isin(t, _SOFT_CODES)
+    for cu, cv, radius in tubes:
+        t[soft & (np.hypot(u - cu, v - cv) < radius)] = VESSEL
+
+
+def _thigh_claim(pts: NDArray[np.float64], spec: PhantomSpec, sess: SessionSpec,
+                 fields: _Fields, side: str) -> Claim | None:
+    """One thigh: skin, fat, fascia, muscle with septa, femur, edema, lesion, vessels."""
+    n = pts.shape[0]
     x, y, z = pts[:, 0], pts[:, 1], pts[:, 2]
     zc = _z_centre(spec)
     span = spec.n_slices * spec.slice_mm
     zrel = (z - zc) / span  # about -0.5 (distal) .. 0.5 (proximal)
     r0 = spec.leg_radius_mm * (1.0 + 0.28 * zrel)  # the thigh tapers toward the knee
-    for side in spec.sides:
-        sgn = 1.0 if side == "left" else -1.0
-        affected = side == spec.affected_side
-        cx = sgn * (r0 + spec.gap_mm / 2) - sgn * 0.06 * (z - zc)  # thighs converge distally
-        cy = 2.0 + 0.0 * z
-        scale = np.sqrt(1 + sess.swelling) if affected else 1.0
-        # Work in a mirrored frame so that +u points laterally for both legs.
-        u, v = sgn * (x - cx), y - cy
-        box = np.nonzero((np.abs(u) < 1.25 * r0 * scale) & (np.abs(v) < 1.25 * r0 * scale))[0]
-        if box.size == 0:
-            continue
-        u, v = u[box], v[box]
-        theta = np.arctan2(v, u)
-        rr = np.hypot(u, v)
-        ph = fields.leg_phase[side]
-        shape = (
-            1
-            + 0.07 * np.cos(2 * theta + 0.3)
-            + 0.025 * np.cos(3 * theta + ph[0])
-            + 0.015 * (np.cos(5 * theta + ph[1]))
-        )
-        r_skin = r0[box] * shape * scale
-        near = rr < r_skin + 2
-        if not near.any():
-            continue
-        idx = box[near]
-        u, v, rr, theta, r_skin_n = u[near], v[near], rr[near], theta[near], r_skin[near]
-        zz, zr = z[idx], zrel[idx]
-        r0n = r0[idx]
-        t = np.full(idx.size, AIR, dtype=np.int8)
-        inside = rr < r_skin_n
-        t[inside] = SKIN
-        fat_t = (
-            spec.subcutaneous_fat_fraction * r0n * (1 + 0.35 * np.cos(theta - 1.2 + ph[2] * 0.2))
-        )
-        r_fascia = r_skin_n - 1.2 - fat_t * (scale if affected else 1.0) ** 0.5
-        t[rr < r_skin_n - 1.2] = FAT
-        # Deep fascia: a thin dark layer between fat and muscle.
-        t[rr < r_fascia] = FASCIA
-        in_muscle = rr < r_fascia - 0.7
-        t[in_muscle] = MUSCLE
-        # Femur: slightly lateral and posterior of the thigh's centre.
-        bx, by = 0.12 * r0n, 0.08 * r0n
-        bu, bv = u - bx, v - by
-        br = np.hypot(bu, bv)
-        meta = 1.0 / (1.0 + np.exp((zz - (zc - 0.35 * span)) / 8.0))  # 1 in the distal metaphysis
-        r_bone = spec.bone_radius_mm * (1 + 0.55 * meta)
-        r_cavity = r_bone - spec.cortex_mm * (1 - 0.3 * meta)
-        # Intermuscular septa: thin rays from the femur to the fascia.
-        btheta = np.arctan2(bv, bu)
-        mi = np.nonzero(in_muscle & (br > r_bone))[0]
-        for ang in (0.0, 2.1, -2.3):
-            d_perp = np.abs(br[mi] * np.sin(btheta[mi] - ang))
-            on_ray = (np.cos(btheta[mi] - ang) > 0) & (d_perp < 0.45)
-            t[mi[on_ray]] = FASCIA
-        # Edema (affected side): feathery in muscle, reticular in subcutaneous fat.
-        if affected and sess.edema > 0:
-            zles = zc + (spec.lesion_z_fraction - 0.5) * span
-            env = sess.edema * np.exp(-0.5 * ((zz - zles) / (0.35 * span)) ** 2)
-            env = np.clip(env * (0.6 + 0.4 * np.cos(theta - 0.5)), 1e-6, 0.999)
-            pts_n = pts[idx]
-            m = t == MUSCLE
-            if m.any():
-                thr = special.ndtri(1 - env[m])
-                t_m = t[m]
-                t_m[fields.sample("feathery", pts_n[m]) > thr] = EDEMA_MUSCLE
-                t[m] = t_m
-            f = t == FAT
-            if f.any():
-                t_f = t[f]
-                t_f[np.abs(fields.sample("reticular", pts_n[f])) < 0.35 * env[f]] = EDEMA_FAT
-                t[f] = t_f
-        in_bone = br < r_bone
-        t[in_bone] = CORTEX
-        cav = br < r_cavity
-        red = (zz < zc - 0.3 * span + 6 * np.cos(btheta)) | (zr < -0.5)
-        t[cav] = np.where(red[cav], RED_MARROW, FATTY_MARROW)
-        if affected and sess.lesion_ml > 0:
-            a, c = _lesion_axes(spec, sess.lesion_ml)
-            zles = zc + (spec.lesion_z_fraction - 0.5) * span
-            lob = 1 + 0.12 * np.cos(3 * btheta + ph[0]) * np.cos((zz - zles) / 9.0)
-            q = (bu / a) ** 2 + (bv / a) ** 2 + ((zz - zles) / c) ** 2
-            t[cav & (q < lob**2)] = TUMOUR
-        t_full = np.zeros(n, dtype=np.int8)
-        t_full[idx] = t
-        depth = np.full(n, np.inf)
-        depth[idx] = rr / r_skin_n  # 1 on this leg's skin surface
-        radius = np.zeros(n)
-        radius[idx] = r_skin_n
-        claims[side] = (t_full, depth, radius)
-    return _resolve_contact(claims, n)
+    sgn = 1.0 if side == "left" else -1.0
+    affected = side == spec.affected_side
+    cx = sgn * (r0 + spec.gap_mm / 2) - sgn * 0.06 * (z - zc)  # thighs converge distally
+    cy = 2.0 + 0.0 * z
+    scale = np.sqrt(1 + sess.swelling) if affected else 1.0
+    # Work in a mirrored frame so that +u points laterally for both legs.
+    u, v = sgn * (x - cx), y - cy
+    box = np.nonzero((np.abs(u) < 1.25 * r0 * scale) & (np.abs(v) < 1.25 * r0 * scale))[0]
+    if box.size == 0:
+        return None
+    u, v = u[box], v[box]
+    theta = np.arctan2(v, u)
+    rr = np.hypot(u, v)
+    ph = fields.leg_phase[side]
+    shape = (
+        1
+        + 0.07 * np.cos(2 * theta + 0.3)
+        + 0.025 * np.cos(3 * theta + ph[0])
+        + 0.015 * (np.cos(5 * theta + ph[1]))
+    )
+    r_skin = r0[box] * shape * scale
+    near = rr < r_skin + 2
+    if not near.any():
+        return None
+    idx = box[near]
+    u, v, rr, theta, r_skin_n = u[near], v[near], rr[near], theta[near], r_skin[near]
+    zz, zr = z[idx], zrel[idx]
+    r0n = r0[idx]
+    t = np.full(idx.size, AIR, dtype=np.int8)
+    inside = rr < r_skin_n
+    t[inside] = SKIN
+    fat_t = (
+        spec.subcutaneous_fat_fraction * r0n * (1 + 0.35 * np.cos(theta - 1.2 + ph[2] * 0.2))
+    )
+    r_fascia = r_skin_n - 1.2 - fat_t * (scale if affected else 1.0) ** 0.5
+    t[rr < r_skin_n - 1.2] = FAT
+    # Deep fascia: a thin dark layer between fat and muscle.
+    t[rr < r_fascia] = FASCIA
+    in_muscle = rr < r_fascia - 0.7
+    t[in_muscle] = MUSCLE
+    # Femur: slightly lateral and posterior of the thigh's centre.
+    bx, by = 0.12 * r0n, 0.08 * r0n
+    bu, bv = u - bx, v - by
+    br = np.hypot(bu, bv)
+    meta = 1.0 / (1.0 + np.exp((zz - (zc - 0.35 * span)) / 8.0))  # 1 in the distal metaphysis
+    r_bone = spec.bone_radius_mm * (1 + 0.55 * meta)
+    r_cavity = r_bone - spec.cortex_mm * (1 - 0.3 * meta)
+    # Intermuscular septa: thin rays from the femur to the fascia.
+    btheta = np.arctan2(bv, bu)
+    mi = np.nonzero(in_muscle & (br > r_bone))[0]
+    for ang in (0.0, 2.1, -2.3):
+        d_perp = np.abs(br[mi] * np.sin(btheta[mi] - ang))
+        on_ray = (np.cos(btheta[mi] - ang) > 0) & (d_perp < 0.45)
+        t[mi[on_ray]] = FASCIA
+    zles = zc + (spec.lesion_z_fraction - 0.5) * span
+    if affected and sess.edema > 0:
+        _apply_edema(t, pts[idx], zz, theta, zles, span, sess, fields)
+    if spec.vessels:
+        _apply_vessels(t, bu, bv, _femoral_vessels(spec, r_bone, zr))
+    in_bone = br < r_bone
+    t[in_bone] = CORTEX
+    cav = br < r_cavity
+    red = (zz < zc - 0.3 * span + 6 * np.cos(btheta)) | (zr < -0.5)
+    t[cav] = np.where(red[cav], RED_MARROW, FATTY_MARROW)
+    if affected and sess.lesion_ml > 0:
+        _apply_lesion(t, cav, bu, bv, zz, zles, _lesion_axes(spec, sess.lesion_ml), ph[0])
+    return _claim(n, idx, t, rr, r_skin_n)
+
+
+def _femoral_vessels(spec: PhantomSpec, r_bone: NDArray[np.float64], zrel: NDArray[np.float64]
+                     ) -> list[tuple[Any, Any, float]]:
+    """Superficial femoral artery and vein around the femur (offsets from its axis, mm).
+
+    Antero-medial proximally (adductor canal), posterior distally (toward the popliteal fossa).
+    """
+    b = spec.bone_radius_mm
+    alpha = np.clip(0.5 - zrel, 0.0, 1.0)  # 0 proximal .. 1 distal end of the field of view
+    phi = np.pi + 0.84 - 2.08 * alpha  # mirrored frame: 0 lateral, pi/2 posterior, pi medial
+    d = r_bone + 0.9 * b
+    tubes: list[tuple[Any, Any, float]] = [(d * np.cos(phi), d * np.sin(phi), 0.30 * b)]
+    d_v, phi_v = d + 0.1 * b, phi - 0.45
+    tubes.append((d_v * np.cos(phi_v), d_v * np.sin(phi_v), 0.38 * b))
+    return tubes
+
+
+# -------------------------------------------------------------------------------------------
+# Knee and calf: a generic leg envelope, and bones as star-shaped sections along z
+# -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Leg:
+    """The points near one leg, in its mirrored frame (+u lateral, +v posterior), in mm."""
+
+    idx: NDArray[np.intp]
+    u: NDArray[np.float64]
+    v: NDArray[np.float64]
+    z: NDArray[np.float64]
+    theta: NDArray[np.float64]
+    rr: NDArray[np.float64]
+    r_skin: NDArray[np.float64]
+    t: NDArray[np.int8]
+    in_muscle: NDArray[np.bool_]
+    affected: bool
+    phase: NDArray[np.float64]
+
+
+def _sigmoid(x: NDArray[np.float64]) -> NDArray[np.float64]:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -50, 50)))
+
+
+def _envelope(pts: NDArray[np.float64], spec: PhantomSpec, sess: SessionSpec, fields: _Fields,
+              side: str, r0: NDArray[np.float64], cx: float,
+              harmonics: Sequence[tuple[float, int, float]]) -> _Leg | None:
+    """Skin, subcutaneous fat, deep fascia and muscle of one leg of radius `r0` (mm, per point).
+
+    The outline is ``r0 * (1 + sum(amp * cos(k * theta + phase)))`` over `harmonics` plus the
+    patient's own 3rd and 5th harmonics; `cx` is the distance of the leg's axis from x = 0.
+    """
+    x, y = pts[:, 0], pts[:, 1]
+    sgn = 1.0 if side == "left" else -1.0
+    affected = side == spec.affected_side
+    scale = np.sqrt(1 + sess.swelling) if affected else 1.0
+    u, v = sgn * (x - sgn * cx), y - 2.0
+    box = np.nonzero((np.abs(u) < 1.3 * r0 * scale) & (np.abs(v) < 1.3 * r0 * scale))[0]
+    if box.size == 0:
+        return None
+    u, v = u[box], v[box]
+    theta = np.arctan2(v, u)
+    rr = np.hypot(u, v)
+    ph = fields.leg_phase[side]
+    shape = 1 + 0.02 * np.cos(3 * theta + ph[0]) + 0.012 * np.cos(5 * theta + ph[1])
+    for amp, k, phase in harmonics:
+        shape = shape + amp * np.cos(k * theta + phase)
+    r_skin = r0[box] * shape * scale
+    near = rr < r_skin + 2
+    if not near.any():
+        return None
+    idx = box[near]
+    u, v, rr, theta, r_skin = u[near], v[near], rr[near], theta[near], r_skin[near]
+    t = np.full(idx.size, AIR, dtype=np.int8)
+    t[rr < r_skin] = SKIN
+    fat_t = spec.subcutaneous_fat_fraction * r0[idx] * (1 + 0.35 * np.cos(theta - 1.2 + ph[2]))
+    r_fascia = r_skin - 1.2 - fat_t * (scale if affected else 1.0) ** 0.5
+    t[rr < r_skin - 1.2] = FAT
+    t[rr < r_fascia] = FASCIA
+    in_muscle = rr < r_fascia - 0.7
+    t[in_muscle] = MUSCLE
+    return _Leg(idx, u, v, pts[idx, 2], theta, rr, r_skin, t, in_muscle, affected, ph)
+
+
+@dataclass
+class _Bone:
+    """A bone on the leg's points: its outer section, marrow cavity and axis (mm)."""
+
+    outer: NDArray[np.bool_]
+    cavity: NDArray[np.bool_]
+    bu: NDArray[np.float64]  # offset from the bone's axis, lateral
+    bv: NDArray[np.float64]  # offset from the bone's axis, posterior
+
+
+def _section(du: NDArray[np.float64], dv: NDArray[np.float64], z: NDArray[np.float64], *,
+             au: Any, av: Any, cortex: Any, tri: Any = 0.0, tri_phase: float = 0.0,
+             cap: tuple[float, float, int] | None = None
+             ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """Outer and cavity masks of a bone part with an elliptical (or rounded-triangular) section.
+
+    Parameters
+    ----------
+    du, dv : offsets (mm) of the points from the part's axis; z : their height (mm).
+    au, av : semi-axes (mm) of the section; `tri` the amplitude of its 3-fold rounding
+        (``tri_phase``: direction of one corner, rad).
+    cortex : cortical thickness (mm), radial.
+    cap : (z_centre, half_height, direction) rounds the part off as an ellipsoid beyond
+        z_centre: direction -1 below it, +1 above it, 0 both (a closed ellipsoid).
+    """
+    rho = np.hypot(du, dv)
+    phi = np.arctan2(dv, du)
+    r_out = 1.0 / np.sqrt((np.cos(phi) / au) ** 2 + (np.sin(phi) / av) ** 2)
+    r_out = r_out * (1 + tri * np.cos(3 * (phi - tri_phase)))
+    k_out: Any = 1.0
+    k_in: Any = 1.0
+    if cap is not None:
+        zc, hz, direction = cap
+        dz = np.abs(z - zc) if direction == 0 else np.maximum(direction * (z - zc), 0.0)
+        k_out = np.sqrt(np.clip(1 - (dz / hz) ** 2, 0.0, None))
+        k_in = np.sqrt(np.clip(1 - (dz / np.maximum(hz - cortex, 1e-3)) ** 2, 0.0, None))
+    return rho < r_out * k_out, rho < (r_out - cortex) * k_in
+
+
+def _place_bones(leg: _Leg, bones: Sequence[_Bone], marrow: Sequence[NDArray[np.int8]]) -> None:
+    """Cortex where any bone's outer section is, then each bone's marrow in its cavity."""
+    for bone in bones:
+        leg.t[bone.outer] = CORTEX
+    for bone, m in zip(bones, marrow, strict=True):
+        leg.t[bone.cavity] = m[bone.cavity]
+
+
+def _segment_distance(u: NDArray[np.float64], v: NDArray[np.float64], p: tuple[float, float],
+                      q: tuple[float, float]) -> NDArray[np.float64]:
+    """Distance (mm) of points (u, v) from the segment p-q."""
+    du, dv = q[0] - p[0], q[1] - p[1]
+    s = np.clip(((u - p[0]) * du + (v - p[1]) * dv) / (du * du + dv * dv), 0.0, 1.0)
+    return np.hypot(u - p[0] - s * du, v - p[1] - s * dv)
+
+
+def _ray_distance(u: NDArray[np.float64], v: NDArray[np.float64], p: tuple[float, float],
+                  angle: float) -> NDArray[np.float64]:
+    """Distance (mm) of points from the ray from p in direction `angle` (inf behind p)."""
+    du, dv = u - p[0], v - p[1]
+    along = du * np.cos(angle) + dv * np.sin(angle)
+    perp = np.abs(-du * np.sin(angle) + dv * np.cos(angle))
+    return np.where(along > 0, perp, np.inf)
+
+
+def _lesion_level(spec: PhantomSpec, z_lo: float = -np.inf) -> float:
+    """Lesion centre (mm): `lesion_z_fraction` of the covered length above max(bottom, z_lo)."""
+    span = spec.n_slices * spec.slice_mm
+    bottom = max(_z_centre(spec) - span / 2, z_lo)
+    return bottom + spec.lesion_z_fraction * (_z_centre(spec) + span / 2 - bottom)
+
+
+def _knee_claim(pts: NDArray[np.float64], spec: PhantomSpec, sess: SessionSpec,
+                fields: _Fields, side: str) -> Claim | None:
+    """One knee: femoral condyles and trochlea, patella and its tendon, tibial plateau,
+    fibular head, popliteal fossa fat and vessels, optional growth plates."""
+    b, lr = spec.bone_radius_mm, spec.leg_radius_mm
+    z = pts[:, 2]
+    r0 = lr * (0.80 + 0.08 * np.clip(z / 120.0, -1.0, 1.0))
+    leg = _envelope(pts, spec, sess, fields, side, r0, 0.80 * lr + spec.gap_mm / 2,
+                    [(0.05, 2, 0.3), (0.03, 1, -np.pi / 2)])
+    if leg is None:
+        return None
+    u, v, zz, t = leg.u, leg.v, leg.z, leg.t
+    au, av = u, v + 0.06 * lr  # offsets from the knee's axis, slightly anterior of centre
+    soft = leg.in_muscle
+    # popliteal fossa fat, infrapatellar (Hoffa) fat pad, patellar tendon
+    fossa = ((au / (1.3 * b)) ** 2 + ((av - 2.8 * b) / (1.0 * b)) ** 2 < 1) & (
+        np.abs(zz - 0.5 * b) < 4.0 * b)
+    t[soft & fossa] = FAT
+    hoffa = (((au / (1.3 * b)) ** 2 + ((av + 2.0 * b) / (0.6 * b)) ** 2 < 1)
+             & (zz > -1.8 * b) & (zz < 1.0 * b))
+    t[soft & hoffa] = FAT
+    tendon = (np.abs(au) < 0.8 * b) & (np.abs(av + 2.75 * b) < 0.2 * b) & (zz > -2.6 * b) & (
+        zz < 1.1 * b)
+    t[soft & tendon] = FASCIA
+    zles = _lesion_level(spec, z_lo=0.3 * b)
+    if leg.affected and sess.edema > 0:
+        span = spec.n_slices * spec.slice_mm
+        _apply_edema(t, pts[leg.idx], zz, leg.theta, zles, span, sess, fields)
+    if spec.vessels:  # popliteal artery deep, on the capsule; the vein behind it
+        _apply_vessels(t, au, av, [(-0.1 * b, 2.45 * b, 0.28 * b),
+                                   (0.25 * b, 3.05 * b, 0.34 * b)])
+    femur = _knee_femur(au, av, zz, spec)
+    tibia = _knee_tibia(au, av, zz, spec)
+    fu, fv = au - 2.3 * b, av - 1.5 * b
+    h = _sigmoid((zz + 3.0 * b) / (0.35 * b))  # 1 in the fibular head
+    r_fib = b * (0.47 + 0.3 * h)
+    fib = _Bone(*_section(fu, fv, zz, au=r_fib, av=r_fib, cortex=0.28 * b * (1 - 0.7 * h),
+                          cap=(-2.0 * b, 0.6 * b, 1)), fu, fv)
+    pu, pv = au, av + 2.65 * b
+    patella = _Bone(*_section(pu, pv, zz, au=1.55 * b, av=0.65 * b, cortex=0.5 * spec.cortex_mm,
+                              cap=(2.3 * b, 1.45 * b, 0)), pu, pv)
+    fatty = np.full(zz.size, FATTY_MARROW, dtype=np.int8)
+    # physes: discs ~2 mm thick, gently domed away from the joint (rings on axial slices)
+    z_pf = 1.5 * b + 0.3 * b * np.exp(-((np.hypot(femur.bu, femur.bv) / (1.2 * b)) ** 2))
+    z_pt = -1.3 * b - 0.25 * b * np.exp(-((np.hypot(tibia.bu, tibia.bv) / (1.2 * b)) ** 2))
+    if spec.growth_plates:  # a child: red marrow in the metaphyses, fatty epiphyses
+        m_fem = np.where((zz > z_pf) & (zz < z_pf + 3.0 * b), RED_MARROW, FATTY_MARROW)
+        m_tib = np.where((zz < z_pt) & (zz > z_pt - 3.0 * b), RED_MARROW, FATTY_MARROW)
+    else:
+        m_fem = m_tib = fatty
+    _place_bones(leg, [femur, tibia, fib, patella],
+                 [m_fem.astype(np.int8), m_tib.astype(np.int8), fatty, fatty])
+    if spec.growth_plates:
+        t[femur.outer & (np.abs(zz - z_pf) < 1.0)] = PHYSIS
+        t[tibia.outer & (np.abs(zz - z_pt) < 1.0)] = PHYSIS
+    if leg.affected and sess.lesion_ml > 0:
+        _apply_lesion(t, femur.cavity, femur.bu, femur.bv, zz, zles,
+                      _lesion_axes(spec, sess.lesion_ml), leg.phase[0])
+    return _claim(pts.shape[0], leg.idx, t, leg.rr, leg.r_skin)
+
+
+def _knee_femur(au: NDArray[np.float64], av: NDArray[np.float64], zz: NDArray[np.float64],
+                spec: PhantomSpec) -> _Bone:
+    """Distal femur: shaft flaring into the metaphysis, two condyles and the trochlea."""
+    b = spec.bone_radius_mm
+    s = _sigmoid((3.0 * b - zz) / (0.5 * b))  # 1 toward the condyles
+    g = _sigmoid((3.4 * b - zz) / (0.35 * b))  # condyles and trochlea fade out upward
+    cortex = spec.cortex_mm * (1 - 0.65 * s)
+    parts = [_section(au, av - 0.1 * b, zz, au=b * (1 + 1.1 * s), av=b * (1 + 0.6 * s),
+                      cortex=cortex, cap=(1.8 * b, 1.5 * b, -1))]
+    for side_u in (-1.3, 1.3):
+        parts.append(_section(au - side_u * b, av - 0.35 * b, zz, au=1.1 * b * g + 1e-3,
+                              av=1.75 * b * g + 1e-3, cortex=cortex, cap=(1.5 * b, 1.2 * b, -1)))
+    parts.append(_section(au, av + 0.55 * b, zz, au=1.9 * b * g + 1e-3, av=1.1 * b * g + 1e-3,
+                          cortex=cortex, cap=(1.9 * b, 1.0 * b, -1)))
+    outer = np.logical_or.reduce([p[0] for p in parts])
+    cavity = np.logical_or.reduce([p[1] for p in parts])
+    return _Bone(outer, cavity, au, av - 0.1 * b)
+
+
+def _knee_tibia(au: NDArray[np.float64], av: NDArray[np.float64], zz: NDArray[np.float64],
+                spec: PhantomSpec) -> _Bone:
+    """Proximal tibia: a flat plateau below the joint line narrowing into a triangular shaft."""
+    b = spec.bone_radius_mm
+    s = _sigmoid((zz + 2.2 * b) / (0.45 * b))  # 1 near the plateau
+    bu, bv = au, av - 0.15 * b
+    outer, cavity = _section(bu, bv, zz, au=b * (0.95 + 1.55 * s), av=b * (0.9 + 0.85 * s),
+                             cortex=1.3 * spec.cortex_mm * (1 - 0.7 * s), tri=0.12 * (1 - s),
+                             tri_phase=-np.pi / 2 + 0.2)
+    top = zz < -0.3 * b
+    return _Bone(outer & top, cavity & top, bu, bv)
+
+
+def _calf_bones(leg: _Leg, spec: PhantomSpec) -> tuple[_Bone, _Bone]:
+    """Tibia (antero-medial, rounded triangle, thick cortex) and fibula (postero-lateral)."""
+    b = spec.bone_radius_mm
+    tu0, tv0 = _calf_tibia_centre(spec)
+    tu, tv = leg.u - tu0, leg.v - tv0
+    tibia = _Bone(*_section(tu, tv, leg.z, au=0.95 * b, av=0.95 * b, cortex=1.6 * spec.cortex_mm,
+                            tri=0.12, tri_phase=-np.pi / 2 + 0.2), tu, tv)
+    fu, fv = tu - 2.3 * b, tv - 1.6 * b
+    fibula = _Bone(*_section(fu, fv, leg.z, au=0.47 * b, av=0.47 * b, cortex=0.28 * b), fu, fv)
+    return tibia, fibula
+
+
+def _calf_tibia_centre(spec: PhantomSpec) -> tuple[float, float]:
+    """Tibial axis in the leg's mirrored frame (mm): medial and anterior."""
+    r_mid = 0.70 * spec.leg_radius_mm
+    return -0.25 * r_mid, -0.50 * r_mid
+
+
+def calf_bone_area_mm2(spec: PhantomSpec) -> dict[str, float]:
+    """Analytic cross-sectional areas (mm2) of the calf's tibia and fibula (constant along z).
+
+    The tibia's section is r(phi) = R (1 + e cos 3 phi): area pi R^2 (1 + e^2 / 2).
+    """
+    b = spec.bone_radius_mm
+    return {"tibia": float(np.pi * (0.95 * b) ** 2 * (1 + 0.12**2 / 2)),
+            "fibula": float(np.pi * (0.47 * b) ** 2)}
+
+
+def _calf_claim(pts: NDArray[np.float64], spec: PhantomSpec, sess: SessionSpec,
+                fields: _Fields, side: str) -> Claim | None:
+    """One lower leg: tibia and fibula, interosseous membrane and crural septa, posterior
+    tibial and peroneal vessels; the lesion lies in the tibia."""
+    b, lr = spec.bone_radius_mm, spec.leg_radius_mm
+    span = spec.n_slices * spec.slice_mm
+    z = pts[:, 2]
+    r0 = lr * (0.70 + 0.10 * (z - _z_centre(spec)) / span)  # the calf tapers distally
+    leg = _envelope(pts, spec, sess, fields, side, r0, 0.70 * lr + spec.gap_mm / 2,
+                    [(0.06, 2, 0.2), (0.07, 1, -np.pi / 2)])
+    if leg is None:
+        return None
+    u, v, zz, t = leg.u, leg.v, leg.z, leg.t
+    tib_c = _calf_tibia_centre(spec)
+    fib_c = (tib_c[0] + 2.3 * b, tib_c[1] + 1.6 * b)
+    septa = np.minimum.reduce([
+        _segment_distance(u, v, tib_c, fib_c),  # interosseous membrane
+        _ray_distance(u, v, fib_c, -1.2),  # anterior crural septum
+        _ray_distance(u, v, fib_c, 0.6),  # posterior crural septum
+        _segment_distance(u, v, fib_c, (tib_c[0] - 1.3 * b, tib_c[1] + 3.0 * b)),  # transverse
+    ])
+    t[leg.in_muscle & (septa < 0.45)] = FASCIA
+    zles = _lesion_level(spec)
+    if leg.affected and sess.edema > 0:
+        _apply_edema(t, pts[leg.idx], zz, leg.theta, zles, span, sess, fields)
+    if spec.vessels:
+        _apply_vessels(t, u, v, [
+            (tib_c[0] + 0.15 * b, tib_c[1] + 1.95 * b, 0.17 * b),  # posterior tibial artery
+            (tib_c[0] - 0.35 * b, tib_c[1] + 2.05 * b, 0.22 * b),  # posterior tibial vein
+            (fib_c[0] - 0.75 * b, fib_c[1] + 1.0 * b, 0.15 * b),  # peroneal artery
+            (fib_c[0] - 0.35 * b, fib_c[1] + 1.3 * b, 0.20 * b),  # peroneal vein
+        ])
+    tibia, fibula = _calf_bones(leg, spec)
+    fatty = np.full(zz.size, FATTY_MARROW, dtype=np.int8)
+    _place_bones(leg, [tibia, fibula], [fatty, fatty])
+    if leg.affected and sess.lesion_ml > 0:
+        axes = _lesion_axes(spec, sess.lesion_ml, 0.95 * b - 1.6 * spec.cortex_mm)
+        _apply_lesion(t, tibia.cavity, tibia.bu, tibia.bv, zz, zles, axes, leg.phase[0])
+    return _claim(pts.shape[0], leg.idx, t, leg.rr, leg.r_skin)
 
 
 def _resolve_contact(
@@ -434,7 +899,90 @@ def render_session(
         counts = np.bincount(flat, minlength=ny * nx * 2 * N_TISSUES)
         counts = counts.reshape(ny * nx, 2 * N_TISSUES)
         fractions[:, k] = (counts / n_sub).T.reshape(2 * N_TISSUES, ny, nx)
-    return {"grid": grid, "fractions": fractions}
+    rendered: dict[str, Any] = {"grid": grid, "fractions": fractions}
+    if sess.fov_clip_mm > 0:
+        rendered = _clip_fov(spec, sess, rendered)
+    if sess.signal_void_slices > 0:
+        rendered["void_slices"] = _void_slices(rendered["grid"], sess)
+    return rendered
+
+
+def _clip_sides(spec: PhantomSpec, sess: SessionSpec) -> list[str]:
+    """The sides whose lateral edge `sess` cuts off, among those in the field of view."""
+    other = "right" if spec.affected_side == "left" else "left"
+    wanted = {"affected": [spec.affected_side], "contralateral": [other],
+              "both": ["right", "left"]}.get(sess.fov_clip_side, [sess.fov_clip_side])
+    return [s for s in wanted if s in spec.sides]
+
+
+def _side_fraction(frac: NDArray[np.float32], side: str) -> NDArray[np.float32]:
+    """Fraction of each voxel (Z, Y, X) inside the limb of `side` (its tissues but AIR:
+    ``fractions[AIR]`` holds the background)."""
+    s_idx = 0 if side == "right" else 1
+    return frac[s_idx * N_TISSUES + AIR + 1 : (s_idx + 1) * N_TISSUES].sum(axis=0)
+
+
+def _clip_fov(spec: PhantomSpec, sess: SessionSpec, rendered: dict[str, Any]) -> dict[str, Any]:
+    """Narrow the in-plane field of view (drop columns) so that the image edge lies
+    `sess.fov_clip_mm` medial of the lateral-most point of each limb to clip.
+
+    The returned dict holds the clipped ``grid`` and ``fractions`` (a view) and the full
+    rendering as ``unclipped``. The limb's extent is known to a pixel (its outermost column).
+    """
+    grid, frac = rendered["grid"], rendered["fractions"]
+    nz, ny, nx = grid.shape_zyx
+    half = grid.pixel_mm / 2
+    x_col = grid.origin[0] + np.arange(nx) * grid.pixel_mm * grid.row_dir[0]
+    keep = np.ones(nx, dtype=bool)
+    for side in _clip_sides(spec, sess):
+        present = _side_fraction(frac, side).max(axis=(0, 1)) > 0
+        if not present.any():
+            continue
+        if side == "left":  # lateral is +x
+            edge = x_col[present].max() + half
+            keep &= x_col + half <= edge - sess.fov_clip_mm + 1e-6
+        else:
+            edge = x_col[present].min() - half
+            keep &= x_col - half >= edge + sess.fov_clip_mm - 1e-6
+    cols = np.nonzero(keep)[0]
+    if cols.size == 0:
+        raise ValueError(f"fov_clip_mm {sess.fov_clip_mm} leaves no column in the image")
+    i0, i1 = int(cols[0]), int(cols[-1]) + 1
+    clipped = dataclasses.replace(grid, origin=grid.origin + i0 * grid.pixel_mm * grid.row_dir,
+                                  shape_zyx=(nz, ny, i1 - i0))
+    return {"grid": clipped, "fractions": frac[..., i0:i1], "unclipped": rendered}
+
+
+def _void_slices(grid: Grid, sess: SessionSpec) -> dict[int, float]:
+    """Coil-edge slices: grid slice index -> signal factor (0.05 at the very end, rising to
+    0.2 on the innermost of the `sess.signal_void_slices` slices of each end concerned)."""
+    nz = grid.shape_zyx[0]
+    n = min(sess.signal_void_slices, nz)
+    by_z = list(range(nz)) if grid.normal[2] > 0 else list(range(nz - 1, -1, -1))
+    ends = {"inferior": [by_z], "superior": [by_z[::-1]], "both": [by_z, by_z[::-1]]}
+    out: dict[int, float] = {}
+    for order in ends[sess.signal_void_end]:
+        for depth, k in enumerate(order[:n]):
+            out[k] = min(out.get(k, 1.0), 0.05 + 0.15 * depth / max(n - 1, 1))
+    return out
+
+
+def void_slices_z_ascending(grid: Grid, void: dict[int, float]) -> list[int]:
+    """Indices, in LPS z ascending order (0 = most inferior slice), of the void slices."""
+    nz = grid.shape_zyx[0]
+    return sorted(k if grid.normal[2] > 0 else nz - 1 - k for k in void)
+
+
+def clipped_sides(rendered: dict[str, Any]) -> list[str]:
+    """Sides whose limb reaches an in-plane edge of the image (first/last column or row)."""
+    frac = rendered["fractions"]
+    out = []
+    for side in ("right", "left"):
+        f = _side_fraction(frac, side)
+        edges = (f[:, :, 0], f[:, :, -1], f[:, 0, :], f[:, -1, :])
+        if any(float(e.max()) > 0 for e in edges):
+            out.append(side)
+    return out
 
 
 def bias_field(spec: PhantomSpec, grid: Grid) -> NDArray[np.float64]:
@@ -461,18 +1009,56 @@ def synthesize(
     """T1-weighted and STIR magnitude images (stored values, 12-bit) from tissue fractions."""
     frac = rendered["fractions"]
     b = bias_field(spec, rendered["grid"])
+    void: dict[int, float] = rendered.get("void_slices", {})
     out: dict[str, NDArray[np.uint16]] = {}
-    for name, ch, snr in (("T1w", 0, spec.snr_t1), ("STIR", 1, spec.snr_stir)):
+    for name, snr in (("T1w", spec.snr_t1), ("STIR", spec.snr_stir)):
+        table = signal_table(spec, name)
         sig = np.zeros(frac.shape[1:], dtype=np.float64)
         for s in range(2):
-            for tcode, inten in TISSUE_SIGNAL.items():
-                if inten[ch]:
-                    sig += frac[s * N_TISSUES + tcode] * inten[ch]
-        muscle = TISSUE_SIGNAL[MUSCLE][ch]
+            for tcode, inten in table.items():
+                if inten:
+                    sig += frac[s * N_TISSUES + tcode] * inten
+        muscle = table[MUSCLE]
         sigma = muscle / snr
         sig = sig * b
-        mag = np.hypot(sig + rng.normal(0, sigma, sig.shape), rng.normal(0, sigma, sig.shape))
+        if void:
+            sig = _coil_edge(sig, void)
+        noise_re = rng.normal(0, sigma, sig.shape)
+        noise_im = rng.normal(0, sigma, sig.shape)
+        if void:
+            ks = sorted(void)
+            noise_re[ks] *= 1.5
+            noise_im[ks] *= 1.5
+        mag = np.hypot(sig + noise_re, noise_im)
         out[name] = np.clip(np.round(mag * 1000.0), 0, 4095).astype(np.uint16)
+    return out
+
+
+def signal_table(spec: PhantomSpec, series: str) -> dict[int, float]:
+    """Relative signal of each tissue code on `series` (``T1w`` or ``STIR``) of `spec`.
+
+    ``t1_like=False`` gives the anatomical series the (fat-suppressed) STIR contrast;
+    ``stir_fat_suppressed=False`` keeps fat-bearing tissues as bright on the fluid series as
+    on T1 (a T2-weighted image without fat saturation).
+    """
+    t1 = {t: v[0] for t, v in TISSUE_SIGNAL.items()}
+    stir = {t: v[1] for t, v in TISSUE_SIGNAL.items()}
+    if series == "T1w":
+        return t1 if spec.t1_like else stir
+    if not spec.stir_fat_suppressed:
+        stir = {t: (t1[t] if t in FAT_TISSUES else v) for t, v in stir.items()}
+    return stir
+
+
+def _coil_edge(sig: NDArray[np.float64], void: dict[int, float]) -> NDArray[np.float64]:
+    """Coil-edge signal loss on slices `void` (index -> factor): the signal falls to the
+    factor and a ghost of the slice, shifted by a third of the field of view along the phase
+    direction (rows), is added at 15 % (wrap / motion-like artefact)."""
+    out = sig.copy()
+    ny = sig.shape[1]
+    for k, factor in void.items():
+        ghost = 0.10 * np.roll(sig[k], ny // 3, axis=0) + 0.05 * np.roll(sig[k], -ny // 3, axis=0)
+        out[k] = factor * sig[k] + ghost
     return out
 
 
@@ -582,7 +1168,8 @@ def write_series(
         ds.Modality = "MR"
         ds.Manufacturer = "limbtrack phantom"
         ds.InstitutionName = "Phantom Hospital"
-        ds.StudyDescription = "MR THIGHS BILATERAL"
+        ds.StudyDescription = {"thigh": "MR THIGHS BILATERAL", "knee": "MR KNEES BILATERAL",
+                               "calf": "MR LOWER LEGS BILATERAL"}[spec.region]
         ds.SeriesDescription = seq["desc"]
         ds.ProtocolName = seq["proto"]
         ds.PatientName = f"PHANTOM^{spec.subject.upper()}"
@@ -590,7 +1177,7 @@ def write_series(
         ds.PatientBirthDate = "20140115"
         ds.PatientSex = "M"
         ds.PatientAge = "010Y"
-        ds.BodyPartExamined = "LEG"
+        ds.BodyPartExamined = "KNEE" if spec.region == "knee" else "LEG"
         ds.ScanningSequence = seq["ss"]
         ds.SequenceVariant = seq["sv"]
         ds.ScanOptions = seq["so"]
@@ -645,6 +1232,7 @@ def generate(spec: PhantomSpec, out_dir: Path) -> dict[str, Any]:
 
     out_dir = Path(out_dir)
     fields = _fields(spec)
+    legacy = is_legacy(spec)
     day0 = dt.date.fromisoformat(spec.day0)
     sessions_truth = []
     for n, sess in enumerate(spec.sessions, start=1):
@@ -692,18 +1280,19 @@ def generate(spec: PhantomSpec, out_dir: Path) -> dict[str, Any]:
             asym = 100.0 * (
                 volumes[spec.affected_side]["soft_tissue"] / volumes[other]["soft_tissue"] - 1
             )
-        sessions_truth.append(
-            {
-                "session": study["date"],
-                "study_date": date.isoformat(),
-                "day": sess.day,
-                "params": dataclasses.asdict(sess),
-                "volumes_ml": volumes,
-                "soft_tissue_asymmetry_pct": None if asym is None else round(asym, 3),
-                "label_map": str(label_path.relative_to(out_dir)),
-            }
-        )
-    truth = {
+        entry: dict[str, Any] = {
+            "session": study["date"],
+            "study_date": date.isoformat(),
+            "day": sess.day,
+            "params": _session_json(sess, legacy),
+            "volumes_ml": volumes,
+            "soft_tissue_asymmetry_pct": None if asym is None else round(asym, 3),
+            "label_map": str(label_path.relative_to(out_dir)),
+        }
+        if not legacy:
+            entry.update(_extra_truth(spec, rendered, volumes))
+        sessions_truth.append(entry)
+    truth: dict[str, Any] = {
         "subject": spec.subject,
         "day0": spec.day0,
         "affected_side": spec.affected_side,
@@ -715,6 +1304,13 @@ def generate(spec: PhantomSpec, out_dir: Path) -> dict[str, Any]:
         f"fractions ({spec.supersample_xy}x{spec.supersample_xy}x{spec.supersample_z} samples "
         "per voxel). Label maps are the majority tissue class per voxel.",
     }
+    if not legacy:
+        truth["note"] += (
+            " Per session: fov_clipped_sides (limbs reaching an in-plane image edge), "
+            "volumes_ml_unclipped (before in-plane clipping of the field of view), "
+            "signal_void_slices (coil-edge slices, indices in LPS z ascending order, 0 = most "
+            "inferior) and volumes_ml_valid (over the other slices)."
+        )
     write_json_atomic(out_dir / "truth.json", truth)
     return truth
 
@@ -731,9 +1327,46 @@ def _affine_ras(grid: Grid) -> NDArray[np.float64]:
 
 
 def _spec_json(spec: PhantomSpec) -> dict[str, Any]:
+    """The spec as JSON; options added later are left out of a legacy spec (byte identity)."""
+    legacy = is_legacy(spec)
     d = dataclasses.asdict(spec)
-    d["sessions"] = [dataclasses.asdict(s) for s in spec.sessions]
+    if legacy:
+        for k in _NEW_SPEC_DEFAULTS:
+            d.pop(k)
+    d["sessions"] = [_session_json(s, legacy) for s in spec.sessions]
     return d
+
+
+def _session_json(sess: SessionSpec, legacy: bool) -> dict[str, Any]:
+    d = dataclasses.asdict(sess)
+    if legacy:
+        for k in _NEW_SESSION_DEFAULTS:
+            d.pop(k)
+    return d
+
+
+def _extra_truth(spec: PhantomSpec, rendered: dict[str, Any], volumes: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """Truth of the newer options for one session: clipped sides, volumes before clipping,
+    void slices (LPS z ascending indices) and volumes over the valid slices (mL)."""
+    grid: Grid = rendered["grid"]
+    unclipped = volumes
+    if "unclipped" in rendered:
+        unclipped = truth_of(spec, rendered["unclipped"])[0]
+    void: dict[int, float] = rendered.get("void_slices", {})
+    valid_volumes = volumes
+    if void:
+        keep = [k for k in range(grid.shape_zyx[0]) if k not in void]
+        nz, ny, nx = grid.shape_zyx
+        valid = {"grid": dataclasses.replace(grid, shape_zyx=(len(keep), ny, nx)),
+                 "fractions": rendered["fractions"][:, keep]}
+        valid_volumes = truth_of(spec, valid)[0]
+    return {
+        "fov_clipped_sides": clipped_sides(rendered),
+        "volumes_ml_unclipped": unclipped,
+        "signal_void_slices": void_slices_z_ascending(grid, void),
+        "volumes_ml_valid": valid_volumes,
+    }
 
 
 def parse_sessions(text: str) -> tuple[SessionSpec, ...]:
@@ -752,7 +1385,8 @@ def parse_sessions(text: str) -> tuple[SessionSpec, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="limbtrack phantom",
-        description="Write a serial bilateral thigh MRI phantom (DICOM) with exact ground truth.",
+        description="Write a serial bilateral leg MRI phantom (DICOM; thigh, knee or calf) "
+        "with exact ground truth.",
     )
     d = PhantomSpec()
     p.add_argument("out_dir", type=Path)
@@ -801,7 +1435,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snr-t1", type=float, default=d.snr_t1)
     p.add_argument("--snr-stir", type=float, default=d.snr_stir)
     p.add_argument("--bias", type=float, default=d.bias, help="peak-to-peak bias, 0.2 = 20 %%")
+    p.add_argument("--region", choices=list(REGIONS), default=d.region,
+                   help="thigh (femur), knee (femur, patella, tibia, fibular head) or calf "
+                   "(tibia and fibula); the lesion lies in the femur, or the tibia for the calf")
+    p.add_argument("--vessels", action=argparse.BooleanOptionalAction, default=None,
+                   help="deep artery and vein of each leg (default: on for knee and calf)")
+    p.add_argument("--growth-plates", action="store_true",
+                   help="a child's physes (2 mm) in femur and tibia near the knee, red marrow "
+                   "in the metaphyses")
+    p.add_argument("--stir-fat-suppressed", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-stir-fat-suppressed: fat bright on the fluid series (T2 without "
+                   "fat saturation)")
+    p.add_argument("--t1-like", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-t1-like: the anatomical series gets STIR-like contrast")
+    p.add_argument("--fov-clip", action="append", default=[], metavar="SESSION:MM[:SIDE]",
+                   help="narrow the in-plane field of view of session SESSION (1-based, or "
+                   "'all') so that MM mm of the lateral side of SIDE (affected, contralateral, "
+                   "left, right, both; default affected) are cut off; repeatable")
+    p.add_argument("--void-slices", action="append", default=[], metavar="SESSION:N[:END]",
+                   help="coil-edge signal loss on N end slices of session SESSION (1-based, or "
+                   "'all'); END inferior, superior or both (default); repeatable")
     return p
+
+
+def _session_overrides(sessions: tuple[SessionSpec, ...], items: Sequence[str],
+                       fields_: tuple[str, str], convert: Any) -> tuple[SessionSpec, ...]:
+    """Apply ``SESSION:VALUE[:WHICH]`` items to the named pair of SessionSpec fields."""
+    out = list(sessions)
+    for item in items:
+        parts = item.split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError(f"cannot parse {item!r}: want SESSION:VALUE[:WHICH]")
+        if parts[0] == "all":
+            targets = range(len(out))
+        else:
+            i = int(parts[0]) - 1
+            if not 0 <= i < len(out):
+                raise ValueError(f"{item!r}: there is no session {parts[0]} (1..{len(out)})")
+            targets = range(i, i + 1)
+        for i in targets:
+            kw: dict[str, Any] = {fields_[0]: convert(parts[1])}
+            if len(parts) == 3:
+                kw[fields_[1]] = parts[2]
+            out[i] = dataclasses.replace(out[i], **kw)
+    return tuple(out)
 
 
 def spec_from_args(args: argparse.Namespace) -> PhantomSpec:
@@ -829,9 +1506,18 @@ def spec_from_args(args: argparse.Namespace) -> PhantomSpec:
         snr_t1=args.snr_t1,
         snr_stir=args.snr_stir,
         bias=args.bias,
+        region=args.region,
+        vessels=args.vessels,
+        growth_plates=args.growth_plates,
+        stir_fat_suppressed=args.stir_fat_suppressed,
+        t1_like=args.t1_like,
     )
-    if args.sessions:
-        kwargs["sessions"] = parse_sessions(args.sessions)
+    sessions = parse_sessions(args.sessions) if args.sessions else DEFAULT_SESSIONS
+    sessions = _session_overrides(sessions, args.fov_clip, ("fov_clip_mm", "fov_clip_side"),
+                                  float)
+    sessions = _session_overrides(sessions, args.void_slices,
+                                  ("signal_void_slices", "signal_void_end"), int)
+    kwargs["sessions"] = sessions
     return PhantomSpec(**kwargs)
 
 
