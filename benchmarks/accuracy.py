@@ -14,7 +14,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.evaluation import SUITE, TARGETS, Case, format_table, run_case, score_case
+from pipeline.evaluation import (
+    ANATOMY_SUITE,
+    SUITE,
+    TARGETS,
+    Case,
+    format_table,
+    run_case,
+    score_case,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = Case("demo", "the demo patient in sample_data/ (5 sessions)", (), "left")
@@ -26,8 +34,10 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=None, help="work folder (phantoms are reused)")
     p.add_argument("--detail", action="store_true", help="print every session/side/structure")
     args = p.parse_args()
-    cases = {c.name: c for c in (DEMO, *SUITE)}
-    names = list(cases) if args.cases == "all" else args.cases.split(",")
+    cases = {c.name: c for c in (DEMO, *SUITE, *ANATOMY_SUITE)}
+    groups = {"all": list(cases), "anatomy": [c.name for c in ANATOMY_SUITE],
+              "thigh": ["demo", *(c.name for c in SUITE)]}
+    names = groups.get(args.cases) or args.cases.split(",")
     work = args.work or Path(tempfile.mkdtemp(prefix="limbtrack-accuracy-"))
     work.mkdir(parents=True, exist_ok=True)
     demo_dir = work / "phantom_demo"
@@ -54,7 +64,8 @@ def main() -> int:
     print(format_table(scores, ["case", "limb_median_pct", "limb_worst_pct", "bone_worst_pct",
                                 "lesion_min_dice", "lesion_worst_pct", "edema_min_dice",
                                 "edema_worst_pct", "asymmetry_worst_pp", "false_lesion_ml",
-                                "false_edema_ml", "side_auto_ok", "ok", "failed"]))
+                                "false_edema_ml", "side_auto_ok", "qc_codes", "flags_ok",
+                                "label", "ok", "failed"]))
     return 0
 
 

@@ -245,6 +245,9 @@ def _muscle_level_t1(t1: FloatArray, limb: BoolArray) -> tuple[float, float]:
 #: Threshold levels (x muscle T1) tried for the dark cortex, lowest first: partial volume lifts
 #: a thin (metaphyseal, child's) cortex above half the muscle level.
 CORTEX_LEVELS: Final = (0.5, 0.65, 0.8)
+#: Higher levels, for sections that can only continue a bone of the adjacent slice: at the
+#: knee the tibial plateau's and condyles' cortex is thin and partial-volumed up to muscle.
+FOLLOW_LEVELS: Final = (0.95, 1.1)
 #: A bone's marrow cavity: at least this area (mm^2) of not-dark signal inside the cortex.
 #: Marrow is not required to be bright: on gradient-echo images it is near muscle.
 MIN_CAVITY_MM2: Final = 6.0
@@ -261,7 +264,7 @@ MAX_BONE_FRACTION: Final = 0.5
 #: A section continues a bone of the adjacent slice when they overlap by this fraction of the
 #: smaller one and it is at most this many times larger (bones change slowly along z).
 MIN_CONTINUATION_OVERLAP: Final = 0.5
-MAX_CONTINUATION_GROWTH: Final = 1.6
+MAX_CONTINUATION_GROWTH: Final = 1.4
 
 
 def bone_mask(t1: FloatArray, limb: BoolArray, muscle: float, pixel_mm: float) -> BoolArray:
@@ -270,8 +273,9 @@ def bone_mask(t1: FloatArray, limb: BoolArray, muscle: float, pixel_mm: float) -
     A bone section is a compact region enclosed by a dark cortex. Per slice, dark voxels (T1
     below ``level x muscle``) away from the skin are hole-filled and opened (thin septa and
     vessels touching the cortex go), and each compact component of plausible size is a
-    candidate; levels rise (:data:`CORTEX_LEVELS`) so that a cortex lifted by partial volume
-    still closes, and a place keeps the lowest level that finds it.
+    candidate; levels rise (:data:`CORTEX_LEVELS`, then :data:`FOLLOW_LEVELS` for followed
+    sections only) so that a cortex lifted by partial volume still closes, and a place keeps
+    the lowest level that finds it.
 
     - **sections found on their own**: a marrow cavity inside a thick cortex
       (:data:`MIN_CORTEX_MM`): femur, tibia, fibula, patella, several per slice;
@@ -302,9 +306,10 @@ def bone_mask(t1: FloatArray, limb: BoolArray, muscle: float, pixel_mm: float) -
         limb_px = float(limb[k].sum())
         if limb_px == 0:
             continue
-        for level in CORTEX_LEVELS:
+        for level in CORTEX_LEVELS + FOLLOW_LEVELS:
             dark = (t1[k] < level * muscle) & inner[k]
             for comp, on_its_own in _bone_candidates(dark, pixel_mm, limb_px):
+                on_its_own = on_its_own and level in CORTEX_LEVELS
                 if (comp & found[k]).any():
                     continue
                 if (comp & weak[k]).any():
