@@ -7,10 +7,15 @@ writes:
 - ``cohort.tsv``: ``subject, status (ok|failed), classification, affected_side, n_sessions,
   baseline_date, peak_soft_tissue_asymmetry_pct, peak_asymmetry_day, lesion_ml_baseline,
   lesion_ml_peak, lesion_ml_last, edema_ml_baseline, edema_ml_peak, edema_ml_last, n_warnings,
-  report, reason``. Asymmetry is ``100 * (affected / contralateral - 1)`` of soft tissue
-  (DESIGN.md); lesion and edema are the affected side's volumes in mL; *peak* is the largest
-  value over all sessions (baseline included), *last* the last session's. ``report`` is the
-  subject report's path relative to the folder of ``cohort.html``.
+  report, reason, n_qc_exclude, n_qc_warn``. Asymmetry is ``100 * (affected / contralateral -
+  1)`` of soft tissue (DESIGN.md); lesion and edema are the affected side's volumes in mL;
+  *peak* is the largest available value over all sessions (baseline included), *last* the last
+  session's. A value that is not available (a QC exclude flag: ``n/a`` in ``longitudinal.tsv``)
+  never stands in for another: baseline and last are ``n/a`` when that session's value is,
+  and the peak is taken over the available values only. ``n_qc_exclude`` and ``n_qc_warn``
+  count the subject's QC flags (``summary.json`` ``qc_flags``) by severity; ``n/a`` for a
+  summary from before QC flags. ``report`` is the subject report's path relative to the
+  folder of ``cohort.html``.
 - ``cohort.html``: the same table, self-contained (inline CSS and a small inline script that
   sorts the table when a column header is clicked; no network), linking every subject report.
 
@@ -56,6 +61,17 @@ COLUMNS: tuple[str, ...] = (
     "n_warnings",
     "report",
     "reason",
+    # new columns follow the original ones (DESIGN.md: listed columns keep their order)
+    "n_qc_exclude",
+    "n_qc_warn",
+)
+
+#: Column order of the HTML table: the QC counts beside the warnings, the link hidden.
+HTML_COLUMNS: tuple[str, ...] = (
+    *COLUMNS[: COLUMNS.index("n_warnings") + 1],
+    "n_qc_exclude",
+    "n_qc_warn",
+    "reason",
 )
 
 #: Header text of each column in the HTML table (units in brackets).
@@ -75,6 +91,8 @@ TITLES: dict[str, str] = {
     "edema_ml_peak": "Edema peak (mL)",
     "edema_ml_last": "Edema last (mL)",
     "n_warnings": "Warnings",
+    "n_qc_exclude": "QC exclude flags",
+    "n_qc_warn": "QC warn flags",
     "report": "Report",
     "reason": "Reason (failed runs)",
 }
@@ -90,7 +108,12 @@ NUMERIC = {
     "edema_ml_peak",
     "edema_ml_last",
     "n_warnings",
+    "n_qc_exclude",
+    "n_qc_warn",
 }
+
+#: Whole-number columns (no decimals in the HTML table).
+COUNTS = {"n_sessions", "peak_asymmetry_day", "n_warnings", "n_qc_exclude", "n_qc_warn"}
 
 _ERROR_RE = re.compile(r"error|exception|traceback|failed|not found|cannot|could not", re.I)
 
@@ -133,16 +156,40 @@ def failure_reason(subject_dir: Path) -> str:
     return "summary.json missing and no log found (the subject was not processed)"
 
 
-def _values(rows: Sequence[Mapping[str, str]], structure: str, column: str) -> list[tuple]:
-    """(day, study_date, value) of one structure and column, in session order."""
-    out = []
-    for r in rows:
-        if r.get("structure") != structure:
-            continue
-        v = _float(r.get(column))
-        if v is not None:
-            out.append((_int(r.get("day")) or 0, str(r.get("study_date", "")), v))
-    return sorted(out)
+def _values(
+    rows: Sequence[Mapping[str, str]], structure: str, column: str
+) -> list[tuple[int, str, float | None]]:
+    """(day, study_date, value) of one structure and column, in session order; value None
+    where it is not available (``n/a``)."""
+    out = [
+        (_int(r.get("day")) or 0, str(r.get("study_date", "")), _float(r.get(column)))
+        for r in rows
+        if r.get("structure") == structure
+    ]
+    return sorted(out, key=lambda t: (t[0], t[1]))
+
+
+def _baseline_peak_last(
+    values: Sequence[tuple[int, str, float | None]], baseline: str
+) -> tuple[float | None, float | None, float | None]:
+    """Baseline (the first session when the baseline date has no row), peak over the
+    available values, and last; a value that is not available is None, never replaced."""
+    if not values:
+        return None, None, None
+    at_base = [v for _, date, v in values if date == baseline]
+    base = at_base[0] if at_base else values[0][2]
+    available = [v for _, _, v in values if v is not None]
+    return base, (max(available) if available else None), values[-1][2]
+
+
+def qc_counts(summary: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """(exclude, warn) flags of a summary; (None, None) when it predates ``qc_flags``."""
+    flags = summary.get("qc_flags")
+    if not isinstance(flags, list):
+        return None, None
+    severities = [str(f.get("severity", "")).lower() for f in flags if isinstance(f, Mapping)]
+    warn = severities.count("warn")
+    return len(severities) - warn, warn  # anything but warn counts as exclude
 
 
 def subject_row(subject_dir: Path, html_dir: Path) -> dict[str, Any]:
@@ -182,6 +229,7 @@ def subject_row(subject_dir: Path, html_dir: Path) -> dict[str, Any]:
         n_warnings=len(summary.get("warnings") or [])
         + sum(len(s.get("warnings") or []) for s in sessions if isinstance(s, Mapping)),
     )
+    row["n_qc_exclude"], row["n_qc_warn"] = qc_counts(summary)
     report = subject_dir / "report.html"
     if report.exists():
         row["report"] = Path(os.path.relpath(report.resolve(), html_dir.resolve())).as_posix()
@@ -194,18 +242,15 @@ def subject_row(subject_dir: Path, html_dir: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         row["reason"] = f"longitudinal.tsv unreadable: {exc}"
         return row
-    asym = _values(rows, "soft_tissue", "asymmetry_pct")
+    asym = [(day, v) for day, _, v in _values(rows, "soft_tissue", "asymmetry_pct")
+            if v is not None]
     if asym:
-        day, _, value = max(asym, key=lambda t: t[2])
+        day, value = max(asym, key=lambda t: t[1])
         row.update(peak_soft_tissue_asymmetry_pct=value, peak_asymmetry_day=day)
     for structure, prefix in (("marrow_lesion", "lesion"), ("edema", "edema")):
-        vals = _values(rows, structure, "affected_ml")
-        if not vals:
-            continue
-        at_base = [v for _, date, v in vals if date == baseline]
-        row[f"{prefix}_ml_baseline"] = at_base[0] if at_base else vals[0][2]
-        row[f"{prefix}_ml_peak"] = max(v for _, _, v in vals)
-        row[f"{prefix}_ml_last"] = vals[-1][2]
+        base, peak, last = _baseline_peak_last(_values(rows, structure, "affected_ml"), baseline)
+        row[f"{prefix}_ml_baseline"], row[f"{prefix}_ml_peak"] = base, peak
+        row[f"{prefix}_ml_last"] = last
     return row
 
 
@@ -216,14 +261,14 @@ def _cell(column: str, value: Any) -> dict[str, Any]:
         f = _float(value)
         if f is None:
             return {"text": str(value), "sort": ""}
-        digits = 0 if column in ("n_sessions", "peak_asymmetry_day", "n_warnings") else 1
+        digits = 0 if column in COUNTS else 1
         return {"text": f"{f:.{digits}f}", "sort": repr(f)}
     return {"text": str(value), "sort": str(value).lower()}
 
 
 def render_cohort_html(rows: Sequence[Mapping[str, Any]]) -> str:
     """The cohort page (autoescaped: subject names and reasons render as text)."""
-    shown = [c for c in COLUMNS if c != "report"]
+    shown = list(HTML_COLUMNS)
     table = [
         {
             "cells": [{"column": c, "numeric": c in NUMERIC, **_cell(c, r.get(c))} for c in shown],

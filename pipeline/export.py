@@ -32,6 +32,13 @@ sessions (DESIGN.md), which may be less than the whole segment. Each measurement
 names its method with a local code (``99LMBTRK``); :func:`export_session` also returns the
 whole-segment volume for comparison.
 
+A volume that is not available (``n/a`` in ``volumes.tsv``: a QC exclude flag, see
+:mod:`pipeline.qc`) is never written as a number: its TID 1411 group (same tracking UID and
+segment as in the other sessions) carries no measurement, only a qualitative evaluation
+"Volume not available" (``99LMBTRK NOTAVAILABLE``) whose value is the QC code (``99LMBTRK``,
+e.g. ``registration_failed``; ``NOTMEASURED`` when volumes.tsv names none). The codes also come
+back in :class:`SessionExport` ``not_available`` and are printed by the command line.
+
 The DICOM objects carry the patient and study identification of the source series (PACS
 needs it to file them); the label tables and JSON carry none.
 """
@@ -85,6 +92,14 @@ LOCAL_SCHEME = "99LMBTRK"
 COMMON_EXTENT_METHOD = Code(
     "COMMONEXTENT", LOCAL_SCHEME, "Voxel volume within the extent common to all sessions"
 )
+#: Qualitative evaluation of a volume that is not available (QC exclude flag), never a 0.
+NOT_AVAILABLE = Code("NOTAVAILABLE", LOCAL_SCHEME, "Volume not available")
+NOT_MEASURED = Code("NOTMEASURED", LOCAL_SCHEME, "Not measured (n/a in volumes.tsv)")
+
+
+def qc_code(code: str) -> Code:
+    """The local code of a QC flag code (``registration_failed`` -> 'registration failed')."""
+    return Code(code, LOCAL_SCHEME, code.replace("_", " ")[:64])
 
 #: BIDS common label of each tissue class (0 background, 4 bone, 5 soft tissue, 7 lesion).
 _BIDS_MAPPING = {0: 0, 1: 5, 2: 5, 3: 4, 4: 7}
@@ -583,23 +598,51 @@ def build_segmentation(
 
 @dataclass(frozen=True)
 class VolumeRow:
-    """One row of volumes.tsv."""
+    """One row of volumes.tsv; ``volume_ml`` None when not available (``qc`` says why)."""
 
     side: str
     structure: str
-    volume_ml: float
+    volume_ml: float | None
     day: int
     study_date: str
+    qc: tuple[str, ...] = ()
 
 
-def session_volumes(volumes_tsv: Path, study_date: str) -> list[VolumeRow]:
-    """Rows of `volumes_tsv` for the session of `study_date` (YYYY-MM-DD)."""
+def _volume_ml(value: str | None) -> float | None:
+    """A ``volume_ml`` cell as a number; None when not available (``n/a``, empty, NaN)."""
+    try:
+        out = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return None if out is None or out != out else out
+
+
+def _qc_codes(value: str | None) -> tuple[str, ...]:
+    """The codes of a ``qc`` cell (comma-separated; ``n/a`` or empty when none)."""
+    return tuple(c.strip() for c in (value or "").split(",") if c.strip() not in ("", "n/a"))
+
+
+def session_rows(volumes_tsv: Path, study_date: str) -> list[VolumeRow]:
+    """Every row of `volumes_tsv` for the session of `study_date` (YYYY-MM-DD), available or
+    not (``volume_ml`` None for ``n/a``, never 0)."""
     rows = [r for r in read_tsv(volumes_tsv) if r["study_date"] == study_date]
     if not rows:
         raise ExportError(f"{volumes_tsv}: no volumes for study date {study_date}; run the "
                           "measure step first")
-    return [VolumeRow(r["side"], r["structure"], float(r["volume_ml"]), int(r["day"]),
-                      r["study_date"]) for r in rows]
+    return [VolumeRow(r["side"], r["structure"], _volume_ml(r.get("volume_ml")), int(r["day"]),
+                      r["study_date"], _qc_codes(r.get("qc"))) for r in rows]
+
+
+def session_volumes(volumes_tsv: Path, study_date: str) -> list[VolumeRow]:
+    """The rows of :func:`session_rows` whose volume is available; an ``n/a`` volume (a QC
+    exclude flag) is skipped. Empty when none of the session's volumes is available."""
+    return [r for r in session_rows(volumes_tsv, study_date) if r.volume_ml is not None]
+
+
+def unavailable_volumes(volumes_tsv: Path, study_date: str) -> dict[tuple[str, str], list[str]]:
+    """``(side, structure) -> QC codes`` of the session's volumes that are not available."""
+    return {(r.side, r.structure): list(r.qc)
+            for r in session_rows(volumes_tsv, study_date) if r.volume_ml is None}
 
 
 def baseline_date(volumes_tsv: Path) -> str:
@@ -609,53 +652,86 @@ def baseline_date(volumes_tsv: Path) -> str:
     return before[-1] if before else days[0][0]
 
 
+def _time_point(row: VolumeRow, baseline_study_date: str, order: int) -> Any:
+    """TID 1502 time point of the session of `row` (baseline, pre- or post-treatment)."""
+    import highdicom as hd
+
+    if row.study_date == baseline_study_date:
+        point_type = codes.UMLS.Baseline
+    elif row.day > 0:
+        point_type = codes.DCM.Posttreatment
+    else:
+        point_type = codes.UMLS.Pretreatment
+    return hd.sr.TimePointContext(
+        time_point=f"day {row.day}", time_point_type=point_type, time_point_order=order,
+        subject_time_point_identifier=row.study_date)
+
+
+def _not_available(row: VolumeRow) -> list[Any]:
+    """Qualitative evaluations saying why `row` has no volume (one per QC code)."""
+    import highdicom as hd
+
+    values = [qc_code(c) for c in row.qc] or [NOT_MEASURED]
+    return [hd.sr.QualitativeEvaluation(name=NOT_AVAILABLE, value=v) for v in values]
+
+
+def _volume_group(row: VolumeRow, spec: SegmentSpec, seg: Any, series_uid: str, region: Code,
+                  time_point: Any, subject: str) -> Any:
+    """The TID 1411 volumetric ROI group of one side and structure: its volume, or, when not
+    available, a qualitative 'not available' evaluation naming the QC codes (never a 0)."""
+    import highdicom as hd
+
+    algorithm = hd.sr.AlgorithmIdentification(name="limbtrack", version=__version__)
+    measurements = None
+    if row.volume_ml is not None:
+        measurements = [hd.sr.Measurement(
+            name=codes.SCT.Volume, value=row.volume_ml, unit=ML,
+            method=COMMON_EXTENT_METHOD, algorithm_id=algorithm)]
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid(subject, row.side, row.structure),
+            identifier=f"{row.side} {row.structure}"),
+        # the source series, not its images: an empty segment has no source image
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=spec.number,
+            source_series=hd.sr.SourceSeriesForSegmentation(series_uid)),
+        time_point_context=time_point,
+        finding_type=spec.property_type,
+        finding_category=spec.category,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=region,
+                                         laterality=_LATERALITY[row.side])],
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=_not_available(row) if measurements is None else None,
+    )
+
+
 def build_report(
     source: SourceSeries, seg: Any, specs: Sequence[SegmentSpec], volumes: Sequence[VolumeRow],
     subject: str, baseline_study_date: str, time_point_order: int, content_hash: str,
 ) -> Any:
     """TID 1500 Measurement Report (Comprehensive 3D SR) carrying `volumes`, one TID 1411
-    group per side and structure referencing its segment in `seg`."""
+    group per side and structure referencing its segment in `seg`.
+
+    `volumes` are rows of :func:`session_rows`: a row whose volume is not available gets a
+    group without measurement, with a qualitative 'not available' evaluation (its QC codes);
+    rows of :func:`session_volumes` (available only) give measurements only."""
     import highdicom as hd
 
     first = source.datasets[0]
     region = limb_region(getattr(first, "BodyPartExamined", None))
-    algorithm = hd.sr.AlgorithmIdentification(name="limbtrack", version=__version__)
-    day = volumes[0].day
-    if volumes[0].study_date == baseline_study_date:
-        point_type = codes.UMLS.Baseline
-    elif day > 0:
-        point_type = codes.DCM.Posttreatment
-    else:
-        point_type = codes.UMLS.Pretreatment
-    time_point = hd.sr.TimePointContext(
-        time_point=f"day {day}", time_point_type=point_type, time_point_order=time_point_order,
-        subject_time_point_identifier=volumes[0].study_date)
     series_uid = str(first.SeriesInstanceUID)
-    groups = []
     side_order: dict[str, int] = {s: i for i, s in enumerate(SIDES)}
     order = {s: i for i, s in enumerate(STRUCTURES)}
-    for row in sorted(volumes, key=lambda r: (side_order[r.side], order[r.structure])):
-        spec = structure_segment(specs, row.side, row.structure)
-        measurement = hd.sr.Measurement(
-            name=codes.SCT.Volume, value=row.volume_ml, unit=ML,
-            method=COMMON_EXTENT_METHOD, algorithm_id=algorithm)
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=tracking_uid(subject, row.side, row.structure),
-                identifier=f"{row.side} {row.structure}"),
-            # the source series, not its images: an empty segment has no source image
-            referenced_segment=hd.sr.ReferencedSegment(
-                sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
-                segment_number=spec.number,
-                source_series=hd.sr.SourceSeriesForSegmentation(series_uid)),
-            time_point_context=time_point,
-            finding_type=spec.property_type,
-            finding_category=spec.category,
-            finding_sites=[hd.sr.FindingSite(anatomic_location=region,
-                                             laterality=_LATERALITY[row.side])],
-            algorithm_id=algorithm,
-            measurements=[measurement],
-        ))
+    if not volumes:
+        raise ExportError("no volumes to report")
+    time_point = _time_point(volumes[0], baseline_study_date, time_point_order)
+    groups = [
+        _volume_group(row, structure_segment(specs, row.side, row.structure), seg,
+                      series_uid, region, time_point, subject)
+        for row in sorted(volumes, key=lambda r: (side_order[r.side], order[r.structure]))
+    ]
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -708,6 +784,8 @@ class SessionExport:
     written: list[Path] = field(default_factory=list)
     #: ``(side, structure) -> (volume_ml in volumes.tsv, whole-segment volume_ml)``
     volumes_ml: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    #: ``(side, structure) -> QC codes`` of the volumes not available (left out of the SR)
+    not_available: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
 
 def _session_entry(sessions_json: Path, session: str) -> Mapping[str, Any]:
@@ -753,18 +831,22 @@ def export_dicom(paths: SessionPaths, sessions_json: Path, volumes_tsv: Path) ->
     labels = labels_on_source_grid(paths.dseg, source)
     content_hash = hashlib.sha256(
         (_sha256(paths.dseg) + _sha256(volumes_tsv)).encode()).hexdigest()
-    volumes = session_volumes(volumes_tsv, str(entry["study_date"]))
+    study_date = str(entry["study_date"])
+    volumes = session_rows(volumes_tsv, study_date)
     seg, specs = build_segmentation(source, labels, paths.subject, content_hash)
     dates = sorted({r["study_date"] for r in read_tsv(volumes_tsv)})
     sr = build_report(source, seg, specs, volumes, paths.subject, baseline_date(volumes_tsv),
-                      dates.index(volumes[0].study_date) + 1, content_hash)
+                      dates.index(study_date) + 1, content_hash)
     with atomic_path(paths.seg) as tmp:
         seg.save_as(tmp, enforce_file_format=True)
     with atomic_path(paths.sr) as tmp:
         sr.save_as(tmp, enforce_file_format=True)
     voxel_mm3 = float(np.prod(source.pixel_spacing_mm)) * _slice_step_mm(source)
-    result = SessionExport(paths.session, [paths.seg, paths.sr])
+    result = SessionExport(paths.session, [paths.seg, paths.sr],
+                           not_available=unavailable_volumes(volumes_tsv, study_date))
     for row in volumes:
+        if row.volume_ml is None:
+            continue
         spec = structure_segment(specs, row.side, row.structure)
         whole = mm3_to_ml(float(np.isin(labels, spec.labels).sum()) * voxel_mm3)
         result.volumes_ml[(row.side, row.structure)] = (row.volume_ml, whole)
@@ -793,6 +875,7 @@ def export_session(
                                     volumes_tsv or subject_dir / "volumes.tsv")
         result.written += dicom_result.written
         result.volumes_ml = dicom_result.volumes_ml
+        result.not_available = dicom_result.not_available
     return result
 
 
@@ -857,6 +940,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if abs(tsv_ml - whole_ml) > 0.01:
                 print(f"note: ses-{session} {side} {structure}: {tsv_ml} mL over the common "
                       f"extent, {whole_ml:.3f} mL in the whole segment")
+        for (side, structure), qc_codes in sorted(result.not_available.items()):
+            why = ", ".join(qc_codes) or "n/a in volumes.tsv"
+            print(f"note: ses-{session} {side} {structure}: not available ({why}); no volume "
+                  "in the SR, only the reason")
     return 1 if failed else 0
 
 

@@ -12,6 +12,13 @@ swelling, a coronal plane through the femora) and every session is resampled ont
 baseline slice through its rigid registration (``_xfm.tfm`` maps baseline points to session
 points), so the same anatomy is compared across sessions.
 
+QC flags (``summary.json`` ``qc_flags``, :mod:`pipeline.qc`) are listed in a box next to the
+pattern headline, which then says that the pattern rests only on what passed QC. A value that
+is ``n/a`` because of an exclude flag shows as "not available" with its codes (cell title and
+footnote), never as 0; timelines break their lines there and mark the day, the profile leaves
+out what is not available, and overlays of a flagged session say "excluded: <code>" in their
+caption. A summary without ``qc_flags`` renders as before.
+
 Patient name, ID and birth date are never rendered unless ``--show-phi`` is given (the pipeline
 does not carry them into its outputs; keys naming them are dropped from the tables).
 
@@ -32,7 +39,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +53,7 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 from skimage.measure import find_contours
 
-from pipeline import __version__, html, labels
+from pipeline import __version__, html, labels, qc
 from pipeline.extent import affine_of, as_transform
 from pipeline.io_utils import read_tsv, write_text_atomic
 
@@ -406,6 +413,10 @@ class FigureResult:
     caption: str = ""
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: session label of an overlay ('' for the timeline and the profile)
+    session: str = ""
+    #: QC labels of that session: ``{severity, text, meaning}``, exclude first
+    qc_labels: list[dict[str, str]] = field(default_factory=list)
 
 
 def _figure_to_base64(fig: Figure) -> str:
@@ -458,12 +469,55 @@ def _event_marks(events: Sequence[Mapping[str, Any]]) -> dict[int, list[str]]:
     return marks
 
 
+def _gapped_series(
+    rows: Sequence[Mapping[str, Any]], structure: str, column: str
+) -> tuple[list[int], list[float]]:
+    """Like :func:`_series`, with NaN where a session's value is missing (lines break there,
+    so a missing session never looks like a straight line through it)."""
+    points: dict[int, float] = {}
+    for r in rows:
+        day = _to_int(r.get("day"))
+        if r.get("structure") != structure or day is None:
+            continue
+        v = _to_float(r.get(column))
+        points[day] = math.nan if v is None else v
+    days = sorted(points)
+    return days, [points[d] for d in days]
+
+
+def _plot_gapped(
+    ax: Any, rows: Sequence[Mapping[str, Any]], structure: str, column: str, style: str,
+    missing: set[int], **kwargs: Any,
+) -> bool:
+    """Plot one series with gaps, adding the days without a value to `missing`; False (and
+    nothing drawn) when no value at all is available."""
+    days, vals = _gapped_series(rows, structure, column)
+    gaps = {d for d, v in zip(days, vals, strict=True) if math.isnan(v)}
+    if len(gaps) == len(days):
+        return False
+    ax.plot(days, vals, style, **kwargs)
+    missing |= gaps
+    return True
+
+
+def _mark_unavailable(ax: Any, days: Collection[int]) -> None:
+    """A grey band and the words 'not available' on each day of `ax` whose value is not
+    available (QC): drawn across the panel, so it never reads as a value (0 or any other)."""
+    trans = blended_transform_factory(ax.transData, ax.transAxes)
+    for k, day in enumerate(sorted(days)):
+        ax.axvline(day, color="#999999", alpha=0.3, linewidth=9, solid_capstyle="butt",
+                   label="not available (QC)" if k == 0 else None)
+        ax.text(day, 0.96, "not available", transform=trans, rotation=90, ha="center",
+                va="top", fontsize=7, color="#555555", parse_math=False)
+
+
 def render_timeline(
     rows: Sequence[Mapping[str, Any]],
     events: Sequence[Mapping[str, Any]],
     affected_side: str,
     thresholds: Mapping[str, Any],
     baseline_day: int | None,
+    unavailable_days: Collection[int] = (),
 ) -> str:
     """Timeline panels (PNG, base64) of volumes and asymmetry against day since day 0.
 
@@ -479,6 +533,9 @@ def render_timeline(
         ``flare_asymmetry_pp`` draws the flare threshold on the asymmetry panel.
     baseline_day : int or None
         Day of the baseline session.
+    unavailable_days : collection of int
+        Days of sessions with a QC exclude flag: a missing value there is marked with a grey
+        band ("not available"); any missing value breaks its line.
 
     Returns
     -------
@@ -488,28 +545,19 @@ def render_timeline(
     fig = Figure(figsize=(8.0, 8.6), layout="constrained")
     axes = fig.subplots(4, 1, sharex=True)
     ax_vol, ax_asym, ax_lesion, ax_edema = axes
-    plotted = False
-
-    d, aff = _series(rows, "soft_tissue", "affected_ml")
-    if d:
-        ax_vol.plot(d, aff, "o-", color=AFFECTED_COLOR, label=f"affected ({affected_side})")
-        plotted = True
-    d, con = _series(rows, "soft_tissue", "contralateral_ml")
-    if d:
-        ax_vol.plot(d, con, "s--", color=CONTRALATERAL_COLOR, label="contralateral")
+    missing: list[set[int]] = [set() for _ in axes]
+    plotted = _plot_gapped(ax_vol, rows, "soft_tissue", "affected_ml", "o-", missing[0],
+                           color=AFFECTED_COLOR, label=f"affected ({affected_side})")
+    _plot_gapped(ax_vol, rows, "soft_tissue", "contralateral_ml", "s--", missing[0],
+                 color=CONTRALATERAL_COLOR, label="contralateral")
     ax_vol.set_ylabel("soft tissue (mL)")
 
     for structure, style in (("soft_tissue", "o-"), ("limb", "^:")):
-        d, asym = _series(rows, structure, "asymmetry_pct")
-        if d:
-            ax_asym.plot(
-                d,
-                asym,
-                style,
-                color=AFFECTED_COLOR if structure == "soft_tissue" else "#999999",
-                label=STRUCTURE_TITLES[structure],
-            )
-            plotted = True
+        plotted |= _plot_gapped(
+            ax_asym, rows, structure, "asymmetry_pct", style, missing[1],
+            color=AFFECTED_COLOR if structure == "soft_tissue" else "#999999",
+            label=STRUCTURE_TITLES[structure],
+        )
     ax_asym.axhline(0.0, color="#bbbbbb", linewidth=0.8)
     flare_pp = _to_float(thresholds.get("flare_asymmetry_pp"))
     if flare_pp is not None and baseline_day is not None:
@@ -525,19 +573,19 @@ def render_timeline(
             )
     ax_asym.set_ylabel("asymmetry (%)")
 
-    for ax, structure, color, name in (
-        (ax_lesion, "marrow_lesion", AFFECTED_COLOR, "marrow lesion"),
-        (ax_edema, "edema", EDEMA_COLOR, "edema"),
+    for ax, gaps, structure, color, name in (
+        (ax_lesion, missing[2], "marrow_lesion", AFFECTED_COLOR, "marrow lesion"),
+        (ax_edema, missing[3], "edema", EDEMA_COLOR, "edema"),
     ):
-        d, vals = _series(rows, structure, "affected_ml")
-        if d:
-            ax.plot(d, vals, "o-", color=color, label=f"{name}, affected side")
-            plotted = True
+        plotted |= _plot_gapped(ax, rows, structure, "affected_ml", "o-", gaps, color=color,
+                                label=f"{name}, affected side")
         ax.set_ylabel(f"{name} (mL)")
         ax.set_ylim(bottom=0)
 
     if not plotted:
         raise ValueError("longitudinal.tsv has no numeric values to plot")
+    for ax, gaps in zip(axes, missing, strict=True):
+        _mark_unavailable(ax, gaps & set(unavailable_days))
 
     marks = _event_marks(events)
     for ax in axes:
@@ -948,9 +996,43 @@ def _session_key(session: Mapping[str, Any]) -> tuple[int, str]:
     return (day if day is not None else 10**9, str(session.get("study_date", "")))
 
 
+def _sides(affected: str) -> tuple[list[str], list[str]]:
+    """(affected sides, contralateral sides): both for both when the side is not known."""
+    if affected in labels.SIDE_OFFSET:
+        return [affected], [labels.other_side(affected)]
+    return list(labels.SIDES), list(labels.SIDES)
+
+
+def _longitudinal_reasons(
+    index: QCIndex, row: Mapping[str, Any], affected: str, baseline_date: str
+) -> dict[str, list[str]]:
+    """Per column of a ``longitudinal.tsv`` row, the QC codes that make it not available."""
+    aff, con = _sides(affected)
+    s, date, row_qc = str(row.get("structure")), row.get("study_date"), row.get("qc")
+    a = index.unavailable(date, aff, s, row_qc)
+    c = index.unavailable(date, con, s, row_qc)
+    base_a = index.unavailable(baseline_date, aff, s)
+    base_c = index.unavailable(baseline_date, con, s)
+    return {
+        "affected_ml": a,
+        "contralateral_ml": c,
+        "difference_ml": _merge(a, c),
+        "asymmetry_pct": _merge(a, c),
+        "asymmetry_change_pp": _merge(a, c, base_a, base_c),
+        "change_from_baseline_pct": _merge(a, base_a),
+    }
+
+
 def _longitudinal_table(
-    rows: Sequence[Mapping[str, str]], baseline_date: str
+    rows: Sequence[Mapping[str, str]],
+    baseline_date: str,
+    index: QCIndex | None = None,
+    affected: str = "",
+    notes: Footnotes | None = None,
+    excluded_dates: Collection[str] = (),
 ) -> list[dict[str, Any]]:
+    index = index if index is not None else QCIndex(None, {})
+    notes = notes if notes is not None else Footnotes()
     base_asym = {
         r.get("structure"): _to_float(r.get("asymmetry_pct"))
         for r in rows
@@ -968,23 +1050,63 @@ def _longitudinal_table(
     ):
         asym = _to_float(r.get("asymmetry_pct"))
         base = base_asym.get(r.get("structure"))
+        why = _longitudinal_reasons(index, r, affected, baseline_date)
+
+        def cell(column: str, value: Any, signed: bool = False, _why: Any = why) -> Cell:
+            return value_cell(value, _why[column], notes, signed=signed)
+
+        date = str(r.get("study_date", ""))
         table.append(
             {
-                "study_date": str(r.get("study_date", "")),
+                "study_date": date,
                 "day": str(r.get("day", "")),
                 "structure": STRUCTURE_TITLES.get(str(r.get("structure")), str(r.get("structure"))),
-                "affected_ml": _fmt(r.get("affected_ml")),
-                "contralateral_ml": _fmt(r.get("contralateral_ml")),
-                "difference_ml": _fmt(r.get("difference_ml"), signed=True),
-                "asymmetry_pct": _fmt(asym, signed=True),
-                "asymmetry_change_pp": _fmt(
-                    None if asym is None or base is None else asym - base, signed=True
+                "affected_ml": cell("affected_ml", r.get("affected_ml")),
+                "contralateral_ml": cell("contralateral_ml", r.get("contralateral_ml")),
+                "difference_ml": cell("difference_ml", r.get("difference_ml"), True),
+                "asymmetry_pct": cell("asymmetry_pct", asym, True),
+                "asymmetry_change_pp": cell(
+                    "asymmetry_change_pp", None if asym is None or base is None else asym - base,
+                    True,
                 ),
-                "change_from_baseline_pct": _fmt(r.get("change_from_baseline_pct"), signed=True),
-                "is_baseline": str(r.get("study_date")) == baseline_date,
+                "change_from_baseline_pct": cell(
+                    "change_from_baseline_pct", r.get("change_from_baseline_pct"), True
+                ),
+                "qc": ", ".join(_row_qc(index, r, None)),
+                "is_baseline": date == baseline_date,
+                "excluded": date in excluded_dates,
             }
         )
     return table
+
+
+def _row_qc(index: QCIndex, row: Mapping[str, Any], side: str | None) -> list[str]:
+    """QC codes shown in a table row: the summary's flags, else the row's ``qc`` column."""
+    if index.flags is None:
+        return _split_codes(row.get("qc"))
+    return index.codes(index.session(row.get("study_date")), side)
+
+
+def _volumes_table(
+    rows: Sequence[Mapping[str, Any]], index: QCIndex, notes: Footnotes
+) -> list[dict[str, Any]]:
+    """``volumes.tsv`` for display: 'not available' (with its QC codes) instead of n/a."""
+    out = []
+    for r in rows:
+        side, structure = str(r.get("side", "")), str(r.get("structure", ""))
+        codes = index.unavailable(r.get("study_date"), [side], structure, r.get("qc"))
+        out.append(
+            {
+                "study_date": r.get("study_date", ""),
+                "day": r.get("day", ""),
+                "side": side,
+                "role": r.get("role", ""),
+                "structure": STRUCTURE_TITLES.get(structure, structure),
+                "volume_ml": value_cell(r.get("volume_ml"), codes, notes),
+                "qc": ", ".join(_row_qc(index, r, side)),
+            }
+        )
+    return out
 
 
 @dataclass
@@ -1128,9 +1250,13 @@ def _overlay_views(
     swelling: Swelling | None,
     extent_z_mm: tuple[float, float] | None,
     registration: Mapping[str, Any],
+    not_for_planning: Collection[str] = (),
 ) -> list[OverlayView]:
     """Axial (lesion centre, largest swelling) and coronal views, the same positions in
-    baseline coordinates for every session, each session resampled through its registration."""
+    baseline coordinates for every session, each session resampled through its registration.
+
+    Sessions named in `not_for_planning` (QC exclude flags) do not choose the positions unless
+    no other session can; they are still shown."""
     dates = [str(s.get("study_date", "?")) for s in sessions]
     titles = [f"Session {dates[i]} (day {s.get('day', '?')})" for i, s in enumerate(sessions)]
     base_i = next((i for i, s in enumerate(sessions) if s.get("study_date") == baseline_date), 0)
@@ -1181,7 +1307,12 @@ def _overlay_views(
             reference = orient_lps(fluid)
         except Exception as exc:
             log.info("baseline reference grid: %s", exc)
-    views = _plan_views(candidates, transforms, order, dates, swelling, session_dates)
+    planning = {
+        i: c
+        for i, c in candidates.items()
+        if str(sessions[i].get("session", "")) not in not_for_planning
+    }
+    views = _plan_views(planning or candidates, transforms, order, dates, swelling, session_dates)
     if reference is None:
         for v in views:
             v.position_mm = None
@@ -1193,7 +1324,8 @@ def _overlay_views(
     # pass 2: each session once; every view resampled onto its baseline slab
     pending: dict[str, list[_Pending | FigureResult]] = {v.key: [] for v in views}
     for i, s in enumerate(sessions):
-        figs = {v.key: FigureResult(title=titles[i]) for v in views}
+        label = str(s.get("session", ""))
+        figs = {v.key: FigureResult(title=titles[i], session=label) for v in views}
         try:
             files = s.get("files", {}) or {}
             fluid = _read_image(subject_dir, files.get("fluid"), "fluid-sensitive image")
@@ -1336,6 +1468,280 @@ def _z_to_row(z_rows: np.ndarray, idx: np.ndarray, z_mm: float) -> float:
         return 0.0 if z_rows.size else -1.0
     step = float(z_rows[1] - z_rows[0])
     return float(idx[0] + (z_mm - float(z_rows[0])) / step) if step else -1.0
+
+
+# --------------------------------------------------------------------------------------------
+# QC flags (summary.json ``qc_flags``, the ``qc`` column of the tables): what the image cannot
+# show is said, never measured. Read tolerantly: a summary from before the flags has none, and
+# a code added later still shows (with its code as its meaning).
+# --------------------------------------------------------------------------------------------
+
+NOT_AVAILABLE = "not available"
+_NO_CODES = ("", "n/a", "none")
+
+
+@dataclass(frozen=True)
+class FlagView:
+    """One QC flag as the report shows it."""
+
+    session: str
+    side: str
+    code: str
+    severity: str  # 'exclude' or 'warn'
+    message: str
+    slices: tuple[int, ...] = ()
+
+    @property
+    def sides(self) -> tuple[str, ...]:
+        return tuple(labels.SIDES) if self.side not in labels.SIDE_OFFSET else (self.side,)
+
+    @property
+    def meaning(self) -> str:
+        return qc.MEANING.get(self.code, self.code.replace("_", " "))
+
+
+def read_flags(summary: Mapping[str, Any], notes: list[str]) -> list[FlagView] | None:
+    """The QC flags of `summary`; None when it predates them (no ``qc_flags`` key).
+
+    A malformed entry is not dropped silently: it is named in `notes`.
+    """
+    raw = summary.get("qc_flags")
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        notes.append(f"summary.json: qc_flags is not a list ({type(raw).__name__}): ignored")
+        return []
+    flags = []
+    for item in raw:
+        if not isinstance(item, Mapping) or not item.get("code"):
+            notes.append(f"summary.json: a QC flag without a code was ignored: {str(item)[:120]}")
+            continue
+        slices = item.get("slices") or []
+        flags.append(
+            FlagView(
+                session=str(item.get("session", "")),
+                side=str(item.get("side", qc.BOTH)),
+                code=str(item["code"]),
+                # anything but an explicit warn counts as exclude: never over-trust a number
+                severity="warn" if str(item.get("severity", "")).lower() == "warn" else "exclude",
+                message=str(item.get("message", "")),
+                slices=tuple(int(k) for k in slices if _to_int(k) is not None)
+                if isinstance(slices, list)
+                else (),
+            )
+        )
+    return flags
+
+
+def _split_codes(value: Any) -> list[str]:
+    """QC codes of a table's ``qc`` cell (comma-separated; 'n/a' or empty when none)."""
+    codes = [c.strip() for c in str(value or "").split(",")]
+    return [c for c in codes if c.lower() not in _NO_CODES]
+
+
+def _merge(*code_lists: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for codes in code_lists:
+        out.extend(c for c in codes if c not in out)
+    return out
+
+
+@dataclass
+class QCIndex:
+    """Which (session, side, structure) an exclude flag makes not available, and why.
+
+    Mirrors :func:`pipeline.qc.unavailable`, tolerant of codes it does not know (those remove
+    every structure). Tables name sessions by study date; flags by session label.
+    """
+
+    flags: list[FlagView] | None
+    session_of_date: dict[str, str]
+    gone: dict[tuple[str, str, str], list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for f in self.flags or []:
+            if f.severity != "exclude":
+                continue
+            for side in f.sides:
+                for s in qc.EXCLUDED_STRUCTURES.get(f.code, labels.STRUCTURES):
+                    codes = self.gone.setdefault((f.session, side, s), [])
+                    if f.code not in codes:
+                        codes.append(f.code)
+
+    def session(self, date: Any) -> str:
+        d = str(date or "")
+        return self.session_of_date.get(d, d.replace("-", ""))
+
+    def unavailable(
+        self, date: Any, sides: Sequence[str], structure: str, row_qc: Any = None
+    ) -> list[str]:
+        """Codes that make `structure` of `sides` at `date` not available. Without flags in
+        the summary (an older one), the row's own ``qc`` column is taken as the reason."""
+        if self.flags is None:
+            return _split_codes(row_qc)
+        ses = self.session(date)
+        return _merge(*(self.gone.get((ses, side, structure), []) for side in sides))
+
+    def codes(self, session: str, side: str | None = None) -> list[str]:
+        """Codes of any severity raised for `session` (and `side`), in order."""
+        return _merge(
+            [
+                f.code
+                for f in self.flags or []
+                if f.session == session and (side is None or side in f.sides)
+            ]
+        )
+
+    def flagged_sessions(self, severity: str) -> set[str]:
+        """Labels of the sessions with a flag of `severity`."""
+        return {f.session for f in self.flags or [] if f.severity == severity}
+
+    def n(self, severity: str) -> int:
+        return sum(1 for f in self.flags or [] if f.severity == severity)
+
+    def session_excluded(self, session: Mapping[str, Any]) -> bool:
+        """Marked excluded in summary.json, or every structure of both sides not available."""
+        label = str(session.get("session", ""))
+        return session.get("excluded") is True or all(
+            (label, side, s) in self.gone for side in labels.SIDES for s in labels.STRUCTURES
+        )
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A table value; ``reason`` holds the QC codes when it is not available."""
+
+    text: str
+    reason: str = ""
+    note: int | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass
+class Footnotes:
+    """Numbered reasons of the 'not available' cells of one table."""
+
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+    def mark(self, codes: Sequence[str]) -> int:
+        reason = ", ".join(codes)
+        for item in self.items:
+            if item["reason"] == reason:
+                return int(item["n"])
+        words = "; ".join(qc.MEANING.get(c, c) for c in codes)
+        self.items.append({"n": len(self.items) + 1, "reason": reason, "meaning": words})
+        return len(self.items)
+
+
+def value_cell(
+    value: Any, codes: Sequence[str], notes: Footnotes, digits: int = 1, signed: bool = False
+) -> Cell:
+    """A formatted number; 'not available' with its QC codes when missing for a QC reason
+    (never 0), plain 'n/a' when missing for another (no contralateral limb, no baseline)."""
+    text = _fmt(value, digits, signed)
+    if text != "n/a" or not codes:
+        return Cell(text)
+    return Cell(NOT_AVAILABLE, ", ".join(codes), notes.mark(codes))
+
+
+def _session_day(session_info: Mapping[str, tuple[str, str]], session: str) -> tuple[str, str]:
+    return session_info.get(session, (session or "?", "?"))
+
+
+def flag_box(
+    index: QCIndex,
+    session_info: Mapping[str, tuple[str, str]],
+    sessions: Sequence[Mapping[str, Any]],
+) -> dict[str, Any] | None:
+    """The QC box at the top of the report; None for a summary without ``qc_flags``."""
+    if index.flags is None:
+        return None
+    order = {ses: i for i, ses in enumerate(session_info)}
+    rows = []
+    for f in sorted(
+        index.flags,
+        key=lambda f: (order.get(f.session, len(order)), f.session, f.severity != "exclude",
+                       f.side, f.code),
+    ):
+        date, day = _session_day(session_info, f.session)
+        side = "both sides" if f.side == qc.BOTH else f.side
+        rows.append({"date": date, "day": day, "side": side, "code": f.code,
+                     "meaning": f.meaning, "severity": f.severity, "message": f.message})
+    excluded = [
+        f"{s.get('study_date', '?')} (day {s.get('day', '?')})"
+        for s in sessions
+        if s.get("excluded") is True
+    ]
+    return {"rows": rows, "n_exclude": index.n("exclude"), "n_warn": index.n("warn"),
+            "excluded_sessions": excluded}
+
+
+def pattern_headline(classification: str, index: QCIndex) -> tuple[str, str]:
+    """The pattern phrase and, when an exclude flag exists, what it rests on."""
+    phrase = PATTERN_PHRASES.get(classification, f"Pattern: {classification}")
+    n = index.n("exclude")
+    if not n:
+        return phrase, ""
+    if classification == "indeterminate":
+        return (
+            "Pattern indeterminate (what passed quality control cannot decide)",
+            f"{n} exclude flag(s): the sessions or structures they name are not measured; "
+            "see the QC flags below.",
+        )
+    return (
+        phrase,
+        f"Rests only on what passed quality control: {n} exclude flag(s) remove sessions or "
+        "structures from it (QC flags below).",
+    )
+
+
+def figure_qc_labels(index: QCIndex, session: str) -> list[dict[str, str]]:
+    """Caption labels of a session's overlay: 'excluded: <code>' first, then warnings."""
+    out = []
+    for f in index.flags or []:
+        if f.session != session:
+            continue
+        text = f"{'excluded' if f.severity == 'exclude' else 'QC warning'}: {f.code}"
+        if f.side != qc.BOTH:
+            text += f" ({f.side})"
+        item = {"severity": f.severity, "text": text, "meaning": f.meaning}
+        if item not in out:
+            out.append(item)
+    return sorted(out, key=lambda d: d["severity"] != "exclude")
+
+
+def unavailable_days(index: QCIndex, sessions: Sequence[Mapping[str, Any]]) -> set[int]:
+    """Days of sessions with an exclude flag or marked excluded (timeline bands)."""
+    flagged = index.flagged_sessions("exclude")
+    days = set()
+    for s in sessions:
+        day = _to_int(s.get("day"))
+        if day is not None and (s.get("excluded") is True or str(s.get("session")) in flagged):
+            days.add(day)
+    return days
+
+
+def drop_unavailable_csa(
+    rows: Sequence[dict[str, str]], index: QCIndex
+) -> tuple[list[dict[str, str]], list[str]]:
+    """Profile rows without the (session, side) whose limb is not available; the sessions
+    left out, for the caption."""
+    kept, dropped = [], []
+    for r in rows:
+        ses, side = str(r.get("session", "")), str(r.get("side", ""))
+        if index.gone.get((ses, side, "limb")):
+            if ses not in dropped:
+                dropped.append(ses)
+            continue
+        kept.append(r)
+    return kept, dropped
+
+
+def qc_legend() -> list[dict[str, str]]:
+    """Every QC code with its meaning (QC section)."""
+    return [{"code": c, "meaning": m} for c, m in qc.MEANING.items()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1521,23 +1927,41 @@ def build_context(subject_dir: Path, show_phi: bool = False) -> dict[str, Any]:
     }
     session_titles = {k: f"{d} (day {day})" for k, (d, day) in session_info.items()}
     affected_known = affected if affected in labels.SIDE_OFFSET else None
+    index = QCIndex(
+        read_flags(summary, input_notes),
+        {str(s.get("study_date")): str(s["session"]) for s in sessions if s.get("session")},
+    )
+    qc_days = unavailable_days(index, sessions)
 
     figures: list[FigureResult] = []
     timeline = FigureResult(title="Timeline")
     try:
         timeline.png_base64 = render_timeline(
-            longitudinal, events, affected, thresholds, _to_int(summary.get("baseline_day"))
+            longitudinal,
+            events,
+            affected,
+            thresholds,
+            _to_int(summary.get("baseline_day")),
+            qc_days,
         )
         timeline.caption = (
             "Soft-tissue volume of both limbs, soft-tissue and whole-limb asymmetry "
             "(100 × (affected / contralateral − 1)), and marrow lesion and edema volume of the "
             "affected side, against day since day 0. Vertical lines: day 0 and clinical events."
         )
+        if qc_days:
+            timeline.caption += (
+                " Grey bands: not available at that session (QC exclude flag, see the QC "
+                "flags at the top); lines are broken there, not drawn through."
+            )
     except Exception as exc:
         log.warning("timeline failed: %s", exc)
         timeline.error = f"{type(exc).__name__}: {exc}"
     figures.append(timeline)
 
+    csa_dropped: list[str] = []
+    if csa_rows:
+        csa_rows, csa_dropped = drop_unavailable_csa(csa_rows, index)
     swelling = None
     if csa_rows and affected_known and not unilateral:
         try:
@@ -1558,6 +1982,10 @@ def build_context(subject_dir: Path, show_phi: bool = False) -> dict[str, Any]:
                 "largest swelling shown in the images. A sudden step from one slice to the next "
                 "usually means a segmentation error at that level."
             )
+            if csa_dropped:
+                profile.caption += " Not drawn (limb not available, QC exclude flag): " + (
+                    ", ".join(session_titles.get(ses, ses) for ses in csa_dropped) + "."
+                )
         except Exception as exc:
             log.warning("profile failed: %s", exc)
             profile.error = f"{type(exc).__name__}: {exc}"
@@ -1571,8 +1999,11 @@ def build_context(subject_dir: Path, show_phi: bool = False) -> dict[str, Any]:
         swelling,
         extent_z,
         registration,
+        index.flagged_sessions("exclude"),
     )
     for v in views:
+        for f in v.figures:
+            f.qc_labels = figure_qc_labels(index, f.session)
         figures.extend(v.figures)
     for v in views:
         for f in v.figures:
@@ -1606,6 +2037,17 @@ def build_context(subject_dir: Path, show_phi: bool = False) -> dict[str, Any]:
     def flat(mapping: Any) -> list[tuple[str, str]]:
         return [(k, v) for k, v in _flatten(mapping) if show_phi or not is_phi_key(k)]
 
+    pattern_phrase, pattern_qc_note = pattern_headline(classification, index)
+    long_notes, vol_notes = Footnotes(), Footnotes()
+    long_table = _longitudinal_table(
+        longitudinal,
+        baseline_date,
+        index,
+        affected,
+        long_notes,
+        {str(s.get("study_date", "")) for s in sessions if index.session_excluded(s)},
+    )
+
     return {
         "subject": str(summary.get("subject", subject_dir.name)),
         "affected_side": affected,
@@ -1614,7 +2056,10 @@ def build_context(subject_dir: Path, show_phi: bool = False) -> dict[str, Any]:
         "baseline_study_date": baseline_date or "n/a",
         "baseline_day": str(summary.get("baseline_day", "n/a")),
         "classification": classification,
-        "pattern_phrase": PATTERN_PHRASES.get(classification, f"Pattern: {classification}"),
+        "pattern_phrase": pattern_phrase,
+        "pattern_qc_note": pattern_qc_note,
+        "qc_box": flag_box(index, session_info, sessions),
+        "qc_legend": qc_legend(),
         "reasons": [str(r) for r in summary.get("reasons", []) or []],
         "warnings": [str(w) for w in summary.get("warnings", []) or []],
         "session_warnings": session_warnings,
@@ -1635,7 +2080,9 @@ def build_context(subject_dir: Path, show_phi: bool = False) -> dict[str, Any]:
         "profile": profile,
         "views": views,
         "failed_figures": [f for f in figures if f.error],
-        "longitudinal": _longitudinal_table(longitudinal, baseline_date),
+        "longitudinal": long_table,
+        "longitudinal_notes": long_notes.items,
+        "longitudinal_has_qc": any(r["qc"] for r in long_table),
         "circumference": _circumference_table(circ_rows or [], affected, session_info),
         "circumference_found": circ_rows is not None,
         "registration": _registration_table(sessions, registration, baseline_date),
@@ -1659,17 +2106,8 @@ def build_context(subject_dir: Path, show_phi: bool = False) -> dict[str, Any]:
             for side, lm in sorted(landmarks.items())
         ],
         "unilateral": unilateral,
-        "volumes": [
-            {
-                "study_date": r.get("study_date", ""),
-                "day": r.get("day", ""),
-                "side": r.get("side", ""),
-                "role": r.get("role", ""),
-                "structure": STRUCTURE_TITLES.get(r.get("structure", ""), r.get("structure", "")),
-                "volume_ml": _fmt(r.get("volume_ml")),
-            }
-            for r in volumes
-        ],
+        "volumes": _volumes_table(volumes, index, vol_notes),
+        "volumes_notes": vol_notes.items,
         "index_columns": index_columns,
         "index_rows": None
         if index_rows is None

@@ -25,14 +25,16 @@ LONG_COLUMNS = [
 XSS = "<script>alert(1)</script>"
 
 
-def _subject(root: Path, name: str, classification: str, series: list[tuple]) -> Path:
-    """series: (date, day, soft-tissue asymmetry %, lesion mL, edema mL) per session."""
+def _subject(root: Path, name: str, classification: str, series: list[tuple],
+             qc_flags: list[dict] | None = None) -> Path:
+    """series: (date, day, soft-tissue asymmetry %, lesion mL, edema mL) per session; None
+    for a value that is not available (n/a)."""
     d = root / name
     d.mkdir(parents=True)
     rows = []
     for date, day, asym, lesion, edema in series:
         for structure, aff, pct in (
-            ("soft_tissue", 1000.0 * (1 + asym / 100), asym),
+            ("soft_tissue", None if asym is None else 1000.0 * (1 + asym / 100), asym),
             ("marrow_lesion", lesion, None),
             ("edema", edema, None),
         ):
@@ -61,6 +63,8 @@ def _subject(root: Path, name: str, classification: str, series: list[tuple]) ->
             for i, s in enumerate(series)
         ],
     }
+    if qc_flags is not None:
+        summary["qc_flags"] = qc_flags
     (d / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
     (d / "report.html").write_text("<html></html>", encoding="utf-8")
     return d
@@ -117,6 +121,7 @@ def test_cohort_rows(cohort: tuple[list[Path], Path, Path]) -> None:
     assert p01["n_warnings"] == "2"  # one subject-level, one session-level
     assert p01["report"] == "../results/p01/report.html"
     assert float(p02["lesion_ml_last"]) == pytest.approx(4.0)
+    assert p01["n_qc_exclude"] == "n/a" and p01["n_qc_warn"] == "n/a"  # summary without flags
     assert p03["status"] == "failed" and p03["classification"] == "n/a"
     assert p03["reason"].startswith("segment_ses-20240101.log: RuntimeError: no limb found")
     assert p04["status"] == "failed" and "not found" in p04["reason"]
@@ -165,3 +170,55 @@ def test_cli(cohort: tuple[list[Path], Path, Path]) -> None:
     argv = ["--subject-dirs", *map(str, dirs), "--out-html", str(html_path)]
     assert main([*argv, "--out-tsv", str(tsv_path)]) == 0
     assert len(read_tsv(tsv_path)) == 4 and html_path.stat().st_size > 1000
+
+
+def _flag(session: str, code: str, severity: str) -> dict:
+    return {"session": session, "side": "both", "code": code, "severity": severity,
+            "message": "m", "slices": []}
+
+
+def test_qc_flags_and_unavailable_values(tmp_path: Path) -> None:
+    """Flags are counted per severity; a value that is not available is n/a in the row, never
+    0 and never replaced by another session's value."""
+    results = tmp_path / "results"
+    flags = [
+        _flag("20240225", "fluid_not_fat_suppressed", "exclude"),
+        _flag("20240307", "registration_failed", "exclude"),
+        _flag("20240331", "limb_cut_by_fov", "warn"),
+    ]
+    d = _subject(
+        results,
+        "p06",
+        "indeterminate",
+        [
+            ("2024-02-25", -5, 4.0, None, None),  # lesion and edema not available
+            ("2024-03-07", 6, None, None, None),  # nothing available
+            ("2024-03-31", 30, 2.0, 3.5, 50.0),
+        ],
+        flags,
+    )
+    clean = _subject(results, "p07", "stable", [("2024-01-01", 0, 1.0, 1.0, 1.0)], [])
+    rows = build_cohort([d, clean], tmp_path / "c.html", tmp_path / "c.tsv")
+    p06, p07 = read_tsv(tmp_path / "c.tsv")
+    assert (p06["n_qc_exclude"], p06["n_qc_warn"]) == ("2", "1")
+    assert (p07["n_qc_exclude"], p07["n_qc_warn"]) == ("0", "0")
+    assert float(p06["peak_soft_tissue_asymmetry_pct"]) == pytest.approx(4.0)
+    assert p06["peak_asymmetry_day"] == "-5"
+    for prefix, last in (("lesion", 3.5), ("edema", 50.0)):
+        assert p06[f"{prefix}_ml_baseline"] == "n/a"  # not the first available value
+        assert float(p06[f"{prefix}_ml_peak"]) == pytest.approx(last)
+        assert float(p06[f"{prefix}_ml_last"]) == pytest.approx(last)
+    assert rows[0]["lesion_ml_baseline"] is None
+    html = (tmp_path / "c.html").read_text(encoding="utf-8")
+    headers = re.findall(r'<th data-key="([a-z_]+)"', html)
+    assert headers.index("n_qc_exclude") == headers.index("n_warnings") + 1
+    assert headers[-1] == "reason" and "QC exclude flags" in html
+
+
+def test_last_session_not_available_is_not_replaced(tmp_path: Path) -> None:
+    d = _subject(tmp_path, "p08", "indeterminate",
+                 [("2024-01-01", 0, 1.0, 2.0, 20.0), ("2024-02-01", 31, None, None, None)],
+                 [_flag("20240201", "anatomical_not_t1_like", "exclude")])
+    (row,) = build_cohort([d], tmp_path / "c.html", tmp_path / "c.tsv")
+    assert row["lesion_ml_baseline"] == pytest.approx(2.0) and row["lesion_ml_last"] is None
+    assert row["edema_ml_peak"] == pytest.approx(20.0) and row["n_qc_exclude"] == 1

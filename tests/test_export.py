@@ -354,3 +354,92 @@ def test_dciodvfy_finds_no_errors(subject: dict[str, Any], kind: str) -> None:
     # synthetic source lacks (copied empty, as DICOM allows for a Type 2 attribute)
     expected = ("99LMBTRK", "needed to build DICOMDIR - Study ID")
     assert all(any(e in m for e in expected) for m in messages)
+
+
+# ----------------------------------------------------------------------------- QC: n/a volumes
+
+NOT_FAT_SUPPRESSED = "fluid_not_fat_suppressed"
+
+
+def _mark_not_available(volumes_tsv: Path, date: str, structures: tuple[str, ...],
+                        code: str) -> None:
+    """volumes.tsv as the QC contract writes it: n/a (never 0) and the codes in ``qc``."""
+    rows = read_tsv(volumes_tsv)
+    for r in rows:
+        hit = r["study_date"] == date and r["structure"] in structures
+        r["volume_ml"] = None if hit else r["volume_ml"]
+        r["qc"] = code if r["study_date"] == date else None
+    write_tsv_atomic(volumes_tsv, rows, [*VOLUME_COLUMNS, *(["qc"] * ("qc" not in VOLUME_COLUMNS))])
+
+
+def _sr_volumes(path: str) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], list]]:
+    """Volumes of the SR, and the QC codes of the structures it says are not available."""
+    sr = hd.sr.srread(path)
+    found, not_available = {}, {}
+    for group in sr.content.get_volumetric_roi_measurement_groups():
+        key = tuple(str(group.tracking_identifier).split(" "))
+        measurements = group.get_measurements(name=codes.SCT.Volume)
+        evaluations = group.get_qualitative_evaluations(name=export.NOT_AVAILABLE)
+        assert len(measurements) + bool(evaluations) == 1, key  # a volume or a reason
+        if measurements:
+            found[key] = float(measurements[0].value)
+        else:
+            not_available[key] = [e.value.value for e in evaluations]
+            assert group.referenced_segment is not None  # still names its segment
+    return found, not_available
+
+
+def test_session_volumes_skip_not_available(tmp_path: Path) -> None:
+    built = build_subject(tmp_path)
+    tsv = built["dir"] / "volumes.tsv"
+    _mark_not_available(tsv, "2024-03-07", ("marrow_lesion", "edema"), NOT_FAT_SUPPRESSED)
+    rows = export.session_volumes(tsv, "2024-03-07")
+    assert len(rows) == 6 and {r.structure for r in rows} == {"limb", "soft_tissue", "bone"}
+    assert all(r.volume_ml is not None for r in rows)
+    assert export.unavailable_volumes(tsv, "2024-03-07") == {
+        (side, s): [NOT_FAT_SUPPRESSED] for side in SIDES for s in ("marrow_lesion", "edema")}
+    assert len(export.session_volumes(tsv, "2024-02-25")) == 10
+    assert export.unavailable_volumes(tsv, "2024-02-25") == {}
+
+
+def test_sr_of_volumes_not_available(tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Lesion and edema not available (fluid not fat-suppressed): the SR has no volume for
+    them (never a 0), only a 'not available' evaluation with the QC code; the other volumes
+    are those of volumes.tsv; the SEG is complete."""
+    built = build_subject(tmp_path)
+    tsv = built["dir"] / "volumes.tsv"
+    _mark_not_available(tsv, "2024-03-07", ("marrow_lesion", "edema"), NOT_FAT_SUPPRESSED)
+    assert export.main(["--subject-dir", str(built["dir"]), "--dicom"]) == 0
+    out = capsys.readouterr().out
+    assert f"ses-20240307 left edema: not available ({NOT_FAT_SUPPRESSED})" in out
+    expected = {(r["side"], r["structure"]): float(r["volume_ml"]) for r in read_tsv(tsv)
+                if r["study_date"] == "2024-03-07" and r["volume_ml"] != "n/a"}
+    found, not_available = _sr_volumes(stem(built, "20240307") + "_sr.dcm")
+    assert found.keys() == expected.keys() and len(found) == 6
+    for key, value in expected.items():
+        assert found[key] == pytest.approx(value, abs=5e-4)
+    assert not_available == {(side, s): [NOT_FAT_SUPPRESSED]
+                             for side in SIDES for s in ("marrow_lesion", "edema")}
+    base, none = _sr_volumes(stem(built, "20240225") + "_sr.dcm")
+    assert len(base) == 10 and none == {}  # the other session is complete
+    seg = pydicom.dcmread(stem(built, "20240307") + "_seg.dcm")
+    assert len(seg.SegmentSequence) == 14
+
+
+def test_session_without_any_volume(tmp_path: Path) -> None:
+    """Registration failed: nothing available; the SR says so per structure (no zeros) and
+    the export does not fail (the workflow's rule still gets its files)."""
+    built = build_subject(tmp_path)
+    tsv = built["dir"] / "volumes.tsv"
+    _mark_not_available(tsv, "2024-03-07", STRUCTURES, "registration_failed")
+    assert export.session_volumes(tsv, "2024-03-07") == []
+    result = export.export_session(built["dir"], "20240307", dicom=True, tables=False)
+    assert result.volumes_ml == {} and len(result.not_available) == 10
+    assert set(map(tuple, result.not_available.values())) == {("registration_failed",)}
+    sr = pydicom.dcmread(stem(built, "20240307") + "_sr.dcm")
+    assert sr.SOPClassUID == COMPREHENSIVE_3D_SR
+    found, not_available = _sr_volumes(stem(built, "20240307") + "_sr.dcm")
+    assert found == {} and set(map(tuple, not_available.values())) == {("registration_failed",)}
+    assert len(not_available) == 10
+    assert Path(stem(built, "20240307") + "_seg.dcm").exists()

@@ -14,8 +14,8 @@ import pytest
 import SimpleITK as sitk
 from matplotlib.image import imread
 
-from pipeline import labels
-from pipeline.io_utils import write_tsv_atomic
+from pipeline import labels, qc
+from pipeline.io_utils import read_tsv, write_tsv_atomic
 from pipeline.profiles import (
     CIRCUMFERENCE_COLUMNS,
     CSA_COLUMNS,
@@ -24,14 +24,20 @@ from pipeline.profiles import (
     csa_profile,
 )
 from pipeline.report import (
+    QCIndex,
     axial_slab,
+    build_context,
     build_report,
     is_phi_key,
     largest_swelling,
     main,
     orient_lps,
+    pattern_headline,
     radiological_axial_slice,
     radiological_coronal_slice,
+    read_flags,
+    render_html,
+    render_timeline,
     resample_to_slab,
     slice_candidates,
 )
@@ -565,3 +571,232 @@ def test_largest_swelling_pairs_by_distance() -> None:
     assert best.difference_mm2 == pytest.approx(900.0)
     assert largest_swelling(rows, "left", z_range_mm=(0.0, 80.0)).difference_mm2 == 0.0
     assert largest_swelling([r for r in rows if r["side"] == "left"], "left") is None
+
+
+# ----------------------------------------------------------------------------- QC flags
+
+EXCLUDED_SESSION = "20240304"  # registration failed: nothing of it is available
+PARTIAL_SESSION = "20240315"  # fluid not fat-suppressed: lesion and edema not available
+REG_MESSAGE = "could not be aligned with the baseline (bone Dice 0.41 < 0.80) <b>x</b>"
+FOV_MESSAGE = "the limb is cut by the in-plane edge of the image on slices 0-2 of 10"
+FAT_MESSAGE = "subcutaneous fat / muscle signal on the fluid-sensitive image is 1.31 (> 0.8)"
+QC_FLAGS = [
+    {"session": EXCLUDED_SESSION, "side": "both", "code": "registration_failed",
+     "severity": "exclude", "message": REG_MESSAGE, "slices": []},
+    {"session": PARTIAL_SESSION, "side": "left", "code": "limb_cut_by_fov",
+     "severity": "warn", "message": FOV_MESSAGE, "slices": [0, 1, 2]},
+    {"session": PARTIAL_SESSION, "side": "both", "code": "fluid_not_fat_suppressed",
+     "severity": "exclude", "message": FAT_MESSAGE, "slices": []},
+]
+LONG_VALUES = ("affected_ml", "contralateral_ml", "difference_ml", "asymmetry_pct",
+               "change_from_baseline_pct")
+
+
+def _not_measured(session: str, structure: str) -> list[str]:
+    """The codes that make `structure` of `session` not available in QC_FLAGS (both sides)."""
+    if session == EXCLUDED_SESSION:
+        return ["registration_failed"]
+    if session == PARTIAL_SESSION and structure in ("marrow_lesion", "edema"):
+        return ["fluid_not_fat_suppressed"]
+    return []
+
+
+def _codes(session: str, side: str | None = None) -> str:
+    return ",".join(f["code"] for f in QC_FLAGS
+                    if f["session"] == session and (side is None or f["side"] in (side, "both")))
+
+
+def _add_qc_flags(d: Path, flags: list[dict] | None = QC_FLAGS, classification: str = "stable"
+                  ) -> Path:
+    """Turn a copied subject folder into one as the QC contract writes it: n/a, never 0,
+    where an exclude flag removes a structure; a ``qc`` column in both tables."""
+    vol = read_tsv(d / "volumes.tsv")
+    for r in vol:
+        ses = r["study_date"].replace("-", "")
+        if _not_measured(ses, r["structure"]):
+            r["volume_ml"] = None
+        r["qc"] = _codes(ses, r["side"]) or None
+    write_tsv_atomic(d / "volumes.tsv", vol, [*vol[0].keys()])
+    long = read_tsv(d / "longitudinal.tsv")
+    for r in long:
+        ses = r["study_date"].replace("-", "")
+        if _not_measured(ses, r["structure"]):
+            r.update({k: None for k in LONG_VALUES})
+        r["qc"] = _codes(ses) or None
+    write_tsv_atomic(d / "longitudinal.tsv", long, [*long[0].keys()])
+    summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
+    if flags is not None:
+        summary["qc_flags"] = flags
+    summary["classification"] = classification
+    summary["reasons"] = ["session 20240304, both sides: registration_failed (exclude): ..."]
+    for s in summary["sessions"]:
+        if s["session"] == EXCLUDED_SESSION:
+            s["excluded"] = True
+    (d / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="module")
+def flagged_html(subject_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    d = tmp_path_factory.mktemp("flagged") / SUBJECT
+    shutil.copytree(subject_dir, d)
+    out = d / "report.html"
+    build_report(_add_qc_flags(d), out)
+    return out.read_text(encoding="utf-8")
+
+
+def _table(html: str, table_id: str) -> str:
+    part = html[html.index(f'id="{table_id}"') :]
+    return part[: part.index("</table>")]
+
+
+def _rows_of(table: str, date: str) -> list[str]:
+    return [row for row in table.split("<tr")[1:] if f"<td>{date}" in row]
+
+
+def test_qc_flags_box_above_the_fold(flagged_html: str) -> None:
+    """The flags sit next to the pattern headline, before the first figure, with codes,
+    words (pipeline.qc.MEANING), severity and message (escaped)."""
+    box_at = flagged_html.index('id="qc-flags"')
+    assert flagged_html.index('id="classification"') < box_at
+    assert box_at < flagged_html.index("<img") and box_at < flagged_html.index('id="timeline"')
+    box = flagged_html[box_at : flagged_html.index("</div>", box_at)]
+    for flag in QC_FLAGS:
+        assert f'data-code="{flag["code"]}"' in box
+        assert qc.MEANING[flag["code"]] in box
+    assert "could not be aligned with the baseline (bone Dice 0.41 &lt; 0.80) &lt;b&gt;" in box
+    assert FOV_MESSAGE in box and "1.31 (&gt; 0.8)" in box
+    assert box.count('class="qc-exclude"') == 2 and box.count('class="qc-warn"') == 1
+    assert "2 exclude, 1 warn" in box
+    assert "Not in the response pattern: 2024-03-04 (day 3)" in box
+    # ordered by session: the day-3 flag first; the exclude flag before the warning of day 14
+    codes = re.findall(r'data-code="([a-z_]+)"', box)
+    assert codes == ["registration_failed", "fluid_not_fat_suppressed", "limb_cut_by_fov"]
+
+
+def test_headline_rests_on_what_passed_qc(flagged_html: str) -> None:
+    head = flagged_html[flagged_html.index('id="classification"') :]
+    head = head[: head.index("</div>")]
+    assert "Pattern consistent with stable findings" in head
+    assert "Rests only on what passed quality control" in head
+
+
+def test_not_available_is_never_zero(flagged_html: str) -> None:
+    long = _table(flagged_html, "longitudinal")
+    excluded = _rows_of(long, "2024-03-04")
+    assert len(excluded) == len(labels.STRUCTURES)
+    for row in excluded:
+        assert 'class="excluded"' in row
+        cells = re.findall(r'<td class="num na" title="([^"]*)">([^<]*)<sup>(\d+)</sup>', row)
+        assert len(cells) == 6, row  # five columns of the table + the asymmetry change
+        assert {(title, text) for title, text, _ in cells} == {
+            ("not available: registration_failed", "not available")
+        }
+        assert not re.search(r">\s*[+-]?0\.0\s*<", row)
+    partial = {re.search(r"<td>([a-z (.)]+)</td>", r)[1]: r for r in _rows_of(long, "2024-03-15")}
+    assert "not available: fluid_not_fat_suppressed" in partial["marrow lesion"]
+    assert "not available: fluid_not_fat_suppressed" in partial["edema"]
+    assert "not available" not in partial["soft tissue"]  # measured: only lesion/edema gone
+    assert "<th>QC</th>" in long
+    notes = flagged_html[flagged_html.index('id="longitudinal"') :]
+    notes = notes[: notes.index("</ul>")]
+    assert "not available: <code>registration_failed</code>" in notes
+    vols = _table(flagged_html, "volumes-table")
+    for row in _rows_of(vols, "2024-03-04"):
+        assert 'title="not available: registration_failed">not available<sup>' in row
+        assert "<td>registration_failed</td>" in row  # the QC column
+    left_lesion = [r for r in _rows_of(vols, "2024-03-15") if "left" in r and "lesion" in r]
+    assert "<td>limb_cut_by_fov, fluid_not_fat_suppressed</td>" in left_lesion[0]
+
+
+def test_figures_with_unavailable_values(flagged_html: str) -> None:
+    assert "could not be drawn" not in flagged_html
+    assert "Grey bands: not available at that session" in flagged_html
+    # every overlay of the excluded session says so in its caption; the others do not
+    for view in ("lesion", "swelling", "coronal"):
+        part = flagged_html[flagged_html.index(f'id="view-{view}"') :]
+        part = part[: part.index("</div>")]
+        figures = part.split("<h4>")[1:]
+        assert len(figures) == len(SESSIONS)
+        for fig, (date, _, _) in zip(figures, SESSIONS, strict=True):
+            caption = fig[fig.index("<figcaption>") :]
+            assert ('<span class="qc-label exclude"' in caption) == (date != "2024-02-25")
+            assert ("excluded: registration_failed" in caption) == (date == "2024-03-04")
+        assert "QC warning: limb_cut_by_fov (left)" in figures[2]
+        assert "excluded: fluid_not_fat_suppressed" in figures[2]
+
+
+def test_without_qc_flags_nothing_changes(report_html: str) -> None:
+    """An older summary (no qc_flags) has no flags box and no 'not available' cells."""
+    assert 'id="qc-flags"' not in report_html and "Rests only on" not in report_html
+    assert 'class="num na"' not in report_html and "<sup>" not in report_html
+    assert 'id="qc-legend"' in report_html  # the codes are explained in any case
+
+
+def test_empty_qc_flags_say_none(subject_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / SUBJECT
+    shutil.copytree(subject_dir, d)
+    summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
+    summary["qc_flags"] = []
+    (d / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    html = build_context(d)
+    assert html["qc_box"] == {"rows": [], "n_exclude": 0, "n_warn": 0, "excluded_sessions": []}
+    assert html["pattern_qc_note"] == ""
+    assert "Quality control flags: none raised." in render_html(html)
+
+
+def test_old_summary_with_qc_column_only(subject_dir: Path, tmp_path: Path) -> None:
+    """Tables with n/a and a qc column but no qc_flags in the summary: the column is the
+    reason, and still never 0."""
+    d = tmp_path / SUBJECT
+    shutil.copytree(subject_dir, d)
+    _add_qc_flags(d, flags=None)
+    ctx = build_context(d)
+    assert ctx["qc_box"] is None
+    row = next(r for r in ctx["volumes"] if r["study_date"] == "2024-03-04")
+    assert str(row["volume_ml"]) == "not available" and row["volume_ml"].reason == (
+        "registration_failed"
+    )
+
+
+@pytest.mark.parametrize(
+    ("classification", "flags", "phrase", "note"),
+    [
+        ("progression", [], "Pattern consistent with progression", ""),
+        ("indeterminate", [], "too few sessions", ""),
+        ("indeterminate", QC_FLAGS, "what passed quality control cannot decide", "2 exclude"),
+        ("response", QC_FLAGS[1:2], "Pattern consistent with response", ""),  # warn only
+        ("response", QC_FLAGS, "Pattern consistent with response", "Rests only on"),
+    ],
+)
+def test_pattern_headline(classification: str, flags: list[dict], phrase: str,
+                          note: str) -> None:
+    index = QCIndex(read_flags({"qc_flags": flags}, []), {})
+    got_phrase, got_note = pattern_headline(classification, index)
+    assert phrase in got_phrase
+    assert (note in got_note) if note else got_note == ""
+
+
+def test_read_flags_is_tolerant() -> None:
+    notes: list[str] = []
+    flags = read_flags({"qc_flags": [{"code": "future_code", "session": "1", "side": "x",
+                                      "severity": "odd", "message": "m"}, "junk"]}, notes)
+    assert flags is not None and len(flags) == 1
+    assert flags[0].severity == "exclude" and flags[0].sides == tuple(labels.SIDES)
+    assert flags[0].meaning == "future code"
+    assert len(notes) == 1 and "junk" in notes[0]
+    assert read_flags({}, notes) is None
+
+
+def test_timeline_skips_missing_points() -> None:
+    rows = [
+        {"day": day, "structure": s, "affected_ml": v, "contralateral_ml": v,
+         "asymmetry_pct": None if v is None else 1.0}
+        for day, v in ((-5, 10.0), (3, None), (14, 12.0))
+        for s in labels.STRUCTURES
+    ]
+    png = render_timeline(rows, [], "left", {"flare_asymmetry_pp": 5}, -5, {3})
+    assert imread(io.BytesIO(base64.b64decode(png)), format="png").shape[0] > 100
+    with pytest.raises(ValueError, match="no numeric values"):
+        render_timeline([{**r, "affected_ml": "n/a", "asymmetry_pct": "n/a"} for r in rows],
+                        [], "left", {}, -5, {-5, 3, 14})
