@@ -146,11 +146,11 @@ def limb_masks(
     for k in range(body.shape[0]):
         lab, n = ndimage.label(body[k])
         parts: list[BoolArray] = []
-        for i in range(1, n + 1):
-            comp = lab == i
-            if comp.sum() < min_px:
-                continue
-            halves = split_touching(comp)
+        comps = [c for c in (lab == i for i in range(1, n + 1)) if c.sum() >= min_px]
+        for comp in comps:
+            # only a lone component as wide as two limbs side by side can be two touching
+            # limbs; a calf's own waist (the shin) must not split it
+            halves = split_touching(comp) if len(comps) == 1 and _wide(comp) else None
             if halves is not None and min(h.sum() for h in halves) >= min_px:
                 parts.extend(halves)
                 n_split += 1
@@ -206,6 +206,13 @@ def body_mask(t1: FloatArray, edge_fraction: float = 0.25) -> tuple[BoolArray, d
     return body, {"background_level": bg, "rough_threshold": air + 0.12 * (hi - air)}
 
 
+def _wide(mask2d: BoolArray, min_aspect: float = 1.4) -> bool:
+    """True when the component is at least `min_aspect` times wider (x) than tall (y)."""
+    rows = np.nonzero(mask2d.any(axis=1))[0]
+    cols = np.nonzero(mask2d.any(axis=0))[0]
+    return bool(cols[-1] - cols[0] + 1 >= min_aspect * (rows[-1] - rows[0] + 1))
+
+
 def split_touching(mask2d: BoolArray) -> tuple[BoolArray, BoolArray] | None:
     """Split one 2-D component holding two touching limbs by a two-seed watershed.
 
@@ -255,8 +262,13 @@ MIN_CAVITY_MM2: Final = 6.0
 #: own; fascia enclosing a muscle compartment is one voxel thick (0.8-1.3 mm with partial
 #: volume). Thinner (metaphyseal) cortex is followed from the adjacent slice instead.
 MIN_CORTEX_MM: Final = 1.5
-#: Compactness of a bone section (area / convex hull area).
+#: Compactness of a bone section (area / convex hull area); a section found on its own is
+#: convex (real femur, tibia, fibula: 0.92-0.98), a bundle of vessels around a pocket is not.
 MIN_BONE_SOLIDITY: Final = 0.85
+MIN_RING_SOLIDITY: Final = 0.9
+#: A marrow cavity is at least this fraction of the section (fibula ~0.3, femur 0.3, tibia
+#: 0.6); three vessels touching in a triangle enclose far less.
+MIN_CAVITY_FRACTION: Final = 0.15
 #: Smallest bone section (mm^2): a child's fibula is ~30 mm^2.
 MIN_BONE_AREA_MM2: Final = 25.0
 #: Largest bone section as a fraction of the limb's (femoral condyles reach ~45 %).
@@ -297,8 +309,10 @@ def bone_mask(t1: FloatArray, limb: BoolArray, muscle: float, pixel_mm: float) -
     pixel_mm : float
         In-plane pixel size (mm).
     """
+    # away from the skin's dark edge, but not so far that the shin's tibia (a few mm under
+    # the skin) is cut
     inner = ndimage.binary_erosion(
-        limb, structure=np.ones((1, 3, 3), bool), iterations=max(1, int(round(3.0 / pixel_mm)))
+        limb, structure=np.ones((1, 3, 3), bool), iterations=max(1, int(round(2.0 / pixel_mm)))
     )
     found = np.zeros_like(limb)
     weak = np.zeros_like(limb)
@@ -403,7 +417,8 @@ def _bone_candidates(
         comp = lab == region.label
         cavity_mm2 = float((comp & ~dark).sum()) * px_mm2
         cortex_mm = (area_mm2 - cavity_mm2) / max(region.perimeter * pixel_mm, 1e-6)
-        out.append((comp, cavity_mm2 >= MIN_CAVITY_MM2 and cortex_mm >= MIN_CORTEX_MM))
+        out.append((comp, cavity_mm2 >= max(MIN_CAVITY_MM2, MIN_CAVITY_FRACTION * area_mm2)
+                    and cortex_mm >= MIN_CORTEX_MM and region.solidity >= MIN_RING_SOLIDITY))
     return out
 
 
