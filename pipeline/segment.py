@@ -254,7 +254,7 @@ def _muscle_level_t1(t1: FloatArray, limb: BoolArray) -> tuple[float, float]:
 CORTEX_LEVELS: Final = (0.5, 0.65, 0.8)
 #: Higher levels, for sections that can only continue a bone of the adjacent slice: at the
 #: knee the tibial plateau's and condyles' cortex is thin and partial-volumed up to muscle.
-FOLLOW_LEVELS: Final = (0.95, 1.1)
+FOLLOW_LEVELS: Final = (0.95, 1.1, 1.25)
 #: A bone's marrow cavity: at least this area (mm^2) of not-dark signal inside the cortex.
 #: Marrow is not required to be bright: on gradient-echo images it is near muscle.
 MIN_CAVITY_MM2: Final = 6.0
@@ -315,7 +315,7 @@ def bone_mask(t1: FloatArray, limb: BoolArray, muscle: float, pixel_mm: float) -
         limb, structure=np.ones((1, 3, 3), bool), iterations=max(1, int(round(2.0 / pixel_mm)))
     )
     found = np.zeros_like(limb)
-    weak = np.zeros_like(limb)
+    weak: dict[int, list[BoolArray]] = {}
     for k in range(limb.shape[0]):
         limb_px = float(limb[k].sum())
         if limb_px == 0:
@@ -323,16 +323,12 @@ def bone_mask(t1: FloatArray, limb: BoolArray, muscle: float, pixel_mm: float) -
         for level in CORTEX_LEVELS + FOLLOW_LEVELS:
             dark = (t1[k] < level * muscle) & inner[k]
             for comp, on_its_own in _bone_candidates(dark, pixel_mm, limb_px):
-                on_its_own = on_its_own and level in CORTEX_LEVELS
                 if (comp & found[k]).any():
                     continue
-                if (comp & weak[k]).any():
-                    if not on_its_own:
-                        continue
-                    # a whole bone at a higher level beats fragments of its cortex
-                    lab, _ = ndimage.label(weak[k])
-                    weak[k] &= ~np.isin(lab, np.unique(lab[comp & weak[k]]))
-                (found if on_its_own else weak)[k] |= comp
+                if on_its_own and level in CORTEX_LEVELS:
+                    found[k] |= comp
+                else:  # candidates of every level compete in the following, lowest first
+                    weak.setdefault(k, []).append(comp)
     bone = _follow_along_z(found, weak)
     if bone.shape[0] >= 3:
         bone = _continued_along_z(bone)
@@ -345,8 +341,9 @@ def _sections(mask2d: BoolArray) -> list[BoolArray]:
 
 
 def _continues(section: BoolArray, neighbour: BoolArray) -> bool:
-    """True when `section` overlaps a bone section of `neighbour` enough, and is not much
-    larger than it."""
+    """True when `section` is a bone section of `neighbour` one slice on: overlapping it by
+    :data:`MIN_CONTINUATION_OVERLAP` of the smaller and of similar size (within a factor
+    :data:`MAX_CONTINUATION_GROWTH` either way; a fragment of a cortex is not a bone)."""
     if not (section & neighbour).any():
         return False
     area = float(section.sum())
@@ -354,22 +351,25 @@ def _continues(section: BoolArray, neighbour: BoolArray) -> bool:
         inter = float((section & other).sum())
         size = float(other.sum())
         if inter >= MIN_CONTINUATION_OVERLAP * min(area, size) and (
-            area <= MAX_CONTINUATION_GROWTH * size
+            size / MAX_CONTINUATION_GROWTH <= area <= MAX_CONTINUATION_GROWTH * size
         ):
             return True
     return False
 
 
-def _follow_along_z(found: BoolArray, weak: BoolArray) -> BoolArray:
-    """`found` plus the `weak` sections that continue it slice by slice (both directions)."""
+def _follow_along_z(found: BoolArray, weak: dict[int, list[BoolArray]]) -> BoolArray:
+    """`found` plus the `weak` candidates that continue it slice by slice (both directions);
+    in a slice the first candidate (lowest level) that continues a bone wins its place."""
     bone = found.copy()
-    pending = {k: _sections(weak[k]) for k in range(weak.shape[0]) if weak[k].any()}
+    pending = {k: list(c) for k, c in weak.items() if c}
     changed = True
     while changed and pending:
         changed = False
         for k in list(pending):
             keep = []
             for section in pending[k]:
+                if (section & bone[k]).any():
+                    continue  # its place is taken
                 neighbours = [bone[j] for j in (k - 1, k + 1) if 0 <= j < bone.shape[0]]
                 if any(_continues(section, nb) for nb in neighbours):
                     bone[k] |= section
