@@ -41,6 +41,7 @@ from . import __version__
 from . import qc as qc_mod
 from .io_utils import atomic_path, write_json_atomic
 from .labels import BONE, EDEMA, LESION, SIDE_OFFSET, SOFT_TISSUE
+from .mirror import MirroredReference, mirrored_reference
 
 BoolArray = NDArray[np.bool_]
 _DISK1 = ndimage.generate_binary_structure(2, 1)
@@ -53,6 +54,7 @@ class SegmentSettings:
 
     n4_shrink: int = 4
     n4_iterations: tuple[int, ...] = (50, 40, 30)
+    n4_control_points: int = 8
     min_limb_area_mm2: float = 400.0
     edge_fraction: float = 0.25
     lesion_seed_percentile: float = 99.0
@@ -62,6 +64,9 @@ class SegmentSettings:
     min_lesion_component_mm3: float = 100.0
     min_edema_component_mm3: float = 60.0
     edema_grow_fraction: float = 0.4
+    edema_mirror_seed_ratio: float = 1.4
+    edema_mirror_grow_ratio: float = 1.2
+    edema_mirror_min_bone_dice: float = 0.5
     signal_void_fraction: float = 0.4
     min_fov_contact_mm: float = 3.0
     t1_like_min_fat_ratio: float = 1.0
@@ -97,7 +102,13 @@ def resample_to(moving: sitk.Image, reference: sitk.Image) -> sitk.Image:
 
 
 def n4_log_bias(image: sitk.Image, mask: sitk.Image, settings: SegmentSettings) -> sitk.Image:
-    """Log bias field of `image` at full resolution, estimated by N4 on a shrunk copy."""
+    """Log bias field of `image` at full resolution, estimated by N4 on a shrunk copy.
+
+    The B-spline mesh has ``n4_control_points`` in-plane: a field of view holding both legs
+    is 400+ mm wide, and surface-coil shading varies within each leg (the default 4 points
+    left the lateral quadriceps of a real thigh 25 % brighter than the rest). Along z the
+    mesh keeps 4 points (the fewest) unless the series has 32 slices or more.
+    """
     size = image.GetSize()
     shrink = max(1, min(settings.n4_shrink, min(size[0], size[1]) // 48))
     shrink_z = 1 if size[2] < 4 * shrink else shrink
@@ -106,6 +117,8 @@ def n4_log_bias(image: sitk.Image, mask: sitk.Image, settings: SegmentSettings) 
     small_mask = sitk.Shrink(mask, factors)
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
     corrector.SetMaximumNumberOfIterations(list(settings.n4_iterations))
+    cp = settings.n4_control_points
+    corrector.SetNumberOfControlPoints([cp, cp, cp if size[2] >= 32 else 4])
     corrector.Execute(small, small_mask)
     return corrector.GetLogBiasFieldAsImage(image)
 
@@ -422,6 +435,13 @@ def _bone_candidates(
     return out
 
 
+def seeds_reach(seeds: BoolArray, region: BoolArray) -> BoolArray:
+    """Voxels of `region` connected to a seed (everything when there is no seed in it)."""
+    lab, _ = ndimage.label(region)
+    keep = np.unique(lab[seeds & region])
+    return np.isin(lab, keep[keep > 0])
+
+
 def _hysteresis(image: FloatArray, region: BoolArray, low: float, high: float) -> BoolArray:
     img = np.where(region, image, -np.inf).astype(np.float32)
     return filters.apply_hysteresis_threshold(img, low, high)
@@ -525,18 +545,31 @@ def edema_mask(
     settings: SegmentSettings,
     voxel_mm3: float,
     own_reference: bool = False,
+    mirror: MirroredReference | None = None,
 ) -> tuple[BoolArray, dict[str, Any]]:
     """Edema of one limb: soft tissue brighter on the fluid image than the contralateral soft
     tissue's `edema_seed_percentile` (seeds), grown down to half-way between muscle and
     edematous muscle. The edematous-muscle level is re-estimated from the grown region (seeds
     alone are biased upward by the seed threshold); specks are removed. With `own_reference`
-    (one limb only) the seed level is `edema_seed_min_rel_muscle` x muscle alone."""
+    (one limb only) the seed level is `edema_seed_min_rel_muscle` x muscle alone.
+
+    With `mirror` (the contralateral limb mirrored onto this one, :mod:`pipeline.mirror`)
+    edema must also be brighter than the same place of the healthy limb: seeds by
+    `edema_mirror_seed_ratio`, growth by `edema_mirror_grow_ratio` over the brightest mirrored
+    value nearby, so that a muscle that is bright in both limbs is not edema."""
     if ref_soft.size == 0:
         return np.zeros_like(limb["limb"]), {}
     seed_thr = settings.edema_seed_min_rel_muscle * muscle_fl
-    if not own_reference:
+    if not own_reference and mirror is None:
+        # without a voxel-wise control, the control limb's brightest soft tissue sets the bar
         seed_thr = max(seed_thr, float(np.percentile(ref_soft, settings.edema_seed_percentile)))
+    allowed = limb["soft"]
     seeds = limb["soft"] & (fluid > seed_thr)
+    if mirror is not None:
+        seeds &= ~mirror.valid | (fluid > settings.edema_mirror_seed_ratio * mirror.local_max)
+        if settings.edema_mirror_grow_ratio > 0:
+            allowed = allowed & (
+                ~mirror.valid | (fluid > settings.edema_mirror_grow_ratio * mirror.local_max))
     if not seeds.any():
         return np.zeros_like(limb["limb"]), {"seed_threshold": seed_thr}
     # Edematous muscle sets the level (muscle-like T1); fluid strands in fat are brighter and
@@ -548,7 +581,7 @@ def edema_mask(
         vals = fluid[region & muscle_like]
         core = float(np.median(vals if vals.size > 20 else fluid[region]))
         low = max(muscle_fl + settings.edema_grow_fraction * (core - muscle_fl), 1.2 * muscle_fl)
-        region = _hysteresis(fluid, limb["soft"], low, seed_thr)
+        region = _hysteresis(fluid, allowed, low, seed_thr) & seeds_reach(seeds, allowed)
     edema = _remove_small(region, settings.min_edema_component_mm3, voxel_mm3)
     return edema, dict(
         seed_threshold=seed_thr, low_threshold=low, core=core, muscle_reference=muscle_fl
@@ -675,10 +708,16 @@ def segment_arrays(
             lesion, lesion_info = marrow_lesion(
                 t1, fluid, s, ref, muscle_fl, settings, voxel_mm3, own_reference=contra is None
             )
+            mirror = None if contra is None else mirrored_reference(
+                t1, fluid, s["limb"], contra["limb"], s["bone"], contra["bone"], spacing_zyx_mm)
+            usable_mirror = (mirror is not None
+                             and mirror.bone_dice >= settings.edema_mirror_min_bone_dice)
             edema, edema_info = edema_mask(
                 t1, fluid, s, soft_vals, muscle_fl, settings, voxel_mm3,
-                own_reference=contra is None,
+                own_reference=contra is None, mirror=mirror if usable_mirror else None,
             )
+            edema_info["mirror_bone_dice"] = None if mirror is None else mirror.bone_dice
+            edema_info["mirror_used"] = usable_mirror
         else:  # fat would read as fluid: not measured (qc flag), never a guess
             lesion = edema = np.zeros_like(s["limb"])
             lesion_info = edema_info = {"not measured": qc_mod.FLUID_NOT_FAT_SUPPRESSED}
