@@ -274,15 +274,14 @@ def contrast_ratio(image: NDArray[np.floating[Any]], region: NDArray[np.bool_],
 
 
 def t1_like_flag(ratio: float | None, minimum: float) -> QCFlag | None:
-    """``anatomical_not_t1_like`` when subcutaneous fat is not brighter than deep tissue
-    (muscle) on the anatomical image: `ratio` is how much more of the fat ring than of the
-    deep tissue falls in the image's bright class (1: no difference)."""
+    """``anatomical_not_t1_like`` when subcutaneous fat is darker than muscle on the
+    anatomical image: `ratio` is the median of the fat ring over that of the deep tissue."""
     if ratio is None or ratio >= minimum:
         return None
     return QCFlag("", BOTH, ANATOMICAL_NOT_T1_LIKE, "exclude",
-                  f"subcutaneous fat is not brighter than muscle on the anatomical image "
-                  f"(bright-class ratio fat ring / deep tissue {ratio:.2f} < {minimum:g}): "
-                  "not T1-weighted, Dixon in-phase or proton-density-like; bone and limb "
+                  f"subcutaneous fat is darker than muscle on the anatomical image "
+                  f"(fat ring / deep tissue {ratio:.2f} < {minimum:g}): not T1-weighted, "
+                  "Dixon in-phase or proton-density-like (fat-suppressed?); bone and limb "
                   "outlines are not trusted, the session is not measured")
 
 

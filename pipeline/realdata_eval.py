@@ -52,7 +52,7 @@ class InvariantCase:
 
     name: str
     region: hybrid.Region
-    follow_up_t1: str  # 'in_phase', 't1_like' or 'out_of_phase'
+    follow_up_t1: str  # 'in_phase', 't1_like', 'out_of_phase' or 'water'
     moved: bool = False
     expect_flags: tuple[str, ...] = ()
 
@@ -60,12 +60,12 @@ class InvariantCase:
 INVARIANT_CASES: tuple[InvariantCase, ...] = (
     InvariantCase("thigh_same", "thigh", "in_phase"),
     InvariantCase("thigh_t1like", "thigh", "t1_like"),
-    InvariantCase("thigh_outofphase", "thigh", "out_of_phase",
+    InvariantCase("thigh_outofphase", "thigh", "out_of_phase"),
+    InvariantCase("thigh_water_as_t1", "thigh", "water",
                   expect_flags=("anatomical_not_t1_like",)),
     InvariantCase("calf_same", "calf", "in_phase"),
     InvariantCase("calf_t1like_moved", "calf", "t1_like", moved=True),
-    InvariantCase("calf_outofphase", "calf", "out_of_phase",
-                  expect_flags=("anatomical_not_t1_like",)),
+    InvariantCase("calf_outofphase", "calf", "out_of_phase"),
 )
 
 
@@ -74,6 +74,8 @@ def _t1_image(src: hybrid.Source, kind: str) -> np.ndarray:
         return np.asarray(src.in_phase, dtype=np.float32)
     if kind == "out_of_phase":
         return np.asarray(src.out_of_phase, dtype=np.float32)
+    if kind == "water":  # a fat-suppressed image given as the anatomical one
+        return np.asarray(src.water, dtype=np.float32)
     if kind == "t1_like":  # fat brighter than muscle, as on a T1 spin echo
         return np.where(src.in_phase > 0, src.water + 1.8 * src.fat, src.in_phase).astype(
             np.float32)
@@ -236,12 +238,16 @@ def score_hybrid(subject_dir: Path, truth: dict[str, Any], case_dir: Path) -> di
             row["swelling_pp"] - true_change)
         rows.append(row)
     codes = sorted({f["code"] for f in summary.get("qc_flags", [])})
+    expected = truth["expected_pattern"]["pattern"]
+    excluding = {"fluid_not_fat_suppressed", "anatomical_not_t1_like"}
+    if excluding & set(truth.get("expected_flags", [])):
+        expected = "indeterminate"  # what the image cannot show leaves the pattern undecided
     quality = [r.get("quality") or {} for r in summary.get("registration", {}).values()]
     dices = [q["bone_dice"] for q in quality if q.get("bone_dice") is not None]
     return {
         "rows": rows,
         "label": summary["classification"],
-        "expected": truth["expected_pattern"]["pattern"],
+        "expected": expected,
         "qc_codes": ",".join(codes) or "-",
         "flags_ok": set(truth.get("expected_flags", [])) <= set(codes),
         "registration_bone_dice": min(dices) if dices else None,

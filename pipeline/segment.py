@@ -69,7 +69,7 @@ class SegmentSettings:
     edema_mirror_min_bone_dice: float = 0.5
     signal_void_fraction: float = 0.4
     min_fov_contact_mm: float = 3.0
-    t1_like_min_fat_ratio: float = 1.0
+    t1_like_min_fat_ratio: float = 0.75
     fat_suppressed_max_fat_ratio: float = 0.7
 
 
@@ -522,7 +522,13 @@ def marrow_lesion(
         ref_region = ref["marrow"]
     bg_fl = _per_slice_median(fluid, ref_region)[:, None, None]
     bg_t1 = _per_slice_median(t1, ref_region)[:, None, None]
-    closer = (fluid > 0.5 * (core_fl + bg_fl)) & (t1 < 0.5 * (core_t1 + bg_t1)) & limb["bone"]
+    closer = (fluid > 0.5 * (core_fl + bg_fl)) & limb["bone"]
+    # T1 separates lesion from marrow only where marrow is clearly brighter (fatty marrow on
+    # a T1 spin echo); on gradient-echo images marrow sits near muscle, as the lesion does,
+    # and half-way between them cuts the lesion in two
+    t1_contrast = 1.0 - core_t1 / max(float(np.nanmedian(bg_t1)), 1e-6)
+    if t1_contrast >= 0.25:
+        closer &= t1 < 0.5 * (core_t1 + bg_t1)
     lab, _ = ndimage.label(closer | seeds)
     keep = np.unique(lab[seeds])
     lesion = np.isin(lab, keep[keep > 0])
@@ -533,6 +539,7 @@ def marrow_lesion(
         core_t1=core_t1,
         marrow_reference_fluid=float(np.nanmedian(bg_fl)),
         marrow_reference_t1=float(np.nanmedian(bg_t1)),
+        t1_contrast=t1_contrast,
     )
 
 
@@ -595,6 +602,12 @@ def _column_band(limb: BoolArray, margin_px: int) -> BoolArray:
     return np.broadcast_to(cols[None, None, :], limb.shape)
 
 
+#: The anatomical image locates fat for the fluid check only when its fat ring is brighter
+#: than the deep tissue by this much; a proton-density-like image (a 5-degree Dixon in-phase
+#: echo: ring/deep 1.00) cannot tell fat from muscle by brightness.
+T1_LOCATES_FAT: Final = 1.02
+
+
 def _contrast_checks(
     t1: FloatArray,
     fluid: FloatArray,
@@ -605,13 +618,14 @@ def _contrast_checks(
     """Subcutaneous fat against muscle on both images (both limbs pooled).
 
     Fat is located by position (1.5-5 mm inside the skin, :func:`pipeline.qc.
-    subcutaneous_ring`), muscle as deep tissue away from bone. The anatomical image is
-    T1-like when its bright class (the upper of the two classes of :func:`_muscle_level_t1`)
-    fills more of the fat ring than of the deep tissue: a ratio of fractions, free of the
-    image's scale and of how strong the T1 weighting is (a 5-degree gradient echo's in-phase
-    image gives 1.2-1.3, a fat-suppressed image well below 1). On the fluid image, fat is then
-    the T1-bright part of the ring and muscle the T1-muscle-like deep tissue, and their median
-    ratio says whether fat is suppressed (STIR 0.1-0.4; an unsuppressed echo 0.8-1.2).
+    subcutaneous_ring`), muscle as deep tissue away from bone; each ratio is of medians.
+
+    - anatomical: ring / deep. T1 spin echo and Dixon in-phase 1.0-2; out-of-phase 0.8-0.9;
+      a fat-suppressed or water image 0.1-0.5 (fat dark: not T1-like).
+    - fluid: where the anatomical image is clearly T1-like (ring / deep >=
+      :data:`T1_LOCATES_FAT`), fat is its bright part of the ring and muscle its muscle-like
+      deep tissue; otherwise the ring and the deep tissue themselves. STIR and Dixon water
+      0.1-0.55, an unsuppressed echo 0.73-1.4.
     """
     if not per_side:
         return {}
@@ -620,19 +634,21 @@ def _contrast_checks(
     for s in per_side.values():
         ring |= qc_mod.subcutaneous_ring(s["limb"], pixel_mm)
         deep |= qc_mod.deep_tissue(s["limb"], s["bone"], pixel_mm)
-    if not ring.any() or not deep.any():
+    t1_ratio = qc_mod.contrast_ratio(t1, ring, deep)
+    if t1_ratio is None:
         return {}
-    muscle = float(np.mean([s["t1_muscle"] for s in per_side.values()]))
-    fat = float(np.mean([s["t1_fat"] for s in per_side.values()]))
-    bright = t1 > 0.5 * (muscle + fat)
-    deep_bright = float(bright[deep].mean())
-    t1_ratio = float(bright[ring].mean()) / max(deep_bright, 1e-3)
-    fat_vox, muscle_vox = ring, deep
-    if t1_ratio >= settings.t1_like_min_fat_ratio:
-        fat_vox = ring & bright
+    fat_vox, muscle_vox, located = ring, deep, False
+    if t1_ratio >= T1_LOCATES_FAT:
+        muscle = float(np.mean([s["t1_muscle"] for s in per_side.values()]))
+        fat = float(np.mean([s["t1_fat"] for s in per_side.values()]))
+        fat_vox = ring & (t1 > 0.5 * (muscle + fat))
         muscle_vox = deep & (np.abs(t1 / muscle - 1.0) < 0.25)
+        located = bool(fat_vox.sum() > 50 and muscle_vox.sum() > 50)
+        if not located:
+            fat_vox, muscle_vox = ring, deep
     fluid_ratio = qc_mod.contrast_ratio(fluid, fat_vox, muscle_vox)
-    return {"t1_fat_to_muscle": t1_ratio, "fluid_fat_to_muscle": fluid_ratio}
+    return {"t1_fat_to_muscle": t1_ratio, "fluid_fat_to_muscle": fluid_ratio,
+            "fat_located_by": "T1-bright voxels of the ring" if located else "position"}
 
 
 def segment_arrays(
