@@ -1,5 +1,8 @@
 """Accuracy suite: phantom patients through the command-line contract, scored against truth.
 
+With ``--real`` (and with ``--cases all``) it then runs ``benchmarks/realdata_legs.py``: the
+real-leg invariants and the hybrid cases, so that one command reports all three tables.
+
 Prints, per case, every session / side / structure (Dice, volume error in mL and %), the
 soft-tissue asymmetry error (pp), and a summary against the targets of issue 4.
 
@@ -33,6 +36,8 @@ def main() -> int:
     p.add_argument("--cases", default="all", help="comma-separated case names, or all")
     p.add_argument("--work", type=Path, default=None, help="work folder (phantoms are reused)")
     p.add_argument("--detail", action="store_true", help="print every session/side/structure")
+    p.add_argument("--real", action="store_true",
+                   help="also the real legs (benchmarks/realdata_legs.py); implied by 'all'")
     args = p.parse_args()
     cases = {c.name: c for c in (DEMO, *SUITE, *ANATOMY_SUITE)}
     groups = {"all": list(cases), "anatomy": [c.name for c in ANATOMY_SUITE],
@@ -66,6 +71,11 @@ def main() -> int:
                                 "edema_worst_pct", "asymmetry_worst_pp", "false_lesion_ml",
                                 "false_edema_ml", "side_auto_ok", "qc_codes", "flags_ok",
                                 "label", "ok", "failed"]))
+    if args.real or args.cases == "all":
+        import subprocess
+
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "realdata_legs.py"),
+                        "--work", str(work / "realdata")], check=False)
     return 0
 
 
