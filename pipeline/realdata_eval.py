@@ -60,12 +60,14 @@ class InvariantCase:
 INVARIANT_CASES: tuple[InvariantCase, ...] = (
     InvariantCase("thigh_same", "thigh", "in_phase"),
     InvariantCase("thigh_t1like", "thigh", "t1_like"),
-    InvariantCase("thigh_outofphase", "thigh", "out_of_phase"),
+    InvariantCase("thigh_outofphase", "thigh", "out_of_phase",
+                  expect_flags=("anatomical_not_t1_like",)),
     InvariantCase("thigh_water_as_t1", "thigh", "water",
                   expect_flags=("anatomical_not_t1_like",)),
     InvariantCase("calf_same", "calf", "in_phase"),
     InvariantCase("calf_t1like_moved", "calf", "t1_like", moved=True),
-    InvariantCase("calf_outofphase", "calf", "out_of_phase"),
+    InvariantCase("calf_outofphase", "calf", "out_of_phase",
+                  expect_flags=("anatomical_not_t1_like",)),
 )
 
 

@@ -69,7 +69,7 @@ class SegmentSettings:
     edema_mirror_min_bone_dice: float = 0.5
     signal_void_fraction: float = 0.4
     min_fov_contact_mm: float = 3.0
-    t1_like_min_fat_ratio: float = 0.75
+    t1_like_min_fat_ratio: float = 0.93
     fat_suppressed_max_fat_ratio: float = 0.7
 
 
@@ -604,8 +604,8 @@ def _column_band(limb: BoolArray, margin_px: int) -> BoolArray:
 
 #: The anatomical image locates fat for the fluid check only when its fat ring is brighter
 #: than the deep tissue by this much; a proton-density-like image (a 5-degree Dixon in-phase
-#: echo: ring/deep 1.00) cannot tell fat from muscle by brightness.
-T1_LOCATES_FAT: Final = 1.02
+#: echo: ring/deep 1.00-1.03) cannot tell fat from muscle by brightness.
+T1_LOCATES_FAT: Final = 1.08
 
 
 def _contrast_checks(
@@ -620,8 +620,8 @@ def _contrast_checks(
     Fat is located by position (1.5-5 mm inside the skin, :func:`pipeline.qc.
     subcutaneous_ring`), muscle as deep tissue away from bone; each ratio is of medians.
 
-    - anatomical: ring / deep. T1 spin echo and Dixon in-phase 1.0-2; out-of-phase 0.8-0.9;
-      a fat-suppressed or water image 0.1-0.5 (fat dark: not T1-like).
+    - anatomical: ring / deep. T1 spin echo and Dixon in-phase 1.0-2; out-of-phase echoes
+      0.82-0.88 and fat-suppressed or water images 0.1-0.5 are not T1-like.
     - fluid: where the anatomical image is clearly T1-like (ring / deep >=
       :data:`T1_LOCATES_FAT`), fat is its bright part of the ring and muscle its muscle-like
       deep tissue; otherwise the ring and the deep tissue themselves. STIR and Dixon water
