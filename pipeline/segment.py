@@ -107,7 +107,8 @@ def n4_log_bias(image: sitk.Image, mask: sitk.Image, settings: SegmentSettings) 
     The B-spline mesh has ``n4_control_points`` in-plane: a field of view holding both legs
     is 400+ mm wide, and surface-coil shading varies within each leg (the default 4 points
     left the lateral quadriceps of a real thigh 25 % brighter than the rest). Along z the
-    mesh keeps 4 points (the fewest) unless the series has 32 slices or more.
+    mesh keeps 4 points (the fewest): more let the field bend at the end slices, where it
+    hid the thin metaphyseal cortex of the phantom's last slice.
     """
     size = image.GetSize()
     shrink = max(1, min(settings.n4_shrink, min(size[0], size[1]) // 48))
@@ -118,7 +119,7 @@ def n4_log_bias(image: sitk.Image, mask: sitk.Image, settings: SegmentSettings) 
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
     corrector.SetMaximumNumberOfIterations(list(settings.n4_iterations))
     cp = settings.n4_control_points
-    corrector.SetNumberOfControlPoints([cp, cp, cp if size[2] >= 32 else 4])
+    corrector.SetNumberOfControlPoints([cp, cp, 4])
     corrector.Execute(small, small_mask)
     return corrector.GetLogBiasFieldAsImage(image)
 
