@@ -275,6 +275,7 @@ def summarise_hybrid(name: str, scored: dict[str, Any]) -> dict[str, Any]:
         "lesion_worst_pct": worst("lesion_pct", big),
         "lesion_min_dice": least("lesion_dice", big),
         "edema_worst_pct": worst("edema_pct", lambda r: r["edema_true_ml"] >= 10.0),
+        "edema_min_dice": least("edema_dice", lambda r: r["edema_true_ml"] >= 10.0),
         "swelling_worst_pp": worst("swelling_error_pp", lambda r: True),
         "false_lesion_ml": max([r["lesion_ml"] or 0.0 for r in rows
                                 if r["lesion_true_ml"] == 0] or [0.0]),
