@@ -66,15 +66,6 @@ def test_healthy_thighs_rescanned_with_a_t1_like_contrast_agree(
     assert "limb_cut_by_fov" in s["qc_codes"]
 
 
-def test_fat_suppressed_anatomical_image_is_flagged_not_measured(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The Dixon water image given as the follow-up's anatomical image: fat is dark."""
-    s = _invariant("thigh_water_as_t1", tmp_path_factory)
-    assert s["flags_ok"], s
-    assert s["limb_same_day_pct"] is None  # not measured, not a guess
-    assert s["label"] == "indeterminate", s  # the follow-up was excluded: nothing to compare
-
-
 def _hybrid(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     case = hybrid.suite_case(name)
     work = tmp_path_factory.mktemp(name)
