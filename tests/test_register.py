@@ -206,15 +206,15 @@ def test_bone_initialisation_alone_is_close(sessions: dict[str, Any]) -> None:
 
 
 def test_swollen_limb_driving_the_metric_is_flagged(sessions: dict[str, Any]) -> None:
-    """Whole-image MI slides the swollen thigh along its taper; the bone-area profiles see
-    it when the slide exceeds what profiles sampled once per 5 mm slice resolve (4 mm)."""
+    """Whole-image MI slides the swollen thigh along its taper; the bone-area profiles call
+    it a failure only beyond 1.5 slices (7.5 mm here): the default fit is what prevents it."""
     base, s = sessions["base"], sessions["up20"]
     res = register_session(
         base["t1"], s["t1"], base["labels"], s["labels"], RegistrationSettings(reference="whole")
     )
     assert res.quality is not None and res.quality.z_vs_bone_profile_mm is not None
     flagged = any("bone-area profiles" in r for r in res.poor_reasons)
-    assert flagged == (abs(res.quality.z_vs_bone_profile_mm) > 4.0)
+    assert flagged == (abs(res.quality.z_vs_bone_profile_mm) > 7.5)
     # the default (each limb in turn) does not slide: the contralateral limb drives the fit
     auto = register_session(base["t1"], s["t1"], base["labels"], s["labels"])
     assert max_error_mm(auto.transform(), s["true"])[2] < 1.0 and not auto.poor
