@@ -106,6 +106,7 @@ def mirrored_reference(
     tr.SetTranslation(tuple(_centroid_mm(flip_limb, spacing_zyx_mm) - c_fixed))
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(32)
+    reg.SetNumberOfThreads(1)  # reproducible to the last digit (see pipeline.register)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(0.05, seed)
     mask_img = sitk.Cast(_image(fixed_mask.astype(np.float32), spacing_zyx_mm), sitk.sitkUInt8)

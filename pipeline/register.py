@@ -407,6 +407,9 @@ def _optimise(
         fraction = min(1.0, max(settings.sampling_fraction, settings.min_samples / n_vox))
         reg = sitk.ImageRegistrationMethod()
         reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.histogram_bins)
+        # one thread: a multi-threaded metric sums in completion order, and a resumed run
+        # must give the same transform to the last digit
+        reg.SetNumberOfThreads(1)
         reg.SetMetricSamplingStrategy(reg.RANDOM)
         reg.SetMetricSamplingPercentage(fraction, settings.seed)
         reg.SetInterpolator(sitk.sitkLinear)
