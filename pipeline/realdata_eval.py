@@ -33,6 +33,7 @@ from . import hybrid
 from .evaluation import dice
 from .io_utils import read_tsv
 from .labels import structure_labels
+from .longitudinal import _pct
 
 #: Targets of issue 12 (percent, mL, percentage points, Dice).
 REAL_TARGETS: dict[str, float] = {
@@ -151,10 +152,6 @@ def _volumes(subject_dir: Path) -> dict[tuple[str, str, str], float | None]:
     return {(r["study_date"], r["side"], r["structure"]):
             None if r["volume_ml"] in ("", "n/a") else float(r["volume_ml"])
             for r in read_tsv(subject_dir / "volumes.tsv")}
-
-
-def _pct(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else 100.0 * (a / b - 1.0)
 
 
 def score_invariant(subject_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
