@@ -14,7 +14,8 @@ writes:
   never stands in for another: baseline and last are ``n/a`` when that session's value is,
   and the peak is taken over the available values only. ``n_qc_exclude`` and ``n_qc_warn``
   count the subject's QC flags (``summary.json`` ``qc_flags``) by severity; ``n/a`` for a
-  summary from before QC flags. ``report`` is the subject report's path relative to the
+  summary from before QC flags. ``confirmation`` is the flare confirmation of the summary
+  (``confirmed``, ``unconfirmed``, ``not applicable``; ``n/a`` before issue 13). ``report`` is the subject report's path relative to the
   folder of ``cohort.html``.
 - ``cohort.html``: the same table, self-contained (inline CSS and a small inline script that
   sorts the table when a column header is clicked; no network), linking every subject report.
@@ -64,11 +65,14 @@ COLUMNS: tuple[str, ...] = (
     # new columns follow the original ones (DESIGN.md: listed columns keep their order)
     "n_qc_exclude",
     "n_qc_warn",
+    "confirmation",
 )
 
 #: Column order of the HTML table: the QC counts beside the warnings, the link hidden.
 HTML_COLUMNS: tuple[str, ...] = (
-    *COLUMNS[: COLUMNS.index("n_warnings") + 1],
+    *COLUMNS[: COLUMNS.index("classification") + 1],
+    "confirmation",
+    *COLUMNS[COLUMNS.index("classification") + 1: COLUMNS.index("n_warnings") + 1],
     "n_qc_exclude",
     "n_qc_warn",
     "reason",
@@ -93,6 +97,7 @@ TITLES: dict[str, str] = {
     "n_warnings": "Warnings",
     "n_qc_exclude": "QC exclude flags",
     "n_qc_warn": "QC warn flags",
+    "confirmation": "Flare confirmation",
     "report": "Report",
     "reason": "Reason (failed runs)",
 }
@@ -223,6 +228,7 @@ def subject_row(subject_dir: Path, html_dir: Path) -> dict[str, Any]:
         subject=str(summary.get("subject") or subject_dir.name),
         status="ok",
         classification=str(summary.get("classification") or "n/a"),
+        confirmation=summary.get("confirmation"),
         affected_side=str(summary.get("affected_side") or "n/a"),
         n_sessions=len(sessions),
         baseline_date=baseline or None,

@@ -24,6 +24,7 @@ from typing import Any
 
 from . import __version__
 from . import qc as qc_mod
+from . import uncertainty as unc
 from .io_utils import read_tsv, sha256_file, write_json_atomic, write_tsv_atomic
 from .labels import STRUCTURES
 
@@ -38,8 +39,20 @@ LONGITUDINAL_COLUMNS = (
     "asymmetry_pct",
     "change_from_baseline_pct",
     "qc",
+    "affected_ml_ci95",
+    "contralateral_ml_ci95",
+    "difference_ml_ci95",
+    "asymmetry_pct_ci95",
+    "change_from_baseline_pct_ci95",
+    "asymmetry_change_pp",
+    "asymmetry_change_pp_ci95",
+    "change_beyond_mdc95",
 )
 CLASSES = ("pseudo-progression", "progression", "response", "stable", "indeterminate")
+#: Per-session states of the flare timeline (DESIGN.md "Confirmation").
+STATES = ("baseline", "no change", "unconfirmed flare", "confirmed flare", "resolved",
+          "not assessable")
+CONFIRMATION = ("confirmed", "unconfirmed", "not applicable")
 EVENT_CATEGORIES = ("infusion", "CRS grade", "drug", "other")
 
 
@@ -56,6 +69,8 @@ class Thresholds:
     response_lesion_min_ml: float = 1.0
     response_lesion_ratio: float = 0.7
     response_asymmetry_pp: float = 5.0
+    confirmation_min_interval_days: int = 4
+    crs_window_days: int = 14
 
 
 @dataclass
@@ -71,6 +86,9 @@ class Visit:
     affected_ml: dict[str, float | None]
     contralateral_ml: dict[str, float | None]
     qc: list[str] = field(default_factory=list)
+    #: standard deviation (mL) of each volume from the repeatability model; absent: unknown
+    affected_sd_ml: dict[str, float | None] = field(default_factory=dict)
+    contralateral_sd_ml: dict[str, float | None] = field(default_factory=dict)
 
     def asymmetry_pct(self, structure: str = "soft_tissue") -> float | None:
         contra = self.contralateral_ml.get(structure)
@@ -78,6 +96,15 @@ class Visit:
         if not contra or aff is None:
             return None
         return 100.0 * (aff / contra - 1.0)
+
+    def asymmetry_sd_pp(self, structure: str = "soft_tissue") -> float | None:
+        """sd (pp) of :meth:`asymmetry_pct`; None when a volume's uncertainty is unknown."""
+        if self.asymmetry_pct(structure) is None:
+            return None
+        return unc.ratio_pct_sd(self.affected_ml.get(structure),
+                                self.affected_sd_ml.get(structure),
+                                self.contralateral_ml.get(structure),
+                                self.contralateral_sd_ml.get(structure))
 
     def has(self, structure: str) -> bool:
         """True when the affected limb's `structure` was measured."""
@@ -102,6 +129,8 @@ class Pattern:
     classification: str
     reasons: list[str] = field(default_factory=list)
     flares: list[dict[str, Any]] = field(default_factory=list)
+    states: list[SessionState] = field(default_factory=list)
+    confirmation: str = "not applicable"
 
 
 def visits_from_rows(rows: Sequence[Mapping[str, str]]) -> list[Visit]:
@@ -109,15 +138,23 @@ def visits_from_rows(rows: Sequence[Mapping[str, str]]) -> list[Visit]:
     by_date: dict[str, Visit] = {}
     for r in rows:
         v = by_date.setdefault(r["study_date"], Visit(r["study_date"], int(r["day"]), {}, {}))
-        value = None if r["volume_ml"] in ("n/a", "") else float(r["volume_ml"])
+        value = _float(r["volume_ml"])
+        sd = unc.sd_from_ci95(_float(r.get("volume_ml_ci95")))
         if r["role"] == "affected":
             v.affected_ml[r["structure"]] = value
+            v.affected_sd_ml[r["structure"]] = sd
         else:
             v.contralateral_ml[r["structure"]] = value
+            v.contralateral_sd_ml[r["structure"]] = sd
         for code in (r.get("qc") or "").split(","):
             if code.strip() and code.strip() != "n/a" and code.strip() not in v.qc:
                 v.qc.append(code.strip())
     return sorted(by_date.values(), key=lambda v: v.study_date)
+
+
+def _float(text: str | None) -> float | None:
+    """A TSV cell as a float; empty, ``n/a`` or absent is None."""
+    return None if text in (None, "", "n/a") else float(text)  # type: ignore[arg-type]
 
 
 def baseline_index(visits: Sequence[Visit]) -> int:
@@ -138,6 +175,17 @@ def longitudinal_rows(subject: str, visits: Sequence[Visit]) -> list[dict[str, A
         for s in STRUCTURES:
             aff = v.affected_ml.get(s)
             contra = v.contralateral_ml.get(s)
+            sd_aff, sd_contra = v.affected_sd_ml.get(s), v.contralateral_sd_ml.get(s)
+            change = _pct(aff, base.affected_ml.get(s))
+            change_sd = None if change is None or v is base else unc.ratio_pct_sd(
+                aff, sd_aff, base.affected_ml.get(s), base.affected_sd_ml.get(s))
+            a, a0 = v.asymmetry_pct(s), base.asymmetry_pct(s)
+            asym_change = None if a is None or a0 is None else a - a0
+            asym_change_sd = None if asym_change is None or v is base else unc.difference_sd(
+                v.asymmetry_sd_pp(s), base.asymmetry_sd_pp(s))
+            beyond: bool | None = None
+            if v is not base and change is not None and change_sd is not None:
+                beyond = unc.beyond(change, unc.mdc95(change_sd))
             rows.append(
                 dict(
                     subject=subject,
@@ -149,8 +197,18 @@ def longitudinal_rows(subject: str, visits: Sequence[Visit]) -> list[dict[str, A
                     difference_ml=None if contra is None or aff is None else round(
                         aff - contra, 3),
                     asymmetry_pct=_round(v.asymmetry_pct(s)),
-                    change_from_baseline_pct=_round(_pct(aff, base.affected_ml.get(s))),
+                    change_from_baseline_pct=_round(change),
                     qc=",".join(v.qc),
+                    affected_ml_ci95=_round(unc.ci95(sd_aff), 3),
+                    contralateral_ml_ci95=_round(unc.ci95(sd_contra), 3),
+                    difference_ml_ci95=_round(unc.ci95(unc.difference_sd(sd_aff, sd_contra))
+                                              if aff is not None and contra is not None
+                                              else None, 3),
+                    asymmetry_pct_ci95=_round(unc.ci95(v.asymmetry_sd_pp(s))),
+                    change_from_baseline_pct_ci95=_round(unc.ci95(change_sd)),
+                    asymmetry_change_pp=None if v is base else _round(asym_change),
+                    asymmetry_change_pp_ci95=_round(unc.ci95(asym_change_sd)),
+                    change_beyond_mdc95=None if beyond is None else ("yes" if beyond else "no"),
                 )
             )
     return rows
@@ -175,8 +233,26 @@ def _at_most(x: float, threshold: float) -> bool:
     return x <= threshold + 1e-9 * max(1.0, abs(threshold))
 
 
-def swelling_change(v: Visit, base: Visit) -> tuple[float, str] | None:
-    """Change of swelling since baseline in percentage points, with its description.
+@dataclass(frozen=True)
+class Change:
+    """A change since baseline with its MDC95 (None: the measurement error is unknown)."""
+
+    value: float
+    mdc95: float | None
+    text: str
+
+    @property
+    def beyond_error(self) -> bool:
+        """Larger than its measurement error (always, when the error is unknown)."""
+        return self.mdc95 is None or abs(self.value) > self.mdc95
+
+    def error_text(self, unit: str) -> str:
+        return ("measurement error unknown" if self.mdc95 is None
+                else f"MDC95 {self.mdc95:.1f} {unit}")
+
+
+def swelling_change(v: Visit, base: Visit) -> Change | None:
+    """Change of swelling since baseline in percentage points, with its MDC95.
 
     With both limbs: soft-tissue asymmetry now minus at baseline. With one limb only (no
     contralateral control): the affected soft tissue's change from baseline in percent, which
@@ -185,15 +261,29 @@ def swelling_change(v: Visit, base: Visit) -> tuple[float, str] | None:
     """
     a, a0 = v.asymmetry_pct(), base.asymmetry_pct()
     if a is not None and a0 is not None:
-        return a - a0, f"soft-tissue asymmetry {a:+.1f} % vs {a0:+.1f} % at baseline"
+        sd = unc.difference_sd(v.asymmetry_sd_pp(), base.asymmetry_sd_pp())
+        return Change(a - a0, unc.mdc95(sd),
+                      f"soft-tissue asymmetry {a:+.1f} % vs {a0:+.1f} % at baseline")
     if v.contralateral_in_view or base.contralateral_in_view:
         return None  # a contralateral limb exists: its absence from one session is a QC gap
     x, x0 = v.affected_ml.get("soft_tissue"), base.affected_ml.get("soft_tissue")
     if x is not None and x0:
-        return 100.0 * (x / x0 - 1.0), (
+        sd = unc.ratio_pct_sd(x, v.affected_sd_ml.get("soft_tissue"), x0,
+                              base.affected_sd_ml.get("soft_tissue"))
+        return Change(100.0 * (x / x0 - 1.0), unc.mdc95(sd), (
             f"affected soft tissue {x:.0f} mL vs {x0:.0f} mL at baseline (one limb only: "
-            "change from baseline in place of asymmetry)")
+            "change from baseline in place of asymmetry)"))
     return None
+
+
+def volume_change(v: Visit, base: Visit, structure: str) -> Change | None:
+    """Change of the affected limb's ``structure`` since baseline (mL) with its MDC95."""
+    x, x0 = v.affected_ml.get(structure), base.affected_ml.get(structure)
+    if x is None or x0 is None:
+        return None
+    sd = unc.difference_sd(v.affected_sd_ml.get(structure), base.affected_sd_ml.get(structure))
+    return Change(x - x0, unc.mdc95(sd),
+                  f"{structure.replace('_', ' ')} {x:.1f} mL vs {x0:.1f} mL at baseline")
 
 
 #: The three kinds of evidence the pattern weighs, and the structure each needs.
@@ -209,38 +299,66 @@ def assessable(v: Visit, base: Visit) -> dict[str, bool]:
     }
 
 
-def _flare_criteria(v: Visit, base: Visit, t: Thresholds) -> list[str]:
-    out = []
+@dataclass(frozen=True)
+class Assessment:
+    """One session against baseline: the flare criteria met (beyond threshold and MDC95),
+    those beyond threshold but inside the measurement error, and the changes."""
+
+    flares: list[str]
+    within_error: list[str]
+    changes: dict[str, Change]
+
+
+def assess(v: Visit, base: Visit, t: Thresholds) -> Assessment:
+    """The flare criteria of DESIGN.md at `v`: a criterion counts only when its change exceeds
+    both its clinical threshold and its MDC95."""
+    flares: list[str] = []
+    within: list[str] = []
+    changes: dict[str, Change] = {}
     change = swelling_change(v, base)
-    if change is not None and _at_least(change[0], t.flare_asymmetry_pp):
-        out.append(f"{change[1]} ({change[0]:+.1f} pp, threshold +{t.flare_asymmetry_pp:g} pp)")
+    if change is not None:
+        changes["swelling"] = change
+        if _at_least(change.value, t.flare_asymmetry_pp):
+            text = (f"{change.text} ({change.value:+.1f} pp, threshold "
+                    f"+{t.flare_asymmetry_pp:g} pp, {change.error_text('pp')})")
+            (flares if change.beyond_error else within).append(text)
     for s, ratio, min_ml in (
         ("marrow_lesion", t.flare_lesion_ratio, t.flare_lesion_min_ml),
         ("edema", t.flare_edema_ratio, t.flare_edema_min_ml),
     ):
-        x, x0 = v.affected_ml.get(s), base.affected_ml.get(s)
-        if x is None or x0 is None:
+        c = volume_change(v, base, s)
+        if c is None:
             continue
-        if _at_least(x, ratio * x0) and _at_least(x - x0, min_ml):
-            out.append(
-                f"{s.replace('_', ' ')} {x:.1f} mL vs {x0:.1f} mL at baseline "
-                f"(x{x / x0:.2f}, +{x - x0:.1f} mL; thresholds x{ratio:g} and "
-                f"+{min_ml:g} mL)"
-                if x0 > 0
-                else f"{s.replace('_', ' ')} {x:.1f} mL vs none at baseline "
-                f"(threshold +{min_ml:g} mL)"
-            )
-    return out
+        changes[s] = c
+        x0 = base.affected_ml[s] or 0.0
+        x = x0 + c.value
+        if _at_least(x, ratio * x0) and _at_least(c.value, min_ml):
+            size = (f"x{x / x0:.2f}, +{c.value:.1f} mL; thresholds x{ratio:g} and +{min_ml:g} mL"
+                    if x0 > 0 else f"none at baseline; threshold +{min_ml:g} mL")
+            text = f"{c.text} ({size}; {c.error_text('mL')})"
+            (flares if c.beyond_error else within).append(text)
+    return Assessment(flares, within, changes)
+
+
+def _flare_criteria(v: Visit, base: Visit, t: Thresholds) -> list[str]:
+    return assess(v, base, t).flares
+
+
+def _back(c: Change | None, limit: float) -> bool:
+    """At or below ``limit`` (mL or pp) above baseline, or inside the measurement error."""
+    return c is None or _at_most(c.value, limit) or not c.beyond_error
 
 
 def _resolved(v: Visit, base: Visit, t: Thresholds) -> tuple[bool, str]:
-    """Whether `v` is back to baseline; only call when every criterion is assessable."""
+    """Whether `v` is back to baseline: asymmetry within the resolution threshold, lesion and
+    edema at most their baseline volume, each or inside its measurement error; only call when
+    every criterion is assessable."""
     change = swelling_change(v, base)
-    asym_ok = change is None or _at_most(change[0], t.resolved_asymmetry_pp)
+    les_c, ede_c = volume_change(v, base, "marrow_lesion"), volume_change(v, base, "edema")
+    ok = (_back(change, t.resolved_asymmetry_pp) and _back(les_c, 0.0) and _back(ede_c, 0.0))
     les, les0 = v.affected_ml["marrow_lesion"] or 0.0, base.affected_ml["marrow_lesion"] or 0.0
     ede, ede0 = v.affected_ml["edema"] or 0.0, base.affected_ml["edema"] or 0.0
-    ok = asym_ok and _at_most(les, les0) and _at_most(ede, ede0)
-    asym_txt = "swelling not available" if change is None else change[1]
+    asym_txt = "swelling not available" if change is None else change.text
     return ok, (
         f"{asym_txt}; lesion {les:.1f} mL (baseline {les0:.1f}); "
         f"edema {ede:.1f} mL (baseline {ede0:.1f})"
@@ -251,31 +369,117 @@ def _qc_note(v: Visit) -> str:
     return f" ({', '.join(v.qc)})" if v.qc else ""
 
 
-def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
-    """Response pattern of DESIGN.md, on what passed QC.
+@dataclass(frozen=True)
+class SessionState:
+    """A session's place in the flare timeline (DESIGN.md "Confirmation")."""
 
-    * ``pseudo-progression``: a flare after baseline, and the last session resolved;
-    * ``progression``: the last session still flares against baseline;
-    * ``response``: no flare, and at the last session a baseline lesion >= 1 mL is down to
-      <= 0.7 x baseline, or asymmetry is >= 5 pp below baseline;
-    * ``stable``: none of these; ``indeterminate``: fewer than two sessions.
+    study_date: str
+    day: int
+    state: str
+    criteria: list[str] = field(default_factory=list)
+    within_measurement_error: list[str] = field(default_factory=list)
+    note: str = ""
 
-    Values that a QC flag excluded (None) never enter: a session with nothing measured is
-    left out; a criterion is judged only where it is available at the session and at the
-    baseline. A label that needs every criterion (pseudo-progression, response, stable) is
-    given only when every criterion is assessable at the last session; otherwise, and when
-    no session after the baseline is left, the pattern is ``indeterminate`` and the reasons
-    say which flags removed what.
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def session_states(visits: Sequence[Visit], t: Thresholds | None = None
+                   ) -> tuple[list[SessionState], str]:
+    """Each session's state and the subject's confirmation.
+
+    A flare (a criterion beyond its threshold and MDC95) opens an episode as an *unconfirmed
+    flare*; a later session that still flares, at least ``confirmation_min_interval_days``
+    after the episode's first flare, is a *confirmed flare* (iRECIST iCPD); a session that no
+    longer flares ends the episode: *resolved* when back within the resolution criteria, else
+    *no change* with a note. Confirmation: ``confirmed`` when any episode was confirmed,
+    ``unconfirmed`` when flares were never confirmed, ``not applicable`` without a flare.
     """
     t = t or Thresholds()
+    if not visits:
+        return [], "not applicable"
+    b = baseline_index(visits)
+    base = visits[b]
+    states: list[SessionState] = []
+    for v in visits[:b]:
+        states.append(SessionState(v.study_date, v.day, "not assessable",
+                                   note="before the baseline session"))
+    states.append(SessionState(base.study_date, base.day,
+                               "not assessable" if base.excluded else "baseline",
+                               note=f"did not pass QC{_qc_note(base)}" if base.excluded else ""))
+    episode_day: int | None = None
+    confirmed_any = flared_any = False
+    for v in visits[b + 1:]:
+        ok = assessable(v, base)
+        if base.excluded or v.excluded or not any(ok.values()):
+            states.append(SessionState(v.study_date, v.day, "not assessable",
+                                       note=f"nothing assessable against baseline{_qc_note(v)}"))
+            continue
+        a = assess(v, base, t)
+        missing = [c.replace("_", " ") for c, good in ok.items() if not good]
+        gap = f"not available: {', '.join(missing)}{_qc_note(v)}" if missing else ""
+        if a.flares:
+            flared_any = True
+            if episode_day is None:
+                episode_day = v.day
+                state, note = "unconfirmed flare", "first flare of the episode"
+            elif v.day - episode_day >= t.confirmation_min_interval_days:
+                confirmed_any = True
+                state, note = "confirmed flare", (
+                    f"still flaring {v.day - episode_day} days after the first flare "
+                    f"(day {episode_day})")
+            else:
+                state, note = "unconfirmed flare", (
+                    f"{v.day - episode_day} days after the first flare (day {episode_day}): "
+                    f"confirmation needs >= {t.confirmation_min_interval_days} days")
+        elif episode_day is not None:
+            episode_day = None
+            resolved = not missing and _resolved(v, base, t)[0]
+            state = "resolved" if resolved else "no change"
+            note = ("back within the resolution criteria" if resolved else
+                    "no flare criterion met any more, not back within the resolution criteria"
+                    if not missing else "no flare criterion met; resolution cannot be judged")
+        else:
+            state, note = "no change", "no flare criterion beyond its threshold and MDC95"
+        if gap:
+            note = f"{note}; {gap}"
+        states.append(SessionState(v.study_date, v.day, state, a.flares, a.within_error, note))
+    confirmation = ("confirmed" if confirmed_any else "unconfirmed" if flared_any
+                    else "not applicable")
+    return states, confirmation
+
+
+def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
+    """Response pattern of DESIGN.md, on what passed QC, beyond measurement error.
+
+    * ``pseudo-progression``: a flare after baseline, and the last session resolved;
+    * ``progression``: the last session still flares against baseline, confirmed by an earlier
+      flare of the same episode at least ``confirmation_min_interval_days`` before, or, at the
+      last session only, unconfirmed (said in the reasons: iRECIST iUPD);
+    * ``response``: no flare, and at the last session a baseline lesion >= 1 mL is down to
+      <= 0.7 x baseline, or asymmetry is >= 5 pp below baseline, beyond measurement error;
+    * ``stable``: none of these; ``indeterminate``: fewer than two sessions.
+
+    A flare criterion counts only when its change exceeds both its threshold and its MDC95
+    (:mod:`pipeline.uncertainty`). Values that a QC flag excluded (None) never enter: a
+    session with nothing measured is left out; a criterion is judged only where it is
+    available at the session and at the baseline. A label that needs every criterion
+    (pseudo-progression, response, stable) is given only when every criterion is assessable
+    at the last session; otherwise, and when no session after the baseline is left, the
+    pattern is ``indeterminate`` and the reasons say which flags removed what.
+    """
+    t = t or Thresholds()
+    states, confirmation = session_states(visits, t)
     if len(visits) < 2:
-        return Pattern("indeterminate", [f"{len(visits)} session(s): at least two are needed"])
+        return Pattern("indeterminate", [f"{len(visits)} session(s): at least two are needed"],
+                       states=states, confirmation=confirmation)
     b = baseline_index(visits)
     base = visits[b]
     if base.excluded:
         return Pattern("indeterminate", [
             f"The baseline session ({base.study_date}, day {base.day}) did not pass QC"
-            f"{_qc_note(base)}: nothing to compare with."])
+            f"{_qc_note(base)}: nothing to compare with."], states=states,
+            confirmation=confirmation)
     reasons: list[str] = []
     later = []
     for v in visits[b + 1:]:
@@ -287,24 +491,46 @@ def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
             later.append(v)
     if not later:
         return Pattern("indeterminate", [
-            *reasons, f"No session after the baseline (day {base.day}) passed QC."])
+            *reasons, f"No session after the baseline (day {base.day}) passed QC."],
+            states=states, confirmation=confirmation)
+    by_date = {s.study_date: s for s in states}
     flares: list[dict[str, Any]] = []
     for v in later:
-        crit = _flare_criteria(v, base, t)
-        if crit:
-            flares.append({"study_date": v.study_date, "day": v.day, "criteria": crit})
+        a = assess(v, base, t)
+        st = by_date[v.study_date]
+        if a.flares:
+            flares.append({"study_date": v.study_date, "day": v.day, "criteria": a.flares,
+                           "state": st.state})
+        for w in a.within_error:
+            reasons.append(f"Day {v.day}: {w}: above the threshold but within measurement "
+                           "error, not counted as a flare.")
     last = later[-1]
-    last_flare = _flare_criteria(last, base, t)
+    last_state = by_date[last.study_date]
     reasons.insert(0,
         f"Baseline: {base.study_date} (day {base.day}); last session: "
         f"{last.study_date} (day {last.day})."
     )
     for f in flares:
         criteria: list[str] = f["criteria"]
-        reasons.append(f"Flare at day {f['day']}: " + "; ".join(criteria) + ".")
-    if last_flare:
-        reasons.append(f"The last session (day {last.day}) still flares against baseline.")
-        return Pattern("progression", reasons, flares)
+        reasons.append(f"Flare at day {f['day']} ({f['state']}): " + "; ".join(criteria) + ".")
+    pattern = _label(later, base, last, last_state, flares, reasons, t)
+    return Pattern(pattern.classification, pattern.reasons, flares, states, confirmation)
+
+
+def _label(later: Sequence[Visit], base: Visit, last: Visit, last_state: SessionState,
+           flares: list[dict[str, Any]], reasons: list[str], t: Thresholds) -> Pattern:
+    """The label from the assessed sessions (see :func:`classify`)."""
+    if last_state.state == "confirmed flare":
+        reasons.append(f"The last session (day {last.day}) still flares against baseline: "
+                       f"{last_state.note}; progression confirmed.")
+        return Pattern("progression", reasons)
+    if last_state.state == "unconfirmed flare":
+        reasons.append(
+            f"The last session (day {last.day}) flares against baseline, UNCONFIRMED "
+            f"({last_state.note}): a first apparent progression (iRECIST iUPD, LYRIC "
+            f"indeterminate response) that a later scan at least "
+            f"{t.confirmation_min_interval_days} days after it must confirm.")
+        return Pattern("progression", reasons)
     missing = [c for c, ok in assessable(last, base).items() if not ok]
     if missing:
         names = ", ".join(c.replace("_", " ") for c in missing)
@@ -312,28 +538,65 @@ def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
             f"At the last session (day {last.day}) {names} cannot be judged against "
             f"baseline (not available{_qc_note(last) or _qc_note(base)}): resolution, "
             "response or stability cannot be stated.")
-        return Pattern("indeterminate", reasons, flares)
+        return Pattern("indeterminate", reasons)
     resolved, resolved_txt = _resolved(last, base, t)
     if flares and resolved:
         reasons.append(f"Resolved by day {last.day}: {resolved_txt}.")
-        return Pattern("pseudo-progression", reasons, flares)
+        return Pattern("pseudo-progression", reasons)
     if flares:
         reasons.append(f"Not resolved at day {last.day} ({resolved_txt}), no flare either.")
-        return Pattern("stable", reasons, flares)
+        return Pattern("stable", reasons)
     les0 = base.affected_ml["marrow_lesion"] or 0.0
-    les = last.affected_ml["marrow_lesion"] or 0.0
+    les_c = volume_change(last, base, "marrow_lesion")
+    les = les0 + (les_c.value if les_c else 0.0)
+    if (les_c is not None and _at_least(les0, t.response_lesion_min_ml)
+            and _at_most(les, t.response_lesion_ratio * les0)):
+        if les_c.beyond_error:
+            reasons.append(
+                f"No flare; marrow lesion {les:.1f} mL at day {last.day} vs {les0:.1f} mL "
+                f"at baseline (x{les / les0:.2f}, threshold x{t.response_lesion_ratio:g}; "
+                f"{les_c.error_text('mL')}).")
+            return Pattern("response", reasons)
+        reasons.append(f"Day {last.day}: marrow lesion {les:.1f} mL vs {les0:.1f} mL at "
+                       f"baseline is within measurement error ({les_c.error_text('mL')}).")
     change = swelling_change(last, base)
-    if _at_least(les0, t.response_lesion_min_ml) and _at_most(les, t.response_lesion_ratio * les0):
-        reasons.append(
-            f"No flare; marrow lesion {les:.1f} mL at day {last.day} vs {les0:.1f} mL "
-            f"at baseline (x{les / les0:.2f}, threshold x{t.response_lesion_ratio:g})."
-        )
-        return Pattern("response", reasons, flares)
-    if change is not None and _at_least(-change[0], t.response_asymmetry_pp):
-        reasons.append(f"No flare; at day {last.day}: {change[1]} ({change[0]:+.1f} pp).")
-        return Pattern("response", reasons, flares)
+    if change is not None and _at_least(-change.value, t.response_asymmetry_pp):
+        if change.beyond_error:
+            reasons.append(f"No flare; at day {last.day}: {change.text} "
+                           f"({change.value:+.1f} pp; {change.error_text('pp')}).")
+            return Pattern("response", reasons)
+        reasons.append(f"Day {last.day}: {change.text} ({change.value:+.1f} pp) is within "
+                       f"measurement error ({change.error_text('pp')}).")
     reasons.append(f"No flare and no response criterion met at day {last.day} ({resolved_txt}).")
-    return Pattern("stable", reasons, flares)
+    return Pattern("stable", reasons)
+
+
+def timing(day: int, events: Sequence[Mapping[str, Any]], t: Thresholds | None = None) -> str:
+    """Where a session sits relative to day 0 (the infusion), the CRS window and the clinical
+    events: the latest event on or before it and the next one after it."""
+    t = t or Thresholds()
+    if day < 0:
+        where = f"day {day}: before the infusion"
+    elif day == 0:
+        where = "day 0: day of the infusion"
+    elif day <= t.crs_window_days:
+        where = f"day {day}: within the CRS window (days 1-{t.crs_window_days})"
+    else:
+        where = f"day {day}: after the CRS window (day > {t.crs_window_days})"
+    before = [e for e in events if e["day"] <= day]
+    after = [e for e in events if e["day"] > day]
+    parts = [where]
+    if before:
+        e = before[-1]
+        gap = day - e["day"]
+        parts.append(f"{gap} day{'s' if gap != 1 else ''} after {e['label'] or e['category']} "
+                     f"(day {e['day']})" if gap else f"on the day of {e['label'] or e['category']}")
+    if after:
+        e = after[0]
+        gap = e["day"] - day
+        parts.append(f"{gap} day{'s' if gap != 1 else ''} before "
+                     f"{e['label'] or e['category']} (day {e['day']})")
+    return "; ".join(parts)
 
 
 def qc_reasons(flags: Sequence[qc_mod.QCFlag]) -> list[str]:
@@ -490,6 +753,9 @@ def build_summary(
         "classification_note": "A pattern consistent with this label, from volume measurements; "
         "a measurement aid, not a diagnosis.",
         "reasons": pattern.reasons,
+        "confirmation": pattern.confirmation,
+        "session_states": [{**st.to_json(), "timing": timing(st.day, events, thresholds)}
+                           for st in pattern.states],
         "flares": pattern.flares,
         "qc_flags": [f.to_json() for f in flags],
         "warnings": warnings,
@@ -497,6 +763,7 @@ def build_summary(
         "extent_mm": side_info.get("extent", {}),
         "baseline_session": side_info.get("baseline_session"),
         "registration": registration,
+        "uncertainty_model": side_info.get("uncertainty_model", {}),
         "landmarks": side_info.get("landmarks", {}),
         "unilateral": unilateral,
         "events": events,

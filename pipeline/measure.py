@@ -42,11 +42,13 @@ from .profiles import (
     write_profile_tsv,
 )
 from .qc import QCFlag
+from .uncertainty import Drivers, RepeatabilityModel, ci95
 
 #: Common-extent edges within this distance (mm) of the baseline's edges snap to them.
 SNAP_MM = 1.0
 
-VOLUME_COLUMNS = ("subject", "study_date", "day", "side", "role", "structure", "volume_ml", "qc")
+VOLUME_COLUMNS = ("subject", "study_date", "day", "side", "role", "structure", "volume_ml", "qc",
+                  "volume_ml_ci95")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,33 @@ class SessionVolumes:
     z_range_mm: tuple[float, float]
     n_slices: int
     qc: dict[str, list[str]] = field(default_factory=dict)
+    pixel_mm: float = 0.0
+    slice_mm: float = 0.0
+    misregistration_mm: float = 0.0
+
+    def drivers(self, side: str, structure: str) -> Drivers | None:
+        """What the measurement error of a volume depends on; None when not available."""
+        v = self.volumes_ml[side][structure]
+        return None if v is None else Drivers(v, self.pixel_mm, self.slice_mm,
+                                              self.misregistration_mm)
+
+
+def grid_mm(labels: sitk.Image) -> tuple[float, float]:
+    """(in-plane pixel, slice) size in mm of a label map: the slice axis is the one closest
+    to physical z; the pixel is the geometric mean of the other two."""
+    geo = Geometry.of(labels)
+    axis = geo.layer_axis_xyz
+    in_plane = [geo.spacing_xyz_mm[i] for i in range(3) if i != axis]
+    return float(np.sqrt(in_plane[0] * in_plane[1])), geo.spacing_xyz_mm[axis]
+
+
+def misregistration_mm(xfm_json: str | Path | None) -> float:
+    """Residual misregistration to the baseline: the registration QC's bone-centroid distance
+    (mm); 0 for the baseline itself (no registration) or when the QC could not measure it."""
+    if not xfm_json:
+        return 0.0
+    quality = json.loads(Path(xfm_json).read_text(encoding="utf-8")).get("quality") or {}
+    return float(quality.get("centroid_distance_mm") or 0.0)
 
 
 def volumes_from_labels(
@@ -153,9 +182,12 @@ def session_day(study_date: str, day0: str) -> int:
 
 
 def volume_rows(
-    subject: str, sessions: Sequence[SessionVolumes], affected_side: str
+    subject: str, sessions: Sequence[SessionVolumes], affected_side: str,
+    model: RepeatabilityModel | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows of volumes.tsv (DESIGN.md output contract)."""
+    """Rows of volumes.tsv (DESIGN.md output contract); ``volume_ml_ci95`` is the half-width
+    of the 95 % interval from the repeatability model (default: the packaged one)."""
+    model = model or RepeatabilityModel.load()
     rows = []
     for s in sessions:
         for side in (affected_side, other_side(affected_side)):
@@ -171,9 +203,16 @@ def volume_rows(
                         structure=structure,
                         volume_ml=_round3(s.volumes_ml[side][structure]),
                         qc=",".join(s.qc.get(side, [])),
+                        volume_ml_ci95=_round3(ci95(_sd(model, s, side, structure))),
                     )
                 )
     return rows
+
+
+def _sd(model: RepeatabilityModel, s: SessionVolumes, side: str, structure: str
+        ) -> float | None:
+    drivers = s.drivers(side, structure)
+    return None if drivers is None else model.sd_ml(structure, drivers)
 
 
 def _round3(x: float | None) -> float | None:
@@ -288,9 +327,11 @@ def measure_subject(
                     vols[sd][structure] = None
         qc_codes: dict[str, list[str]] = {
             sd: qc_mod.codes_for(flags, s["session"], sd) for sd in SIDES}
+        pixel, slice_ = grid_mm(s["dseg"])
         measured.append(SessionVolumes(s["session"], s["study_date"],
                                        session_day(s["study_date"], day0), vols, z_range, n,
-                                       qc_codes))
+                                       qc_codes, pixel, slice_,
+                                       misregistration_mm(s.get("xfm_json"))))
     if affected_side == "auto":
         side, why = infer_affected_side(measured)
         if side is None:
@@ -341,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--qc", nargs="*", default=[], type=Path,
                    help="segmentation QC sidecars (_dseg.json) holding the QC flags")
     p.add_argument("--baseline", default=None, help="baseline session label")
+    p.add_argument("--repeatability", default=None, type=Path,
+                   help="repeatability model JSON (default: the packaged one)")
     p.add_argument("--out", required=True, type=Path, help="volumes.tsv")
     p.add_argument("--side-json", required=True, type=Path,
                    help="where to write the resolved affected side, extent and registration")
@@ -367,7 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sessions = load_sessions(sessions)
     measured, side, how, extent = measure_subject(
         args.subject, args.day0, sessions, args.affected_side, baseline, flags)
-    write_tsv_atomic(args.out, volume_rows(args.subject, measured, side), VOLUME_COLUMNS)
+    model = RepeatabilityModel.load(args.repeatability)
+    write_tsv_atomic(args.out, volume_rows(args.subject, measured, side, model),
+                     VOLUME_COLUMNS)
     landmarks: dict[str, Any] = {}
     warnings: list[str] = [extent["warning"]] if "warning" in extent else []
     if args.csa and args.circumference:
@@ -391,9 +436,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "registration": registration,
         "warnings": warnings,
         "qc_flags": [f.to_json() for f in flags],
+        "uncertainty_model": model.describe(args.repeatability),
         "sessions": [
             {"session": m.session, "study_date": m.study_date, "day": m.day,
-             "z_range_mm": list(m.z_range_mm), "n_slices": m.n_slices}
+             "z_range_mm": list(m.z_range_mm), "n_slices": m.n_slices,
+             "pixel_mm": round(m.pixel_mm, 4), "slice_mm": round(m.slice_mm, 4),
+             "misregistration_mm": round(m.misregistration_mm, 4)}
             for m in measured
         ],
     })

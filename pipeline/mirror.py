@@ -24,6 +24,8 @@ import SimpleITK as sitk
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from .register import single_threaded_itk
+
 FloatArray = NDArray[np.float32]
 BoolArray = NDArray[np.bool_]
 
@@ -65,32 +67,10 @@ def _centroid_mm(
                      idx[0] * spacing_zyx_mm[0]])
 
 
-def mirrored_reference(
-    t1: FloatArray,
-    fluid: FloatArray,
-    limb: BoolArray,
-    contra_limb: BoolArray,
-    bone: BoolArray,
-    contra_bone: BoolArray,
-    spacing_zyx_mm: tuple[float, float, float],
-    seed: int = 20240301,
-) -> MirroredReference | None:
-    """Mirror the contralateral limb onto `limb` and carry its fluid signal over.
-
-    Parameters
-    ----------
-    t1, fluid : ndarray of shape (Z, Y, X)
-        Bias-corrected images on one grid (axis 2 is left-right).
-    limb, contra_limb, bone, contra_bone : ndarray of bool, shape (Z, Y, X)
-        The limb under study, the contralateral limb and their bones.
-    spacing_zyx_mm : voxel spacing.
-
-    Returns
-    -------
-    MirroredReference, or None when a limb is missing.
-    """
-    if not limb.any() or not contra_limb.any():
-        return None
+def _fit(t1: FloatArray, limb: BoolArray, contra_limb: BoolArray,
+         spacing_zyx_mm: tuple[float, float, float], seed: int) -> sitk.Euler3DTransform:
+    """Rigid fit of the mirrored contralateral limb onto `limb`: maps a point of `limb` to the
+    matching point of the flipped image."""
     pixel_mm = float(np.sqrt(spacing_zyx_mm[1] * spacing_zyx_mm[2]))
     margin = max(1, int(round(MARGIN_MM / pixel_mm)))
     plane = np.ones((1, 3, 3), bool)
@@ -106,7 +86,7 @@ def mirrored_reference(
     tr.SetTranslation(tuple(_centroid_mm(flip_limb, spacing_zyx_mm) - c_fixed))
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(32)
-    reg.SetNumberOfThreads(1)  # reproducible to the last digit (see pipeline.register)
+    reg.SetNumberOfThreads(1)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(0.05, seed)
     mask_img = sitk.Cast(_image(fixed_mask.astype(np.float32), spacing_zyx_mm), sitk.sitkUInt8)
@@ -121,15 +101,48 @@ def mirrored_reference(
     reg.SetShrinkFactorsPerLevel([2, 1])
     reg.SetSmoothingSigmasPerLevel([pixel_mm, 0.0])
     reg.SetInitialTransform(tr, inPlace=True)
-    reg.Execute(fixed, moving)
+    with single_threaded_itk():  # reproducible to the last digit
+        reg.Execute(fixed, moving)
+    return tr
+
+
+def reversed_fit(tr: sitk.Euler3DTransform, width_x: int, spacing_x_mm: float
+                 ) -> sitk.AffineTransform:
+    """The fit the other way round, without a second registration.
+
+    With F the flip (x -> c - x, c = (width - 1) * spacing), `tr` matches a point p of the
+    first limb with the point F(tr(p)) of the second. For a point q of the second limb the
+    match in the first is tr^-1(F(q)), which sits at F(tr^-1(F(q))) in the flipped image:
+    the reversed fit is F o tr^-1 o F, rigid again (a reflection conjugates a rotation).
+    """
+    flip = np.diag([-1.0, 1.0, 1.0])
+    f = np.array([(width_x - 1) * spacing_x_mm, 0.0, 0.0])
+    m = np.array(tr.GetMatrix()).reshape(3, 3)
+    centre = np.array(tr.GetCenter())
+    t = np.array(tr.GetTranslation())
+    # tr(p) = m (p - centre) + centre + t; tr^-1(y) = m.T (y - centre - t) + centre
+    matrix = flip @ m.T @ flip
+    offset = flip @ (m.T @ (f - centre - t) + centre) + f
+    out = sitk.AffineTransform(3)
+    out.SetMatrix(tuple(matrix.ravel()))
+    out.SetTranslation(tuple(offset))
+    return out
+
+
+def _carry(tr: sitk.Transform, fluid: FloatArray, limb: BoolArray, bone: BoolArray,
+           contra_limb: BoolArray, contra_bone: BoolArray,
+           spacing_zyx_mm: tuple[float, float, float]) -> MirroredReference:
+    """The mirrored contralateral fluid signal at each voxel of `limb`, through `tr`."""
+    pixel_mm = float(np.sqrt(spacing_zyx_mm[1] * spacing_zyx_mm[2]))
+    reference = _image(np.zeros(limb.shape, np.float32), spacing_zyx_mm)
 
     def carry(array: NDArray[np.floating], interp: int) -> NDArray[np.float32]:
         img = _image(array, spacing_zyx_mm)
-        out = sitk.Resample(img, fixed, tr, interp, -1.0, sitk.sitkFloat32)
+        out = sitk.Resample(img, reference, tr, interp, -1.0, sitk.sitkFloat32)
         return sitk.GetArrayFromImage(out)
 
     ref = carry(fluid[:, :, ::-1], sitk.sitkLinear)
-    covered = carry(flip_limb.astype(np.float32), sitk.sitkNearestNeighbor) > 0.5
+    covered = carry(contra_limb[:, :, ::-1].astype(np.float32), sitk.sitkNearestNeighbor) > 0.5
     moved_bone = carry(contra_bone[:, :, ::-1].astype(np.float32), sitk.sitkNearestNeighbor) > 0.5
     n = int(bone.sum()) + int(moved_bone.sum())
     bone_dice = 0.0 if n == 0 else 2.0 * float((bone & moved_bone).sum()) / n
@@ -144,3 +157,33 @@ def mirrored_reference(
                                       SMOOTHING_MM / spacing_zyx_mm[2]))
     local_max = ndimage.grey_dilation(smooth, footprint=disk)
     return MirroredReference(local_max.astype(np.float32), covered & limb, bone_dice)
+
+
+def mirrored_references(
+    t1: FloatArray,
+    fluid: FloatArray,
+    limbs: tuple[BoolArray, BoolArray],
+    bones: tuple[BoolArray, BoolArray],
+    spacing_zyx_mm: tuple[float, float, float],
+    seed: int = 20240301,
+) -> tuple[MirroredReference, MirroredReference] | None:
+    """Each of two limbs' mirrored reference from the other, from one rigid fit.
+
+    Parameters
+    ----------
+    t1, fluid : ndarray of shape (Z, Y, X)
+        Bias-corrected images on one grid (axis 2 is left-right).
+    limbs, bones : the two limbs and their bones, ndarray of bool, shape (Z, Y, X).
+    spacing_zyx_mm : voxel spacing.
+
+    Returns
+    -------
+    (reference for limbs[0], reference for limbs[1]), or None when a limb is missing.
+    """
+    (a, b), (bone_a, bone_b) = limbs, bones
+    if not a.any() or not b.any():
+        return None
+    tr = _fit(t1, a, b, spacing_zyx_mm, seed)
+    back = reversed_fit(tr, t1.shape[2], spacing_zyx_mm[2])
+    return (_carry(tr, fluid, a, bone_a, b, bone_b, spacing_zyx_mm),
+            _carry(back, fluid, b, bone_b, a, bone_a, spacing_zyx_mm))

@@ -19,6 +19,16 @@ footnote), never as 0; timelines break their lines there and mark the day, the p
 out what is not available, and overlays of a flagged session say "excluded: <code>" in their
 caption. A summary without ``qc_flags`` renders as before.
 
+Measurement uncertainty and confirmation (issue 13), read tolerantly (older outputs render as
+before): values in the tables show ``± half-width`` of their 95 % interval from the ``*_ci95``
+columns (nothing extra where it is ``n/a``), and a change from baseline inside its MDC95 says
+"within measurement error" (``change_beyond_mdc95 == no``). The timeline draws the intervals
+as bands and error bars, the ±MDC95 band around the baseline in a change panel, and hollow
+markers for changes within measurement error. ``summary.json`` ``confirmation`` is stated next
+to the pattern (an unconfirmed progression in a box right under it) and ``session_states``
+fill the "Sessions against day 0" table; the Methods paragraph on uncertainty takes its numbers
+from the tables and thresholds.
+
 Patient name, ID and birth date are never rendered unless ``--show-phi`` is given (the pipeline
 does not carry them into its outputs; keys naming them are dropped from the tables).
 
@@ -39,7 +49,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +93,13 @@ AFFECTED_COLOR = "#D55E00"
 CONTRALATERAL_COLOR = "#0072B2"
 EDEMA_COLOR = "#56B4E9"
 EVENT_COLOR = "#555555"
+#: The ±MDC95 band of the change panel (bluish green: not the grey of "not available").
+MDC_COLOR = "#009E73"
+MDC_ALPHA = 0.22
+#: Opacity of the shaded 95 % interval bands of the timeline.
+CI_ALPHA = 0.2
+#: Words for a change inside its MDC95 (figures, tables, legend).
+WITHIN_ERROR = "within measurement error"
 
 #: Figure resolution: enough to read contours on paper, small enough for ~5 MB at 5 sessions.
 FIGURE_DPI = 100
@@ -511,6 +528,149 @@ def _mark_unavailable(ax: Any, days: Collection[int]) -> None:
                 va="top", fontsize=7, color="#555555", parse_math=False)
 
 
+def _gapped_columns(
+    rows: Sequence[Mapping[str, Any]], structure: str, *columns: str
+) -> tuple[list[int], list[list[float]]]:
+    """Days of `structure` and, per column, its values with NaN where missing (aligned)."""
+    points: dict[int, list[float]] = {}
+    for r in rows:
+        day = _to_int(r.get("day"))
+        if r.get("structure") != structure or day is None:
+            continue
+        points[day] = [math.nan if (v := _to_float(r.get(c))) is None else v for c in columns]
+    days = sorted(points)
+    return days, [[points[d][k] for d in days] for k in range(len(columns))]
+
+
+def within_error_flag(row: Mapping[str, Any]) -> bool:
+    """Whether the row's change from baseline is inside its MDC95 (``change_beyond_mdc95``
+    is ``no``); ``yes``, ``n/a`` or no such column: not marked."""
+    return str(row.get("change_beyond_mdc95") or "").strip().lower() == "no"
+
+
+def _change_within_mdc(change: float | None, mdc: float | None) -> bool:
+    """A change whose size does not exceed its known MDC95 (the caller leaves out the
+    baseline, the reference itself)."""
+    return change is not None and mdc is not None and abs(change) <= mdc
+
+
+def _band(
+    ax: Any, days: Sequence[int], vals: Sequence[float], ci: Sequence[float], color: str,
+    label: str | None = None, hatch: bool = False,
+) -> bool:
+    """Shade value ± ci (95 % interval); nothing where either is missing. False when no
+    interval wider than zero is known (nothing drawn). `hatch`: hatched, not filled (a second
+    band on the same panel stays readable where the two overlap)."""
+    v, c = np.asarray(vals, float), np.asarray(ci, float)
+    ok = np.isfinite(v) & np.isfinite(c)
+    if not (ok & (c > 0)).any():
+        return False
+    lo, hi = np.where(ok, v - c, np.nan), np.where(ok, v + c, np.nan)
+    if hatch:
+        ax.fill_between(days, lo, hi, facecolor="none", edgecolor=color, hatch="////",
+                        alpha=0.45, linewidth=0, label=label)
+    else:
+        ax.fill_between(days, lo, hi, color=color, alpha=CI_ALPHA, linewidth=0, label=label)
+    # a session with no known neighbour would vanish in the band: an error bar shows it too
+    ax.errorbar(days, v, yerr=np.where(ok, c, 0.0), fmt="none", ecolor=color, alpha=0.7,
+                elinewidth=0.8, capsize=2.5)
+    return True
+
+
+def _errorbars(ax: Any, days: Sequence[int], vals: Sequence[float], ci: Sequence[float],
+               color: str) -> bool:
+    v, c = np.asarray(vals, float), np.asarray(ci, float)
+    ok = np.isfinite(v) & np.isfinite(c)
+    if not (ok & (c > 0)).any():
+        return False
+    ax.errorbar(days, np.where(ok, v, np.nan), yerr=np.where(ok, c, 0.0), fmt="none",
+                ecolor=color, elinewidth=1.0, capsize=3)
+    return True
+
+
+def _hollow(ax: Any, days: Sequence[int], vals: Sequence[float], within: Sequence[bool],
+            color: str, marker: str = "o") -> bool:
+    """Redraw the markers of the sessions whose change is within measurement error hollow."""
+    pts = [(d, v) for d, v, w in zip(days, vals, within, strict=True) if w and math.isfinite(v)]
+    if not pts:
+        return False
+    ax.plot(*zip(*pts, strict=True), marker, linestyle="none", markerfacecolor="white",
+            markeredgecolor=color, markeredgewidth=1.4, zorder=5)
+    return True
+
+
+def _within_legend(ax: Any) -> None:
+    ax.plot([], [], "o", markerfacecolor="white", markeredgecolor="#555555",
+            markeredgewidth=1.4, label=WITHIN_ERROR)
+
+
+def _row_flags(rows: Sequence[Mapping[str, Any]], structure: str, days: Sequence[int]
+               ) -> list[bool]:
+    by_day = {_to_int(r.get("day")): within_error_flag(r) for r in rows
+              if r.get("structure") == structure}
+    return [by_day.get(d, False) for d in days]
+
+
+def _plot_change(
+    ax: Any, rows: Sequence[Mapping[str, Any]], flare_pp: float | None, baseline_day: int | None,
+    missing: set[int],
+) -> bool:
+    """Swelling change from baseline (soft-tissue asymmetry change, pp; with one limb only the
+    affected soft tissue's change, %), the ±MDC95 band around the baseline (zero), the flare
+    threshold, and hollow markers where the change is within its MDC95."""
+    days, (chg, mdc) = _gapped_columns(rows, "soft_tissue", "asymmetry_change_pp",
+                                       "asymmetry_change_pp_ci95")
+    unit, what = "pp", "soft-tissue asymmetry\nchange (pp)"
+    if not any(math.isfinite(v) for v in chg):
+        # older tables: the change is computed here from the asymmetry
+        days, (asym,) = _gapped_columns(rows, "soft_tissue", "asymmetry_pct")
+        base = dict(zip(days, asym, strict=True)).get(baseline_day) if baseline_day is not None \
+            else None
+        if base is not None and math.isfinite(base):
+            chg, mdc = [a - base for a in asym], [math.nan] * len(days)
+    if not any(math.isfinite(v) for v in chg):
+        days, (chg, mdc) = _gapped_columns(rows, "soft_tissue", "change_from_baseline_pct",
+                                           "change_from_baseline_pct_ci95")
+        unit, what = "%", "soft-tissue change\nfrom baseline (%)"
+        if not any(math.isfinite(v) for d, v in zip(days, chg, strict=True)
+                   if d != baseline_day):
+            ax.set_ylabel(what)
+            ax.text(0.5, 0.5, "not available (no change from baseline)", transform=ax.transAxes,
+                    ha="center", va="center", color="#777777", fontsize=8)
+            return False
+    if baseline_day in days:  # the baseline is the reference: change 0, no interval
+        k = days.index(baseline_day)
+        if not math.isfinite(chg[k]):
+            chg[k] = 0.0
+        mdc[k] = math.nan
+    # the band breaks where a session's MDC95 is not known (never drawn across it); a session
+    # with no known neighbour gets a short band of its own
+    bd = np.array([d for d in days if d != baseline_day], float)
+    bm = np.array([m for d, m in zip(days, mdc, strict=True) if d != baseline_day], float)
+    if (np.isfinite(bm) & (bm > 0)).any():
+        style = {"color": MDC_COLOR, "alpha": MDC_ALPHA, "linewidth": 0}
+        ax.fill_between(bd, -bm, bm, label="±MDC95 around baseline (measurement error)", **style)
+        w = max(0.5, 0.02 * (max(days) - min(days)))
+        for i, (d, m) in enumerate(zip(bd, bm, strict=True)):
+            alone = all(not (0 <= j < len(bm) and math.isfinite(bm[j])) for j in (i - 1, i + 1))
+            if math.isfinite(m) and alone:
+                ax.fill_between([d - w, d + w], [-m, -m], [m, m], **style)
+    ax.axhline(0.0, color="#888888", linewidth=0.8)
+    if flare_pp is not None:
+        ax.axhline(flare_pp, color=AFFECTED_COLOR, linestyle=(0, (2, 3)), linewidth=0.9,
+                   label=f"flare threshold +{flare_pp:g} {unit}")
+    gaps = {d for d, v in zip(days, chg, strict=True) if math.isnan(v)}
+    ax.plot(days, chg, "o-", color=AFFECTED_COLOR, label="soft tissue, affected vs baseline")
+    within = [d != baseline_day and _change_within_mdc(v if math.isfinite(v) else None,
+                                                       m if math.isfinite(m) else None)
+              for d, v, m in zip(days, chg, mdc, strict=True)]
+    if _hollow(ax, days, chg, within, AFFECTED_COLOR):
+        _within_legend(ax)
+    ax.set_ylabel(what)
+    missing |= gaps
+    return True
+
+
 def render_timeline(
     rows: Sequence[Mapping[str, Any]],
     events: Sequence[Mapping[str, Any]],
@@ -521,6 +681,12 @@ def render_timeline(
 ) -> str:
     """Timeline panels (PNG, base64) of volumes and asymmetry against day since day 0.
 
+    Panels: soft-tissue volume of both limbs, soft-tissue and whole-limb asymmetry, the
+    soft-tissue asymmetry change from baseline with its MDC95 band around the baseline and the
+    flare threshold, marrow lesion and edema of the affected side. Where the tables carry
+    95 % intervals (``*_ci95`` columns) volumes get shaded bands and asymmetry error bars;
+    a session whose change from baseline is within its MDC95 has a hollow marker.
+
     Parameters
     ----------
     rows : sequence of mapping
@@ -530,7 +696,7 @@ def render_timeline(
     affected_side : str
         Used in the legend only.
     thresholds : mapping
-        ``flare_asymmetry_pp`` draws the flare threshold on the asymmetry panel.
+        ``flare_asymmetry_pp`` draws the flare threshold on the asymmetry panels.
     baseline_day : int or None
         Day of the baseline session.
     unavailable_days : collection of int
@@ -542,22 +708,33 @@ def render_timeline(
     str
         Base64-encoded PNG.
     """
-    fig = Figure(figsize=(8.0, 8.6), layout="constrained")
-    axes = fig.subplots(4, 1, sharex=True)
-    ax_vol, ax_asym, ax_lesion, ax_edema = axes
+    fig = Figure(figsize=(8.0, 10.8), layout="constrained")
+    axes = fig.subplots(5, 1, sharex=True)
+    ax_vol, ax_asym, ax_change, ax_lesion, ax_edema = axes
     missing: list[set[int]] = [set() for _ in axes]
-    plotted = _plot_gapped(ax_vol, rows, "soft_tissue", "affected_ml", "o-", missing[0],
-                           color=AFFECTED_COLOR, label=f"affected ({affected_side})")
-    _plot_gapped(ax_vol, rows, "soft_tissue", "contralateral_ml", "s--", missing[0],
-                 color=CONTRALATERAL_COLOR, label="contralateral")
+    hollow = [False] * len(axes)
+    plotted = False
+    for column, style, color, label in (
+        ("affected_ml", "o-", AFFECTED_COLOR, f"affected ({affected_side})"),
+        ("contralateral_ml", "s--", CONTRALATERAL_COLOR, "contralateral"),
+    ):
+        drawn = _plot_gapped(ax_vol, rows, "soft_tissue", column, style, missing[0],
+                             color=color, label=label)
+        plotted |= drawn and column == "affected_ml"
+        days, (vals, ci) = _gapped_columns(rows, "soft_tissue", column, f"{column}_ci95")
+        _band(ax_vol, days, vals, ci, color, "95 % interval", hatch=column != "affected_ml")
+        if column == "affected_ml":
+            hollow[0] = _hollow(ax_vol, days, vals, _row_flags(rows, "soft_tissue", days), color)
     ax_vol.set_ylabel("soft tissue (mL)")
 
     for structure, style in (("soft_tissue", "o-"), ("limb", "^:")):
+        color = AFFECTED_COLOR if structure == "soft_tissue" else "#999999"
         plotted |= _plot_gapped(
             ax_asym, rows, structure, "asymmetry_pct", style, missing[1],
-            color=AFFECTED_COLOR if structure == "soft_tissue" else "#999999",
-            label=STRUCTURE_TITLES[structure],
+            color=color, label=STRUCTURE_TITLES[structure],
         )
+        days, (vals, ci) = _gapped_columns(rows, structure, "asymmetry_pct", "asymmetry_pct_ci95")
+        _errorbars(ax_asym, days, vals, ci, color)
     ax_asym.axhline(0.0, color="#bbbbbb", linewidth=0.8)
     flare_pp = _to_float(thresholds.get("flare_asymmetry_pp"))
     if flare_pp is not None and baseline_day is not None:
@@ -573,18 +750,25 @@ def render_timeline(
             )
     ax_asym.set_ylabel("asymmetry (%)")
 
-    for ax, gaps, structure, color, name in (
-        (ax_lesion, missing[2], "marrow_lesion", AFFECTED_COLOR, "marrow lesion"),
-        (ax_edema, missing[3], "edema", EDEMA_COLOR, "edema"),
+    _plot_change(ax_change, rows, flare_pp, baseline_day, missing[2])
+
+    for k, ax, structure, color, name in (
+        (3, ax_lesion, "marrow_lesion", AFFECTED_COLOR, "marrow lesion"),
+        (4, ax_edema, "edema", EDEMA_COLOR, "edema"),
     ):
-        plotted |= _plot_gapped(ax, rows, structure, "affected_ml", "o-", gaps, color=color,
-                                label=f"{name}, affected side")
+        plotted |= _plot_gapped(ax, rows, structure, "affected_ml", "o-", missing[k],
+                                color=color, label=f"{name}, affected side")
+        days, (vals, ci) = _gapped_columns(rows, structure, "affected_ml", "affected_ml_ci95")
+        _band(ax, days, vals, ci, color, "95 % interval")
+        hollow[k] = _hollow(ax, days, vals, _row_flags(rows, structure, days), color)
         ax.set_ylabel(f"{name} (mL)")
         ax.set_ylim(bottom=0)
 
     if not plotted:
         raise ValueError("longitudinal.tsv has no numeric values to plot")
-    for ax, gaps in zip(axes, missing, strict=True):
+    for ax, gaps, h in zip(axes, missing, hollow, strict=True):
+        if h:
+            _within_legend(ax)
         _mark_unavailable(ax, gaps & set(unavailable_days))
 
     marks = _event_marks(events)
@@ -593,7 +777,7 @@ def render_timeline(
             ax.axvline(day, color=EVENT_COLOR, linestyle=":" if day else "-", linewidth=0.8)
         ax.grid(True, color="#eeeeee")
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="best", fontsize=8, frameon=False)
+            ax.legend(loc="best", fontsize=7.5, frameon=False)
     trans = blended_transform_factory(ax_vol.transData, ax_vol.transAxes)
     for day, texts in sorted(marks.items()):
         ax_vol.text(
@@ -1051,11 +1235,19 @@ def _longitudinal_table(
         asym = _to_float(r.get("asymmetry_pct"))
         base = base_asym.get(r.get("structure"))
         why = _longitudinal_reasons(index, r, affected, baseline_date)
-
-        def cell(column: str, value: Any, signed: bool = False, _why: Any = why) -> Cell:
-            return value_cell(value, _why[column], notes, signed=signed)
-
         date = str(r.get("study_date", ""))
+        # the table's own asymmetry change (newer outputs); else computed here; 0 at baseline
+        asym_change = _to_float(r.get("asymmetry_change_pp"))
+        if asym_change is None and asym is not None and base is not None:
+            asym_change = asym - base
+        asym_change_within = date != baseline_date and _change_within_mdc(
+            asym_change, _to_float(r.get("asymmetry_change_pp_ci95")))
+
+        def cell(column: str, value: Any, signed: bool = False, within: bool = False,
+                 _why: Any = why, _r: Any = r) -> Cell:
+            return value_cell(value, _why[column], notes, signed=signed,
+                              ci=_r.get(f"{column}_ci95"), within_error=within)
+
         table.append(
             {
                 "study_date": date,
@@ -1066,11 +1258,11 @@ def _longitudinal_table(
                 "difference_ml": cell("difference_ml", r.get("difference_ml"), True),
                 "asymmetry_pct": cell("asymmetry_pct", asym, True),
                 "asymmetry_change_pp": cell(
-                    "asymmetry_change_pp", None if asym is None or base is None else asym - base,
-                    True,
+                    "asymmetry_change_pp", asym_change, True, asym_change_within
                 ),
                 "change_from_baseline_pct": cell(
-                    "change_from_baseline_pct", r.get("change_from_baseline_pct"), True
+                    "change_from_baseline_pct", r.get("change_from_baseline_pct"), True,
+                    within_error_flag(r),
                 ),
                 "qc": ", ".join(_row_qc(index, r, None)),
                 "is_baseline": date == baseline_date,
@@ -1102,7 +1294,8 @@ def _volumes_table(
                 "side": side,
                 "role": r.get("role", ""),
                 "structure": STRUCTURE_TITLES.get(structure, structure),
-                "volume_ml": value_cell(r.get("volume_ml"), codes, notes),
+                "volume_ml": value_cell(r.get("volume_ml"), codes, notes,
+                                        ci=r.get("volume_ml_ci95")),
                 "qc": ", ".join(_row_qc(index, r, side)),
             }
         )
@@ -1609,14 +1802,21 @@ class QCIndex:
 
 @dataclass(frozen=True)
 class Cell:
-    """A table value; ``reason`` holds the QC codes when it is not available."""
+    """A table value; ``reason`` holds the QC codes when it is not available.
+
+    ``ci`` is the half-width of its 95 % interval, formatted ('' when not known: nothing
+    extra is shown, never "± n/a"); ``within_error`` marks a change from baseline inside its
+    MDC95.
+    """
 
     text: str
     reason: str = ""
     note: int | None = None
+    ci: str = ""
+    within_error: bool = False
 
     def __str__(self) -> str:
-        return self.text
+        return f"{self.text} ± {self.ci}" if self.ci else self.text
 
 
 @dataclass
@@ -1636,12 +1836,26 @@ class Footnotes:
 
 
 def value_cell(
-    value: Any, codes: Sequence[str], notes: Footnotes, digits: int = 1, signed: bool = False
+    value: Any,
+    codes: Sequence[str],
+    notes: Footnotes,
+    digits: int = 1,
+    signed: bool = False,
+    ci: Any = None,
+    within_error: bool = False,
 ) -> Cell:
     """A formatted number; 'not available' with its QC codes when missing for a QC reason
-    (never 0), plain 'n/a' when missing for another (no contralateral limb, no baseline)."""
+    (never 0), plain 'n/a' when missing for another (no contralateral limb, no baseline).
+
+    `ci` (half-width of the 95 % interval, same unit) is shown as "± ci" only with a value
+    and a known interval; `within_error` marks the value as a change within its MDC95.
+    """
     text = _fmt(value, digits, signed)
-    if text != "n/a" or not codes:
+    if text != "n/a":
+        half = _to_float(ci)
+        return Cell(text, ci="" if half is None else _fmt(abs(half), digits),
+                    within_error=within_error)
+    if not codes:
         return Cell(text)
     return Cell(NOT_AVAILABLE, ", ".join(codes), notes.mark(codes))
 
@@ -1742,6 +1956,299 @@ def drop_unavailable_csa(
 def qc_legend() -> list[dict[str, str]]:
     """Every QC code with its meaning (QC section)."""
     return [{"code": c, "meaning": m} for c, m in qc.MEANING.items()]
+
+
+# --------------------------------------------------------------------------------------------
+# Uncertainty and confirmation (summary.json ``session_states`` and ``confirmation``, the
+# ``*_ci95`` columns of the tables): what lies beyond measurement error, and what a later scan
+# confirmed. Read tolerantly: outputs from before them render as before.
+# --------------------------------------------------------------------------------------------
+
+#: CSS class of each session state's badge (DESIGN.md "Confirmation in time").
+STATE_CLASSES: dict[str, str] = {
+    "baseline": "baseline",
+    "no change": "no-change",
+    "unconfirmed flare": "unconfirmed",
+    "confirmed flare": "confirmed",
+    "resolved": "resolved",
+    "not assessable": "not-assessable",
+}
+#: What each state means (badge tooltip and Methods), with the iRECIST / LYRIC equivalent.
+STATE_MEANINGS: dict[str, str] = {
+    "baseline": "the reference session (the last on or before day 0)",
+    "no change": "no flare criterion beyond its threshold and its MDC95 (iRECIST iSD, LYRIC SD)",
+    "unconfirmed flare": "a flare not (yet) confirmed by a later scan (iRECIST iUPD, LYRIC IR)",
+    "confirmed flare": "still flaring on a scan at least the minimum interval after the first "
+    "flare of the episode (iRECIST iCPD)",
+    "resolved": "back within the resolution criteria after a flare (iUPD not confirmed)",
+    "not assessable": "cannot be compared with the baseline (QC exclusion, or before baseline)",
+}
+FLARE_STATES = ("unconfirmed flare", "confirmed flare")
+_END_STATES = ("no change", "resolved")
+
+
+def _state_class(state: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", state.lower()).strip("-")
+    return STATE_CLASSES.get(state, slug or "unknown")
+
+
+def _texts(value: Any) -> list[str]:
+    if isinstance(value, list | tuple):
+        return [str(v) for v in value if v is not None and str(v)]
+    return [str(value)] if value else []
+
+
+def _day_key(day: Any, date: Any = "") -> tuple[int, str]:
+    d = _to_int(day)
+    return (d if d is not None else 10**9, str(date))
+
+
+def session_state_rows(
+    summary: Mapping[str, Any], notes: list[str]
+) -> list[dict[str, Any]] | None:
+    """Rows of the "Sessions against day 0" table, by day; None for a summary without
+    ``session_states`` (older outputs). A malformed entry is named in `notes`."""
+    raw = summary.get("session_states")
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        notes.append(f"summary.json: session_states is not a list ({type(raw).__name__}): "
+                     "ignored")
+        return []
+    baseline = str(summary.get("baseline_study_date", ""))
+    rows = []
+    for item in raw:
+        if not isinstance(item, Mapping):
+            notes.append(f"summary.json: a session state was ignored: {str(item)[:120]}")
+            continue
+        state = str(item.get("state") or "not recorded")
+        rows.append(
+            {
+                "study_date": str(item.get("study_date", "?")),
+                "day": str(item.get("day", "?")),
+                "timing": str(item.get("timing") or ""),
+                "state": state,
+                "state_class": _state_class(state),
+                "state_meaning": STATE_MEANINGS.get(state, state),
+                "criteria": _texts(item.get("criteria")),
+                "within_error": _texts(item.get("within_measurement_error")),
+                "note": str(item.get("note") or ""),
+                "is_baseline": str(item.get("study_date")) == baseline,
+            }
+        )
+    return sorted(rows, key=lambda r: _day_key(r["day"], r["study_date"]))
+
+
+def _episodes(
+    states: Sequence[Mapping[str, Any]],
+) -> list[tuple[list[Mapping[str, Any]], Mapping[str, Any] | None]]:
+    """Flare episodes: (the flaring sessions, the session that ended it or None while open).
+    A session without any flare ends an episode; one not assessable does not."""
+    out: list[tuple[list[Mapping[str, Any]], Mapping[str, Any] | None]] = []
+    current: list[Mapping[str, Any]] = []
+    for st in states:
+        if st["state"] in FLARE_STATES:
+            current.append(st)
+        elif st["state"] in _END_STATES and current:
+            out.append((current, st))
+            current = []
+    if current:
+        out.append((current, None))
+    return out
+
+
+def _days(states: Sequence[Mapping[str, Any]]) -> str:
+    days = [str(s["day"]) for s in states]
+    if len(days) == 1:
+        return f"day {days[0]}"
+    return f"days {', '.join(days[:-1])} and {days[-1]}"
+
+
+def confirmation_headline(
+    summary: Mapping[str, Any], classification: str, states: Sequence[Mapping[str, Any]] | None
+) -> dict[str, str] | None:
+    """The confirmation next to the pattern: ``{status, text, detail, alert}``; None when
+    there is nothing to confirm (``not applicable``) or the summary predates confirmation.
+
+    ``alert`` is set for a progression that is not confirmed: the report must not let it read
+    as established progression (iRECIST iUPD, LYRIC indeterminate response).
+    """
+    conf = str(summary.get("confirmation") or "").strip().lower()
+    if not conf or conf == "not applicable":
+        return None
+    states = states or []
+    n = _to_int((summary.get("thresholds") or {}).get("confirmation_min_interval_days"))
+    gap = f"at least {n} days" if n is not None else "some days"
+    episodes = _episodes(states)
+    if conf == "confirmed":
+        first = next((s for s in states if s["state"] == "confirmed flare"), None)
+        if first is None:
+            return {"status": "confirmed", "text": "Flare confirmed", "detail": "", "alert": ""}
+        return {"status": "confirmed", "text": f"Flare confirmed on day {first['day']}",
+                "detail": first.get("note", ""), "alert": ""}
+    if conf != "unconfirmed":
+        return {"status": _state_class(conf), "text": f"Confirmation: {conf}", "detail": "",
+                "alert": ""}
+    flares, end = episodes[-1] if episodes else ([], None)
+    start = _to_int(flares[0]["day"]) if flares else None
+    by = f" (day {start + n} or later)" if start is not None and n is not None else ""
+    if end is None:
+        text = "Flare not confirmed: a later scan must confirm it"
+        detail = (f"flaring on {_days(flares)}; a scan {gap} after the first flare{by} that "
+                  "still flares confirms it" if flares else "")
+    else:
+        text = "Flare not confirmed"
+        detail = (f"flaring on {_days(flares)}, never still flaring {gap} after the first "
+                  f"flare; {end['state']} on day {end['day']}")
+    alert = ""
+    if classification == "progression":
+        last = flares[-1]["day"] if flares else "?"
+        when = (f"A scan on day {start + n} or later ({gap} after the first flare, day "
+                f"{start})" if start is not None and n is not None else "A later scan")
+        alert = (
+            f"UNCONFIRMED: progression is not established. The flare at the last session "
+            f"(day {last}) has not been confirmed by a later scan (iRECIST iUPD, LYRIC "
+            f"indeterminate response). {when} that still flares would confirm it; one back "
+            "at baseline would make it a pseudo-progression."
+        )
+    return {"status": "unconfirmed", "text": text, "detail": detail, "alert": alert}
+
+
+def _span(values: Iterable[float | None], digits: int = 1) -> str | None:
+    """'lo–hi' (or one value) of the finite `values`; None without any."""
+    vals = sorted(v for v in values if v is not None and math.isfinite(v))
+    if not vals:
+        return None
+    lo, hi = _fmt(vals[0], digits), _fmt(vals[-1], digits)
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def _ci_values(rows: Sequence[Mapping[str, Any]]) -> list[float]:
+    return [v for r in rows for k, x in r.items()
+            if str(k).endswith("_ci95") for v in [_to_float(x)] if v is not None]
+
+
+def uncertainty_methods(
+    longitudinal: Sequence[Mapping[str, Any]],
+    volumes: Sequence[Mapping[str, Any]],
+    thresholds: Mapping[str, Any],
+    baseline_date: str,
+    states: Sequence[Mapping[str, Any]] | None,
+) -> list[str]:
+    """The Methods paragraphs on measurement uncertainty and confirmation, with this subject's
+    numbers (intervals, MDC95, thresholds) taken from its tables and summary."""
+    paragraphs: list[str] = []
+    has_columns = any(str(k).endswith("_ci95") for r in [*longitudinal, *volumes] for k in r)
+    cis = _ci_values(longitudinal) + _ci_values(volumes)
+    if not has_columns:
+        paragraphs.append(
+            "These outputs carry no measurement uncertainty (written by a version without "
+            "it): values are shown without intervals, and the clinical thresholds alone "
+            "decided each flare criterion."
+        )
+    elif not cis:
+        paragraphs.append(
+            "No 95 % interval is known for any value of this subject (no repeatability model "
+            "for its structures): the clinical thresholds alone decided each flare criterion."
+        )
+    elif not any(c > 0 for c in cis):
+        paragraphs.append(
+            "The repeatability model in use gives a 95 % interval of 0 for every value of "
+            "this subject: it has not been fitted to a scan–rescan study, so no measurement "
+            "error is accounted for and the clinical thresholds alone decided each flare "
+            "criterion (every MDC95 below reads 0)."
+        )
+    if has_columns and cis:
+        def col(structure: str, column: str, baseline: bool | None = None) -> list[float | None]:
+            return [_to_float(r.get(column)) for r in longitudinal
+                    if r.get("structure") == structure
+                    and (baseline is None or (r.get("study_date") == baseline_date) == baseline)]
+
+        rel = _span(100.0 * c / v for r in volumes if r.get("structure") == "soft_tissue"
+                    for v, c in [(_to_float(r.get("volume_ml")),
+                                  _to_float(r.get("volume_ml_ci95")))]
+                    if v and c is not None)
+        base = next((r for r in longitudinal if r.get("study_date") == baseline_date
+                     and r.get("structure") == "soft_tissue"), None)
+        parts = []
+        if rel:
+            parts.append(f"±{rel} % of a soft-tissue volume")
+        if base is not None and _to_float(base.get("affected_ml_ci95")) is not None:
+            parts.append(f"affected soft tissue at baseline {_fmt(base.get('affected_ml'))} ± "
+                         f"{_fmt(base.get('affected_ml_ci95'))} mL")
+        for structure, name in (("marrow_lesion", "marrow lesion"), ("edema", "edema")):
+            s = _span(col(structure, "affected_ml_ci95"))
+            if s:
+                parts.append(f"{name} of the affected side ±{s} mL")
+        asym = _span(col("soft_tissue", "asymmetry_pct_ci95"))
+        if asym:
+            parts.append(f"soft-tissue asymmetry ±{asym} pp")
+        paragraphs.append(
+            "Each value is shown with its 95 % interval (value ± half-width; the half-width is "
+            "1.96 × the standard deviation of one measurement). That standard deviation comes "
+            "from the repeatability model of the scan–rescan study (benchmarks/repeatability.py):"
+            " the same anatomy imaged again with no true change (new noise, repositioning, "
+            "other slice positions and thickness, other bias field) and measured by the whole "
+            "workflow; per structure it is fitted as a function of the volume, the pixel size, "
+            "the slice thickness and the residual misregistration to the baseline. Asymmetry "
+            "and change from baseline are ratios of two volumes: their intervals follow by "
+            "first-order error propagation, the two volumes independent."
+            + (f" For this subject: {'; '.join(parts)}." if parts else "")
+        )
+        mdc = []
+        s = _span(col("soft_tissue", "asymmetry_change_pp_ci95", baseline=False))
+        if s:
+            mdc.append(f"soft-tissue asymmetry change {s} pp")
+        for structure, name in (("marrow_lesion", "marrow-lesion"), ("edema", "edema")):
+            base_ci = next(iter(col(structure, "affected_ml_ci95", baseline=True)), None)
+            s = _span(None if c is None or base_ci is None else math.hypot(c, base_ci)
+                      for c in col(structure, "affected_ml_ci95", baseline=False))
+            if s:
+                mdc.append(f"{name} volume change {s} mL")
+        t = {k: _to_float(v) for k, v in thresholds.items()}
+        limits = []
+        if t.get("flare_asymmetry_pp") is not None:
+            limits.append(f"soft-tissue asymmetry +{t['flare_asymmetry_pp']:g} pp")
+        for key, name in (("lesion", "marrow lesion"), ("edema", "edema")):
+            ratio, least = t.get(f"flare_{key}_ratio"), t.get(f"flare_{key}_min_ml")
+            if ratio is not None and least is not None:
+                limits.append(f"{name} ×{ratio:g} and +{least:g} mL")
+        within = [f"day {st['day']}: {w}" for st in states or [] for w in st["within_error"]]
+        paragraphs.append(
+            "The 95 % interval of a change between a session and the baseline is its minimal "
+            "detectable change, MDC95 = 1.96 √(sd₁² + sd₂²) (the repeatability coefficient when "
+            "both are measured alike)"
+            + (f"; for this subject: {'; '.join(mdc)}" if mdc else "")
+            + ". A flare criterion counts only when its change exceeds both its clinical "
+            "threshold"
+            + (f" ({'; '.join(limits)}; see Thresholds)" if limits else " (see Thresholds)")
+            + " and its MDC95. A change above the threshold but within its MDC95 is reported as "
+            "“within measurement error” and does not count"
+            + (f" ({len(within)} for this subject: {'; '.join(within)})." if within
+               else " (none for this subject).")
+            + " Resolution and response accept a return to baseline within measurement error;"
+            " a response needs its decrease beyond the MDC95. In the tables, “within "
+            "measurement error” marks a change from baseline whose size does not exceed its "
+            "MDC95; in the timeline such sessions have hollow markers."
+        )
+    n = _to_int(thresholds.get("confirmation_min_interval_days"))
+    crs = _to_int(thresholds.get("crs_window_days"))
+    if states is not None:
+        gap = f"at least {n} days" if n is not None else "at least the configured interval"
+        paragraphs.append(
+            "Confirmation in time (iRECIST, Seymour et al. 2017; LYRIC, Cheson et al. 2016): the "
+            "first session of an episode that flares is an unconfirmed flare (iUPD; LYRIC "
+            f"indeterminate response); a later session {gap} after the episode's first flare "
+            "that still flares is a confirmed flare (iCPD). A session without any flare "
+            "criterion ends the episode: resolved when it is back within the resolution "
+            "criteria, else no change; a later flare opens a new episode. A progression whose "
+            "last flare is not confirmed is reported as UNCONFIRMED. Each session is placed "
+            "against day 0 (the infusion)"
+            + (f", the CRS window (days 1–{crs})" if crs is not None else "")
+            + " and the clinical events."
+        )
+    return paragraphs
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -1946,9 +2453,18 @@ def build_context(subject_dir: Path, show_phi: bool = False) -> dict[str, Any]:
         )
         timeline.caption = (
             "Soft-tissue volume of both limbs, soft-tissue and whole-limb asymmetry "
-            "(100 × (affected / contralateral − 1)), and marrow lesion and edema volume of the "
+            "(100 × (affected / contralateral − 1)), the soft-tissue asymmetry change from "
+            "baseline with the flare threshold, and marrow lesion and edema volume of the "
             "affected side, against day since day 0. Vertical lines: day 0 and clinical events."
         )
+        if _ci_values(longitudinal):
+            timeline.caption += (
+                " Shaded bands and error bars: 95 % interval of each value (repeatability "
+                "model, see Methods). Green band around zero in the change panel: ±MDC95, the "
+                "change the method cannot tell from measurement error; a flare needs a change "
+                "beyond both it and the threshold. Hollow markers: change from baseline within "
+                "measurement error."
+            )
         if qc_days:
             timeline.caption += (
                 " Grey bands: not available at that session (QC exclude flag, see the QC "
@@ -2038,6 +2554,8 @@ def build_context(subject_dir: Path, show_phi: bool = False) -> dict[str, Any]:
         return [(k, v) for k, v in _flatten(mapping) if show_phi or not is_phi_key(k)]
 
     pattern_phrase, pattern_qc_note = pattern_headline(classification, index)
+    states = session_state_rows(summary, input_notes)
+    confirmation = confirmation_headline(summary, classification, states)
     long_notes, vol_notes = Footnotes(), Footnotes()
     long_table = _longitudinal_table(
         longitudinal,
@@ -2058,6 +2576,15 @@ def build_context(subject_dir: Path, show_phi: bool = False) -> dict[str, Any]:
         "classification": classification,
         "pattern_phrase": pattern_phrase,
         "pattern_qc_note": pattern_qc_note,
+        "confirmation": confirmation,
+        "session_states": states,
+        "uncertainty_methods": uncertainty_methods(
+            longitudinal, volumes, thresholds, baseline_date, states
+        ),
+        "has_intervals": bool(_ci_values(longitudinal) or _ci_values(volumes)),
+        "within_error_label": WITHIN_ERROR,
+        "state_legend": [((name, _state_class(name)), meaning)
+                         for name, meaning in STATE_MEANINGS.items()],
         "qc_box": flag_box(index, session_info, sessions),
         "qc_legend": qc_legend(),
         "reasons": [str(r) for r in summary.get("reasons", []) or []],

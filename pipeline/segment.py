@@ -41,7 +41,7 @@ from . import __version__
 from . import qc as qc_mod
 from .io_utils import atomic_path, write_json_atomic
 from .labels import BONE, EDEMA, LESION, SIDE_OFFSET, SOFT_TISSUE
-from .mirror import MirroredReference, mirrored_reference
+from .mirror import MirroredReference, mirrored_references
 
 BoolArray = NDArray[np.bool_]
 _DISK1 = ndimage.generate_binary_structure(2, 1)
@@ -712,6 +712,13 @@ def segment_arrays(
             flags.append(flag)
     qc["qc_flags"] = [f.to_json() for f in flags]
     fluid_usable = not any(f.code == qc_mod.FLUID_NOT_FAT_SUPPRESSED for f in flags)
+    mirrors: dict[str, MirroredReference] = {}
+    if fluid_usable and "left" in per_side and "right" in per_side:
+        pair = mirrored_references(
+            t1, fluid, (per_side["left"]["limb"], per_side["right"]["limb"]),
+            (per_side["left"]["bone"], per_side["right"]["bone"]), spacing_zyx_mm)
+        if pair is not None:
+            mirrors = {"left": pair[0], "right": pair[1]}
     for side in present:
         s = per_side[side]
         # The contralateral limb is the patient's own control; with one limb only, the same
@@ -725,8 +732,7 @@ def segment_arrays(
             lesion, lesion_info = marrow_lesion(
                 t1, fluid, s, ref, muscle_fl, settings, voxel_mm3, own_reference=contra is None
             )
-            mirror = None if contra is None else mirrored_reference(
-                t1, fluid, s["limb"], contra["limb"], s["bone"], contra["bone"], spacing_zyx_mm)
+            mirror = mirrors.get(side)
             usable_mirror = (mirror is not None
                              and mirror.bone_dice >= settings.edema_mirror_min_bone_dice)
             edema, edema_info = edema_mask(

@@ -71,6 +71,8 @@ rule measure:
         day0=subject_value("day0"),
         affected_side=subject_value("affected_side"),
         baseline=baseline_label,
+        repeatability=(f"--repeatability {config['repeatability_model']}"
+                       if config.get("repeatability_model") else ""),
     log:
         f"{SUBJECT_DIR}/logs/measure.log",
     conda:
@@ -85,7 +87,7 @@ rule measure:
         "{params.python} -m pipeline.measure --subject {wildcards.subject} --day0 {params.day0}"
         " --affected-side {params.affected_side} --sessions-json {input.sessions_json:q}"
         " --dseg {input.dseg:q} --qc {input.qc:q} --xfm {input.xfm:q}"
-        " --baseline {params.baseline}"
+        " --baseline {params.baseline} {params.repeatability}"
         " --out {output.volumes:q} --side-json {output.side:q}"
         " --csa {output.csa:q} --circumference {output.circumference:q} > {log:q} 2>&1"
 

@@ -19,25 +19,20 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import pydicom
 import pytest
+from demo_case import XSS_IMG, XSS_SCRIPT
 
 from pipeline.cohort import build_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "sample_data" / "demo" / "dicom"
 ARTIFACTS = ROOT / "test-artifacts"
-XSS_SCRIPT = "<script>alert(1)</script>"
-XSS_IMG = "<img src=x onerror=alert(1)>"
-XSS_DESCRIPTION = f"STIR AX {XSS_SCRIPT} {XSS_IMG}"  # 63 characters: fits a LO tag
-XSS_STUDY_DATE = "20240304"
 SECTIONS = [
     "summary",
     "timeline",
@@ -333,45 +328,12 @@ def browser(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             break
 
 
-def _inject_xss(dicom_dir: Path) -> int:
-    """Put the payloads in the STIR series description of one study; returns files changed."""
-    changed = 0
-    for f in sorted(p for p in dicom_dir.rglob("*") if p.is_file() and p.suffix != ".tsv"):
-        try:
-            ds = pydicom.dcmread(f)
-        except Exception:
-            continue
-        if ds.get("StudyDate") == XSS_STUDY_DATE and "STIR" in str(ds.get("SeriesDescription")):
-            ds.SeriesDescription = XSS_DESCRIPTION
-            ds.save_as(f)
-            changed += 1
-    return changed
-
-
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> dict[str, Path]:
-    """The demo patient through the workflow (XSS in one DICOM tag) and a cohort page."""
-    tmp = tmp_path_factory.mktemp("browser_demo")
-    dicom = tmp / "dicom"
-    shutil.copytree(DEMO, dicom)
-    assert _inject_xss(dicom) > 0
-    results = tmp / "results"
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--cores",
-        "2",
-        "--config",
-        f"input_dir={dicom}",
-        "subject=demo",
-        "day0=2024-03-01",
-        "affected_side=left",
-        f"results_dir={results}",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"workflow failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+def demo(tmp_path_factory: pytest.TempPathFactory, chromium: str,
+         demo_results: Path) -> dict[str, Path]:
+    """The session's demo run (XSS in one DICOM tag, see demo_case.py) and a cohort page."""
+    results = tmp_path_factory.mktemp("browser_demo") / "results"
+    shutil.copytree(demo_results, results / "demo")
     failed = results / "broken"
     (failed / "logs").mkdir(parents=True)
     (failed / "logs" / "segment_ses-20240101.log").write_text(

@@ -33,6 +33,10 @@ STRUCTURES = ["limb", "soft_tissue", "bone", "marrow_lesion", "edema"]
 DESIGN_LONGITUDINAL_COLUMNS = ["subject", "study_date", "day", "structure", "affected_ml",
                                "contralateral_ml", "difference_ml", "asymmetry_pct",
                                "change_from_baseline_pct"]
+#: issue 13: the uncertainty columns, after the contract's and the QC codes
+UNCERTAINTY_COLUMNS = ["affected_ml_ci95", "contralateral_ml_ci95", "difference_ml_ci95",
+                       "asymmetry_pct_ci95", "change_from_baseline_pct_ci95",
+                       "asymmetry_change_pp", "asymmetry_change_pp_ci95", "change_beyond_mdc95"]
 CONTRA_SOFT_ML = 1000.0
 
 
@@ -108,7 +112,7 @@ def test_longitudinal_rows_values_and_change_from_baseline():
               visit(7, asym_pct=25.0, lesion=5.0, edema=30.0)]
     rows = longitudinal_rows("P1", visits)
     assert len(rows) == 3 * 5
-    assert all(list(r) == [*DESIGN_LONGITUDINAL_COLUMNS, "qc"] for r in rows)
+    assert all(list(r) == [*DESIGN_LONGITUDINAL_COLUMNS, "qc", *UNCERTAINTY_COLUMNS] for r in rows)
     assert [r["structure"] for r in rows[:5]] == STRUCTURES
     soft = {r["day"]: r for r in rows if r["structure"] == "soft_tissue"}
     assert soft[7]["affected_ml"] == 1250.0
@@ -176,7 +180,8 @@ def test_progression_when_last_session_still_flares():
     assert p.classification == "progression"
     assert [f["day"] for f in p.flares] == [30]
     assert "marrow lesion 8.0 mL vs 5.0 mL at baseline (x1.60, +3.0 mL" in " ".join(p.reasons)
-    assert "still flares" in p.reasons[-1]
+    assert "flares against baseline, UNCONFIRMED" in p.reasons[-1]
+    assert p.confirmation == "unconfirmed"
 
 
 def test_progression_even_after_an_earlier_flare():
@@ -196,7 +201,7 @@ def test_response_via_asymmetry():
     visits = [visit(-1, asym_pct=20.0), visit(30, asym_pct=15.0)]  # -5.0 pp
     p = classify(visits)
     assert p.classification == "response"
-    assert "day 30: soft-tissue asymmetry +15.0 % vs +20.0 % at baseline (-5.0 pp)" in p.reasons[-1]
+    assert "day 30: soft-tissue asymmetry +15.0 % vs +20.0 % at baseline (-5.0 pp;" in p.reasons[-1]
 
 
 def test_stable_nothing_changes():
@@ -258,7 +263,8 @@ def test_flare_lesion_edge(base_ml, later_ml, flare):
     p = classify([visit(-1, lesion=base_ml), visit(5, lesion=later_ml)])
     assert (p.classification == "progression") is flare
     if flare and base_ml == 0:
-        assert "marrow lesion 1.0 mL vs none at baseline (threshold +1 mL)" in p.reasons[1]
+        assert ("marrow lesion 1.0 mL vs 0.0 mL at baseline (none at baseline; "
+                "threshold +1 mL") in p.reasons[1]
 
 
 @pytest.mark.parametrize(("base_ml", "later_ml", "flare"), [
@@ -491,7 +497,7 @@ def test_main_end_to_end(tmp_path, capsys):
         reader = csv.reader(fh, delimiter="\t")
         header = next(reader)
         rows = [dict(zip(header, r, strict=True)) for r in reader]
-    assert header == [*DESIGN_LONGITUDINAL_COLUMNS, "qc"]
+    assert header == [*DESIGN_LONGITUDINAL_COLUMNS, "qc", *UNCERTAINTY_COLUMNS]
     assert len(rows) == 3 * 5
     soft = [r for r in rows if r["structure"] == "soft_tissue"]
     assert [r["asymmetry_pct"] for r in soft] == ["10", "22", "9"]

@@ -219,7 +219,7 @@ def test_volume_rows_roles_follow_affected_side(affected):
     rows = volume_rows("P1", sessions, affected)
     assert len(rows) == 2 * 2 * 5  # sessions x sides x structures
     for row in rows:
-        assert list(row) == [*DESIGN_VOLUME_COLUMNS, "qc"]
+        assert list(row) == [*DESIGN_VOLUME_COLUMNS, "qc", "volume_ml_ci95"]
         assert row["subject"] == "P1"
         assert row["role"] == ("affected" if row["side"] == affected else "contralateral")
     per_session = [r for r in rows if r["study_date"] == "2024-02-28"]
@@ -308,7 +308,7 @@ def test_main_end_to_end(tmp_path, capsys):
         reader = csv.reader(fh, delimiter="\t")
         header = next(reader)
         rows = [dict(zip(header, r, strict=True)) for r in reader]
-    assert header == [*DESIGN_VOLUME_COLUMNS, "qc"]
+    assert header == [*DESIGN_VOLUME_COLUMNS, "qc", "volume_ml_ci95"]
     assert len(rows) == 2 * 10
     assert [r["study_date"] for r in rows[::10]] == ["2024-02-25", "2024-03-15"]
     assert {r["day"] for r in rows} == {"-5", "14"}
@@ -322,7 +322,9 @@ def test_main_end_to_end(tmp_path, capsys):
     assert side["affected_side_source"].startswith("automatic")
     assert [s["session"] for s in side["sessions"]] == ["20240225", "20240315"]
     assert side["sessions"][0] == {"session": "20240225", "study_date": "2024-02-25",
-                                   "day": -5, "z_range_mm": [0.0, 50.0], "n_slices": 6}
+                                   "day": -5, "z_range_mm": [0.0, 50.0], "n_slices": 6,
+                                   "pixel_mm": 10.0, "slice_mm": 10.0,
+                                   "misregistration_mm": 0.0}
     assert "affected side left" in capsys.readouterr().out
 
 

@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
 from pipeline import labels, qc
 from pipeline.io_utils import read_tsv, write_tsv_atomic
+from pipeline.longitudinal import LONGITUDINAL_COLUMNS
 from pipeline.profiles import (
     CIRCUMFERENCE_COLUMNS,
     CSA_COLUMNS,
@@ -24,10 +26,13 @@ from pipeline.profiles import (
     csa_profile,
 )
 from pipeline.report import (
+    MDC_ALPHA,
+    MDC_COLOR,
     QCIndex,
     axial_slab,
     build_context,
     build_report,
+    confirmation_headline,
     is_phi_key,
     largest_swelling,
     main,
@@ -39,6 +44,7 @@ from pipeline.report import (
     render_html,
     render_timeline,
     resample_to_slab,
+    session_state_rows,
     slice_candidates,
 )
 
@@ -58,6 +64,35 @@ PHI_CANARY = {
     "PatientID": "CANARY-ID-123",
     "PatientBirthDate": "19990101",
 }
+
+
+#: The uncertainty columns of longitudinal.tsv after ``qc`` (pipeline.longitudinal).
+LONG_UNCERTAINTY = LONGITUDINAL_COLUMNS[LONGITUDINAL_COLUMNS.index("qc") + 1:]
+ASYM_CI, CHANGE_CI, MDC_ASYM = 2.5, 3.0, 3.5
+TIMING = [
+    "day -5: before the infusion; 5 days before CAR-T infusion (day 0)",
+    "day 3: within the CRS window (days 1-14); on the day of tocilizumab $x^2$",
+    "day 14: within the CRS window (days 1-14); 11 days after tocilizumab $x^2$ (day 3)",
+]
+WITHIN_TEXT = ("marrow lesion 2.1 mL vs 1.8 mL at baseline (x1.17, +0.3 mL; thresholds x1.2 "
+               "and +1 mL; MDC95 1.5 mL)")
+SESSION_STATES = [
+    {"study_date": "2024-02-25", "day": -5, "state": "baseline", "criteria": [],
+     "within_measurement_error": [], "note": "", "timing": TIMING[0]},
+    {"study_date": "2024-03-04", "day": 3, "state": "unconfirmed flare",
+     "criteria": ["soft-tissue asymmetry +19.0 % vs +9.9 % at baseline (+9.1 pp, threshold "
+                  "+5 pp, MDC95 3.5 pp)"],
+     "within_measurement_error": [WITHIN_TEXT], "note": "first flare of the episode",
+     "timing": TIMING[1]},
+    {"study_date": "2024-03-15", "day": 14, "state": "resolved", "criteria": [],
+     "within_measurement_error": [], "note": "back within the resolution criteria",
+     "timing": TIMING[2]},
+]
+
+
+def _vol_ci(ml: float) -> float | None:
+    """A demo-like 95 % half-width: 2 % of the volume plus a floor; n/a without a volume."""
+    return round(0.02 * ml + 0.2, 3) if ml else None
 
 
 def _physical_grid(size_xyz, spacing_xyz, origin_xyz, direction):
@@ -128,6 +163,7 @@ def _write_subject(d: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     sessions, long_rows, vol_rows, csa_rows, circ_rows = [], [], [], [], []
     base_soft = None
+    base_asym: dict[str, float | None] = {}
     for i, (date, day, edema_mm) in enumerate(SESSIONS):
         ses = date.replace("-", "")
         fluid, t1, dseg = _phantom(edema_mm=edema_mm)
@@ -194,6 +230,7 @@ def _write_subject(d: Path) -> Path:
                         "role": "affected" if side == "left" else "contralateral",
                         "structure": s,
                         "volume_ml": vols[side][s],
+                        "volume_ml_ci95": _vol_ci(vols[side][s]),
                     }
                 )
         for s in labels.STRUCTURES:
@@ -202,6 +239,12 @@ def _write_subject(d: Path) -> Path:
                 aff *= 1.0 + edema_mm / 200.0
             if i == 0 and s == "soft_tissue":
                 base_soft = aff
+            asym = 100.0 * (aff / con - 1.0) if con else None
+            if i == 0:
+                base_asym[s] = asym
+            change = 100.0 * (aff / base_soft - 1.0) if s == "soft_tissue" else None
+            asym_change = (None if i == 0 or asym is None or base_asym[s] is None
+                           else asym - base_asym[s])
             long_rows.append(
                 {
                     "subject": SUBJECT,
@@ -211,9 +254,21 @@ def _write_subject(d: Path) -> Path:
                     "affected_ml": aff,
                     "contralateral_ml": con if con else None,
                     "difference_ml": aff - con,
-                    "asymmetry_pct": 100.0 * (aff / con - 1.0) if con else None,
-                    "change_from_baseline_pct": (
-                        100.0 * (aff / base_soft - 1.0) if s == "soft_tissue" else None
+                    "asymmetry_pct": asym,
+                    "change_from_baseline_pct": change,
+                    # the uncertainty columns of longitudinal.tsv (issue 13), demo-like values
+                    "affected_ml_ci95": _vol_ci(aff),
+                    "contralateral_ml_ci95": _vol_ci(con) if con else None,
+                    "difference_ml_ci95": _vol_ci(aff) if con else None,
+                    "asymmetry_pct_ci95": ASYM_CI if asym is not None else None,
+                    "change_from_baseline_pct_ci95": (
+                        CHANGE_CI if change is not None and i > 0 else None
+                    ),
+                    "asymmetry_change_pp": asym_change,
+                    "asymmetry_change_pp_ci95": MDC_ASYM if asym_change is not None else None,
+                    "change_beyond_mdc95": (
+                        None if change is None or i == 0
+                        else "yes" if abs(change) > CHANGE_CI else "no"
                     ),
                 }
             )
@@ -222,7 +277,8 @@ def _write_subject(d: Path) -> Path:
     write_tsv_atomic(
         d / "volumes.tsv",
         vol_rows,
-        ["subject", "study_date", "day", "side", "role", "structure", "volume_ml"],
+        ["subject", "study_date", "day", "side", "role", "structure", "volume_ml",
+         "volume_ml_ci95"],
     )
     write_tsv_atomic(
         d / "longitudinal.tsv",
@@ -237,6 +293,7 @@ def _write_subject(d: Path) -> Path:
             "difference_ml",
             "asymmetry_pct",
             "change_from_baseline_pct",
+            *LONG_UNCERTAINTY,
         ],
     )
     index_rows = [
@@ -283,7 +340,18 @@ def _write_subject(d: Path) -> Path:
             {"day": 0, "date": "2024-03-01", "label": "CAR-T infusion", "category": "infusion"},
             {"day": 3, "date": "2024-03-04", "label": "tocilizumab $x^2$", "category": "drug"},
         ],
-        "thresholds": {"flare_asymmetry_pp": 5.0, "resolved_asymmetry_pp": 2.0},
+        "thresholds": {
+            "flare_asymmetry_pp": 5.0,
+            "resolved_asymmetry_pp": 2.0,
+            "flare_lesion_ratio": 1.2,
+            "flare_lesion_min_ml": 1.0,
+            "flare_edema_ratio": 1.2,
+            "flare_edema_min_ml": 10.0,
+            "confirmation_min_interval_days": 4,
+            "crs_window_days": 14,
+        },
+        "confirmation": "unconfirmed",
+        "session_states": SESSION_STATES,
         "settings": {"n4": {"shrink": 4}, "registration": "rigid", "dicom": PHI_CANARY},
         "extent_mm": {
             "method": "common extent after registration",
@@ -589,7 +657,7 @@ QC_FLAGS = [
      "severity": "exclude", "message": FAT_MESSAGE, "slices": []},
 ]
 LONG_VALUES = ("affected_ml", "contralateral_ml", "difference_ml", "asymmetry_pct",
-               "change_from_baseline_pct")
+               "change_from_baseline_pct", "asymmetry_change_pp", "change_beyond_mdc95")
 
 
 def _not_measured(session: str, structure: str) -> list[str]:
@@ -800,3 +868,238 @@ def test_timeline_skips_missing_points() -> None:
     with pytest.raises(ValueError, match="no numeric values"):
         render_timeline([{**r, "affected_ml": "n/a", "asymmetry_pct": "n/a"} for r in rows],
                         [], "left", {}, -5, {-5, 3, 14})
+
+
+# ----------------------------------------------------------- uncertainty and confirmation
+
+
+def _copy_with_summary(subject_dir: Path, d: Path, **changes: object) -> Path:
+    shutil.copytree(subject_dir, d)
+    summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
+    summary.update(changes)
+    (d / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    return d
+
+
+def _headline(html: str) -> str:
+    head = html[html.index('id="classification"') :]
+    return head[: head.index("</div>")]
+
+
+def test_confirmation_next_to_the_pattern(report_html: str) -> None:
+    head = _headline(report_html)
+    assert "Pattern consistent with pseudo-progression" in head
+    assert 'data-confirmation="unconfirmed"' in head and 'id="confirmation"' in head
+    assert "Flare not confirmed" in head
+    assert "flaring on day 3, never still flaring at least 4 days after the first flare" in head
+    assert "resolved on day 14" in head
+    assert "UNCONFIRMED" not in head and 'id="unconfirmed-progression"' not in report_html
+
+
+def test_unconfirmed_progression_is_unmissable(subject_dir: Path, tmp_path: Path) -> None:
+    states = [
+        SESSION_STATES[0],
+        {**SESSION_STATES[1], "state": "no change", "criteria": [],
+         "note": "no flare criterion beyond its threshold and MDC95"},
+        {**SESSION_STATES[2], "state": "unconfirmed flare", "note": "first flare of the episode",
+         "criteria": ["edema 40.0 mL vs 20.0 mL at baseline (x2.00, +20.0 mL; MDC95 6.0 mL)"]},
+    ]
+    reason = ("The last session (day 14) flares against baseline, UNCONFIRMED (first flare of "
+              "the episode): a first apparent progression (iRECIST iUPD) ...")
+    d = _copy_with_summary(subject_dir, tmp_path / SUBJECT, classification="progression",
+                           session_states=states, reasons=[reason])
+    build_report(d, d / "report.html")
+    html = (d / "report.html").read_text(encoding="utf-8")
+    head = _headline(html)
+    assert "Pattern consistent with progression" in head
+    assert '<span class="tag-unconfirmed">UNCONFIRMED</span>' in head
+    assert "Flare not confirmed: a later scan must confirm it" in head
+    # right under the headline: before the reasons, the QC box and any figure
+    alert_at = html.index('id="unconfirmed-progression"')
+    assert html.index('id="classification"') < alert_at < html.index("Why (measured")
+    assert alert_at < html.index('id="timeline"') and alert_at < html.index("<img")
+    alert = html[alert_at : html.index("</div>", alert_at)]
+    assert "UNCONFIRMED: progression is not established" in alert
+    assert "(day 14)" in alert and "iRECIST iUPD" in alert
+    assert "A scan on day 18 or later (at least 4 days after the first flare, day 14)" in alert
+    assert f'<li class="reason-unconfirmed">{reason}</li>' in html
+
+
+@pytest.mark.parametrize(
+    ("confirmation", "states", "classification", "text", "alert"),
+    [
+        ("confirmed",
+         [("baseline", -5), ("unconfirmed flare", 3), ("confirmed flare", 14)],
+         "progression", "Flare confirmed on day 14", False),
+        ("unconfirmed",
+         [("baseline", -5), ("no change", 3), ("unconfirmed flare", 14)],
+         "progression", "Flare not confirmed: a later scan must confirm it", True),
+        ("unconfirmed",
+         [("baseline", -5), ("unconfirmed flare", 3), ("no change", 14)],
+         "stable", "Flare not confirmed", False),
+        ("not applicable", [("baseline", -5), ("no change", 3)], "stable", None, False),
+        (None, [], "stable", None, False),
+    ],
+)
+def test_confirmation_headline(confirmation: str | None, states: list[tuple[str, int]],
+                               classification: str, text: str | None, alert: bool) -> None:
+    summary = {"thresholds": {"confirmation_min_interval_days": 4},
+               "session_states": [{"study_date": f"d{day}", "day": day, "state": st}
+                                  for st, day in states]}
+    if confirmation is not None:
+        summary["confirmation"] = confirmation
+    rows = session_state_rows(summary, [])
+    got = confirmation_headline(summary, classification, rows)
+    if text is None:
+        assert got is None
+        return
+    assert got is not None and got["text"] == text
+    assert bool(got["alert"]) is alert
+
+
+def test_sessions_against_day0(report_html: str) -> None:
+    table = _table(report_html, "session-states")
+    # in the timeline section, before its figure
+    at = report_html.index('id="session-states"')
+    assert report_html.index('id="timeline"') < at < report_html.index("<img")
+    assert "Sessions against day 0" in report_html
+    rows = [r for r in table.split("<tr")[1:] if "data-state=" in r]
+    assert [re.search(r'data-state="([^"]+)"', r)[1] for r in rows] == [
+        "baseline", "unconfirmed flare", "resolved"]
+    for row, badge, timing in zip(rows, ("baseline", "unconfirmed", "resolved"), TIMING,
+                                  strict=True):
+        assert f'<span class="state state-{badge}"' in row
+        assert f'<td class="timing">{timing}</td>' in row
+    assert "first flare of the episode" in rows[1]
+    assert "(+9.1 pp, threshold +5 pp, MDC95 3.5 pp)" in rows[1]  # criterion met
+    assert WITHIN_TEXT in rows[1].split('class="within-list"')[1]  # within measurement error
+    assert rows[2].split('class="within-list"')[1].startswith(">none")
+    assert "iRECIST iUPD" in rows[1]  # the badge says what the state means (title)
+
+
+def test_values_with_intervals(report_html: str, subject_dir: Path) -> None:
+    long = _table(report_html, "longitudinal")
+    tsv = read_tsv(subject_dir / "longitudinal.tsv")
+    base = next(r for r in tsv if r["study_date"] == "2024-02-25"
+                and r["structure"] == "soft_tissue")
+    ci = '<span class="ci"> ±&nbsp;{:.1f}</span>'
+    row = next(r for r in _rows_of(long, "2024-02-25") if "<td>soft tissue</td>" in r)
+    assert f"{float(base['affected_ml']):.1f}" + ci.format(float(base["affected_ml_ci95"])) in row
+    assert ci.format(float(base["contralateral_ml_ci95"])) in row
+    day3 = next(r for r in _rows_of(long, "2024-03-04") if "<td>soft tissue</td>" in r)
+    for half in (ASYM_CI, MDC_ASYM, CHANGE_CI):  # asymmetry, its change (MDC95), change
+        assert ci.format(half) in day3
+    # the baseline is the reference: its change has no interval
+    assert ci.format(MDC_ASYM) not in row and ci.format(CHANGE_CI) not in row
+    vols = _table(report_html, "volumes-table")
+    vol_tsv = read_tsv(subject_dir / "volumes.tsv")
+    with_ci = [r for r in vol_tsv if r["volume_ml_ci95"] != "n/a"]
+    assert 0 < len(with_ci) < len(vol_tsv)  # some volumes without an interval
+    assert vols.count('<span class="ci">') == len(with_ci)
+    lesion = [r for r in vols.split("<tr")[1:] if "<td>right</td>" in r and "marrow" in r]
+    assert lesion and all("±" not in r for r in lesion)  # 0 mL, interval n/a: nothing extra
+
+
+@pytest.mark.parametrize("which", ["report_html", "flagged_html"])
+def test_no_interval_reads_n_a(which: str, request: pytest.FixtureRequest) -> None:
+    html = request.getfixturevalue(which)
+    assert "±" in html
+    assert not re.search(r"±(\s|&nbsp;|<[^>]*>)*(n/a|not available|nan)", html), "± n/a"
+
+
+def test_within_measurement_error_where_the_tsv_says_no(
+    report_html: str, subject_dir: Path
+) -> None:
+    long = _table(report_html, "longitudinal")
+    tsv = read_tsv(subject_dir / "longitudinal.tsv")
+    assert {r["change_beyond_mdc95"] for r in tsv} == {"yes", "no", "n/a"}
+    titles = {"limb": "limb (all)", "soft_tissue": "soft tissue", "bone": "bone (incl. lesion)",
+              "marrow_lesion": "marrow lesion", "edema": "edema"}
+    for r in tsv:
+        row = next(x for x in _rows_of(long, r["study_date"])
+                   if f"<td>{titles[r['structure']]}</td>" in x)
+        change_cell = re.findall(r'<td class="num[^"]*"[^>]*>.*?</td>', row)[-1]
+        within = '<span class="within">within measurement error</span>' in change_cell
+        assert within is (r["change_beyond_mdc95"] == "no"), (r, change_cell)
+
+
+def test_methods_uncertainty_numbers_from_the_data(
+    report_html: str, subject_dir: Path, tmp_path: Path
+) -> None:
+    methods = report_html[report_html.index('id="methods"') :]
+    assert 'id="uncertainty"' in methods and 'id="state-legend"' in methods
+    text = " ".join(build_context(subject_dir)["uncertainty_methods"])
+    assert "scan–rescan study" in text and "MDC95" in text
+    assert f"soft-tissue asymmetry change {MDC_ASYM:.1f} pp" in text  # from the table
+    assert f"soft-tissue asymmetry ±{ASYM_CI:.1f} pp" in text
+    assert "soft-tissue asymmetry +5 pp; marrow lesion ×1.2 and +1 mL" in text  # thresholds
+    assert "1 for this subject: day 3: " + WITHIN_TEXT in text
+    assert "at least 4 days after the episode's first flare" in text
+    assert "CRS window (days 1–14)" in text
+    summary = json.loads((subject_dir / "summary.json").read_text(encoding="utf-8"))
+    thresholds = {**summary["thresholds"], "confirmation_min_interval_days": 7}
+    d = _copy_with_summary(subject_dir, tmp_path / SUBJECT, thresholds=thresholds)
+    ctx = build_context(d)
+    text = " ".join(ctx["uncertainty_methods"])
+    assert "at least 7 days after" in text and "at least 4 days" not in text
+    assert "at least 7 days after the first flare" in ctx["confirmation"]["detail"]
+
+
+def test_unfitted_model_is_said(subject_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / SUBJECT
+    shutil.copytree(subject_dir, d)
+    for name in ("longitudinal.tsv", "volumes.tsv"):
+        rows = read_tsv(d / name)
+        for r in rows:
+            r.update({k: 0 for k, v in r.items() if k.endswith("_ci95") and v != "n/a"})
+        write_tsv_atomic(d / name, rows, [*rows[0].keys()])
+    text = " ".join(build_context(d)["uncertainty_methods"])
+    assert "has not been fitted" in text
+
+
+def test_outputs_without_uncertainty_render_as_before(subject_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / SUBJECT
+    shutil.copytree(subject_dir, d)
+    for name in ("longitudinal.tsv", "volumes.tsv"):
+        rows = [{k: v for k, v in r.items() if not k.endswith("_ci95")
+                 and k not in ("asymmetry_change_pp", "change_beyond_mdc95")}
+                for r in read_tsv(d / name)]
+        write_tsv_atomic(d / name, rows, [*rows[0].keys()])
+    summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
+    del summary["session_states"], summary["confirmation"]
+    (d / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    build_report(d, d / "report.html")
+    html = (d / "report.html").read_text(encoding="utf-8")
+    assert '<span class="ci">' not in html and 'class="within"' not in html
+    assert 'id="session-states"' not in html and 'id="confirmation"' not in html
+    assert "carry no measurement uncertainty" in html
+    assert "could not be drawn" not in html
+    # the asymmetry change is computed from the asymmetry, as before
+    asym = {r["study_date"]: float(r["asymmetry_pct"]) for r in read_tsv(d / "longitudinal.tsv")
+            if r["structure"] == "soft_tissue"}
+    long = _table(html, "longitudinal")
+    day3 = next(r for r in _rows_of(long, "2024-03-04") if "<td>soft tissue</td>" in r)
+    assert f">{asym['2024-03-04'] - asym['2024-02-25']:+.1f}</td>" in day3
+
+
+def _png(b64: str) -> np.ndarray:
+    return imread(io.BytesIO(base64.b64decode(b64)), format="png")
+
+
+def test_timeline_draws_intervals(subject_dir: Path, tmp_path: Path) -> None:
+    """95 % bands and error bars, the MDC95 band around the baseline and hollow markers are
+    drawn from the *_ci95 columns (and nothing of them without those columns)."""
+    rows = read_tsv(subject_dir / "longitudinal.tsv")
+    plain = [{k: v for k, v in r.items() if not k.endswith("_ci95")
+              and k != "change_beyond_mdc95"} for r in rows]
+    args = ([], "left", {"flare_asymmetry_pp": 5.0}, -5)
+    with_ci = render_timeline(rows, *args)
+    (tmp_path / "timeline.png").write_bytes(base64.b64decode(with_ci))
+    a, b = _png(with_ci), _png(render_timeline(plain, *args))
+    assert a.shape == b.shape
+    changed = (np.abs(a[..., :3] - b[..., :3]).sum(axis=2) > 0.05).mean()
+    assert changed > 0.01, changed  # bands cover a visible part of the figure
+    # the MDC95 band around the baseline (its colour over white) only with intervals
+    band = 1.0 - MDC_ALPHA * (1.0 - np.array(to_rgb(MDC_COLOR)))
+    n_a, n_b = ((np.abs(x[..., :3] - band).max(axis=2) < 0.02).sum() for x in (a, b))
+    assert n_a > 500 and n_b < n_a / 5, (n_a, n_b)

@@ -104,8 +104,8 @@ def comparable_summary(path: Path, results: Path) -> dict[str, object]:
 
 
 def assert_same(got: object, want: object, where: str = "summary") -> None:
-    """Equal, except floats within 1e-9 relative: ITK's multi-threaded registration metric
-    sums in a varying order, so transform parameters differ in the last bits between runs."""
+    """Equal, floats within 1e-9 relative (registration runs single-threaded and reproduces
+    its transform exactly; the tolerance only absorbs a float written through another path)."""
     if isinstance(want, float) and isinstance(got, float):
         assert math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12), f"{where}: {got} != {want}"
     elif isinstance(want, dict) and isinstance(got, dict):
@@ -120,12 +120,12 @@ def assert_same(got: object, want: object, where: str = "summary") -> None:
         assert got == want, f"{where}: {got!r} != {want!r}"
 
 
+# a graceful stop during segmentation and a hard kill during registration (the latest
+# stage that writes several files per session); both leave partial outputs behind
 @pytest.mark.parametrize(("sig", "marker"), [
     (signal.SIGTERM, "ses-*/*_dseg.nii.gz"),
-    (signal.SIGKILL, "ses-*/*_fluid.json"),  # during conversion
-    (signal.SIGKILL, "ses-*/*_dseg.nii.gz"),  # after the first segmentation
     (signal.SIGKILL, "ses-*/*_xfm.json"),  # during registration
-], ids=["SIGTERM-segment", "SIGKILL-convert", "SIGKILL-segment", "SIGKILL-register"])
+], ids=["SIGTERM-segment", "SIGKILL-register"])
 def test_killed_run_resumes_to_identical_outputs(sig: signal.Signals, marker: str,
                                                  subject: Path, reference: Path,
                                                  tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ SETUP = ROOT / "tests" / "slurm_setup.sh"
 TEARDOWN = ROOT / "tests" / "slurm_teardown.sh"
 SKIP_EXIT = 77  # slurm_setup.sh: SLURM cannot be set up on this machine
 # (subject, seed, affected side): small two-session phantoms, one of them right-sided.
-COHORT = (("S1", 11, "left"), ("S2", 12, "right"), ("S3", 13, "left"))
+COHORT = (("S1", 11, "left"), ("S2", 12, "right"))
 SLURM_TIMEOUT_S = 240
 STATUS_DELAY_S = 2  # first status check after a submission; MinJobAge (300 s) >= 3 x this
 

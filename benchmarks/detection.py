@@ -1,0 +1,140 @@
+"""Detection of true changes against the measurement error (issue 13).
+
+Phantom patients whose follow-ups carry true changes of known size (swelling, lesion, edema;
+each session also repositioned), run through the command-line contract. For every follow-up
+session and criterion the true change (from the phantom's truth over the same extent) is set
+against the MDC95 the workflow reports (`longitudinal.tsv`):
+
+* swelling: soft-tissue asymmetry change (pp) vs `asymmetry_change_pp_ci95`;
+* lesion, edema, limb: affected volume change (mL) vs `1.96 sqrt(sd1^2 + sd2^2)`.
+
+A change is *detected* when the measured change exceeds its MDC95 with the true sign. Printed:
+detection rate where the true change is >= 2 x MDC95 (target >= 95 %), the rate of changes
+called beyond the MDC95 where the true change is < 0.5 x MDC95 (false change), and every row.
+
+    python benchmarks/detection.py [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.evaluation import Case, format_table, run_case
+from pipeline.io_utils import read_tsv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: DAY:SWELLING:LESION:EDEMA:SHIFT sessions, each with repositioning (table shift, mm).
+CASES: tuple[Case, ...] = (
+    Case("det_swell", "swelling steps 0-20 %, thigh 1.6 mm / 5 mm",
+         ("--seed", "61", "--slices", "24", "--matrix", "144x108",
+          "--sessions=-2:0.04:3:0.2:0,4:0.06:3:0.2:4,8:0.09:3:0.2:-3,15:0.15:3:0.2:6,"
+          "30:0.22:3:0.2:-5"), "left"),
+    Case("det_lesion", "lesion steps 2-9 mL, thigh 1.2 mm / 4 mm",
+         ("--seed", "62", "--slices", "30", "--slice-mm", "4", "--pixel-mm", "1.2",
+          "--matrix", "176x132",
+          "--sessions=-2:0.05:2:0.2:0,5:0.05:2.6:0.2:5,10:0.05:3.5:0.2:-4,20:0.05:5.5:0.2:3,"
+          "40:0.05:9:0.2:-6"), "right"),
+    Case("det_edema", "edema steps, thigh 1.8 mm / 6 mm",
+         ("--seed", "63", "--slices", "22", "--slice-mm", "6", "--pixel-mm", "1.8",
+          "--matrix", "128x96",
+          "--sessions=-1:0.05:4:0.1:0,3:0.05:4:0.3:6,7:0.08:4:0.5:-4,14:0.1:4:0.8:5,"
+          "28:0.05:4:0.15:-2"), "left"),
+    Case("det_calf", "calf: swelling and edema up and down, lesion down",
+         ("--region", "calf", "--seed", "64", "--slices", "24",
+          "--sessions=-2:0.03:4:0.2:0,3:0.12:4:0.6:5,9:0.2:3:0.8:-5,21:0.06:2:0.3:4,"
+          "45:0.03:1:0.1:-3"), "right"),
+)
+
+Z95 = 1.959964
+
+
+def _float(text: str | None) -> float | None:
+    return None if text in (None, "", "n/a") else float(text)  # type: ignore[arg-type]
+
+
+def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per follow-up session and criterion: true and measured change, MDC95."""
+    case: Case = result["case"]
+    subject_dir = Path(result["subject_dir"])
+    truth_rows = result["rows"]
+    side = result["summary"]["affected_side"]
+    other = "left" if side == "right" else "right"
+    true: dict[tuple[str, str, str], float] = {
+        (r["study_date"], r["side"], r["structure"]): r["true_ml"] for r in truth_rows}
+    long = {(r["study_date"], r["structure"]): r
+            for r in read_tsv(subject_dir / "longitudinal.tsv")}
+    dates = sorted({r["study_date"] for r in truth_rows})
+    base = result["summary"]["baseline_study_date"]
+    out = []
+    for date in dates:
+        if date == base:
+            continue
+        soft = long[(date, "soft_tissue")]
+
+        def asym(d: str) -> float:
+            return 100.0 * (true[(d, side, "soft_tissue")] / true[(d, other, "soft_tissue")] - 1)
+
+        entries = [("swelling (asymmetry pp)", asym(date) - asym(base),
+                    _float(soft["asymmetry_change_pp"]),
+                    _float(soft["asymmetry_change_pp_ci95"]))]
+        for structure in ("limb", "marrow_lesion", "edema"):
+            now, then = long[(date, structure)], long[(base, structure)]
+            m, m0 = _float(now["affected_ml"]), _float(then["affected_ml"])
+            c, c0 = _float(now["affected_ml_ci95"]), _float(then["affected_ml_ci95"])
+            entries.append((f"{structure} (mL)",
+                            true[(date, side, structure)] - true[(base, side, structure)],
+                            None if m is None or m0 is None else m - m0,
+                            None if c is None or c0 is None else math.hypot(c, c0)))
+        for criterion, t, m, mdc in entries:
+            ratio = None if not mdc else abs(t) / mdc
+            beyond = None if m is None or mdc is None else abs(m) > mdc
+            out.append({
+                "case": case.name, "date": date, "criterion": criterion,
+                "true_change": t, "measured_change": m, "mdc95": mdc,
+                "true_over_mdc": ratio,
+                "called_beyond": None if beyond is None else ("yes" if beyond else "no"),
+                "detected": None if beyond is None else bool(
+                    beyond and m is not None and math.copysign(1, m) == math.copysign(1, t)),
+            })
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", type=Path, default=None)
+    args = p.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="limbtrack-detection-"))
+    rows: list[dict[str, Any]] = []
+    for case in CASES:
+        result = run_case(case, work, sys.executable, ROOT)
+        if "error" in result:
+            print(f"{case.name}: workflow failed:\n{result['error']}")
+            return 1
+        result["subject_dir"] = work / "results" / case.name
+        rows += rows_of(result)
+    large = [r for r in rows if r["true_over_mdc"] is not None and r["true_over_mdc"] >= 2
+             and r["detected"] is not None]
+    small = [r for r in rows if r["true_over_mdc"] is not None and r["true_over_mdc"] < 0.5
+             and r["called_beyond"] is not None]
+    print(format_table(rows, ["case", "date", "criterion", "true_change", "measured_change",
+                              "mdc95", "true_over_mdc", "called_beyond", "detected"]))
+    print()
+    detected = sum(bool(r["detected"]) for r in large)
+    false = sum(r["called_beyond"] == "yes" for r in small)
+    print(format_table([
+        {"set": "true change >= 2 x MDC95", "n": len(large), "called beyond MDC95": detected,
+         "rate_pct": 100.0 * detected / len(large) if large else None, "target": ">= 95 %"},
+        {"set": "true change < 0.5 x MDC95", "n": len(small), "called beyond MDC95": false,
+         "rate_pct": 100.0 * false / len(small) if small else None, "target": "~5 % or less"},
+    ], ["set", "n", "called beyond MDC95", "rate_pct", "target"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
