@@ -42,6 +42,16 @@ from scipy.optimize import nnls
 Z95: Final = 1.959964
 #: The model's terms, in the order of the stored coefficients.
 TERMS: Final = ("proportional", "pixel", "slice", "misregistration", "floor")
+#: Terms each structure may use. Misregistration moves the ends of the common extent, so it
+#: changes what is counted of the limb, its soft tissue and bone; a lesion or edema sits
+#: inside the limb and is not cut by those ends. (Fitted freely, the misregistration term of
+#: edema took up false edema that had nothing to do with registration, because only the
+#: follow-up sessions have a misregistration: it made a 2 mm misregistration read as
+#: +-200 mL of edema and hid every flare.)
+STRUCTURE_TERMS: Final[dict[str, tuple[str, ...]]] = {
+    "marrow_lesion": ("proportional", "pixel", "slice", "floor"),
+    "edema": ("proportional", "pixel", "slice", "floor"),
+}
 #: The packaged model the workflow reads unless the configuration names another file.
 DEFAULT_MODEL: Final = Path(__file__).parent / "data" / "repeatability.json"
 
@@ -92,11 +102,13 @@ class Pair:
         return self.second.volume_ml - self.first.volume_ml
 
 
-def fit_structure(pairs: Sequence[Pair]) -> StructureModel:
-    """Non-negative least squares of the squared differences on the summed features."""
+def fit_structure(pairs: Sequence[Pair], terms: Sequence[str] = TERMS) -> StructureModel:
+    """Non-negative least squares of the squared differences on the summed features; terms
+    not in ``terms`` get the coefficient 0."""
     if not pairs:
         raise ValueError("no scan-rescan pairs to fit")
-    design = np.array([p.first.features() + p.second.features() for p in pairs])
+    used = np.array([t in terms for t in TERMS])
+    design = np.array([p.first.features() + p.second.features() for p in pairs]) * used
     target = np.array([p.difference_ml ** 2 for p in pairs])
     # A squared difference's own sd is proportional to its expectation (chi-square, 1 dof):
     # iteratively reweighted by the predicted variance, so that large limbs do not drown the
@@ -163,7 +175,8 @@ def fit(pairs: Sequence[Pair], source: Mapping[str, Any] | None = None) -> Repea
     """One model per structure present in ``pairs``."""
     structures = sorted({p.structure for p in pairs})
     return RepeatabilityModel(
-        {s: fit_structure([p for p in pairs if p.structure == s]) for s in structures},
+        {s: fit_structure([p for p in pairs if p.structure == s], STRUCTURE_TERMS.get(s, TERMS))
+         for s in structures},
         dict(source or {}))
 
 
