@@ -31,21 +31,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: DAY:SWELLING:LESION:EDEMA:SHIFT sessions, each with repositioning (table shift, mm).
 CASES: tuple[Case, ...] = (
-    Case("det_swell", "swelling steps 0-20 %, thigh 1.6 mm / 5 mm",
+    Case("detswell", "swelling steps 0-20 %, thigh 1.6 mm / 5 mm",
          ("--seed", "61", "--slices", "24", "--matrix", "144x108",
           "--sessions=-2:0.04:3:0.2:0,4:0.06:3:0.2:4,8:0.09:3:0.2:-3,15:0.15:3:0.2:6,"
           "30:0.22:3:0.2:-5"), "left"),
-    Case("det_lesion", "lesion steps 2-9 mL, thigh 1.2 mm / 4 mm",
+    Case("detlesion", "lesion steps 2-9 mL, thigh 1.2 mm / 4 mm",
          ("--seed", "62", "--slices", "30", "--slice-mm", "4", "--pixel-mm", "1.2",
           "--matrix", "176x132",
           "--sessions=-2:0.05:2:0.2:0,5:0.05:2.6:0.2:5,10:0.05:3.5:0.2:-4,20:0.05:5.5:0.2:3,"
           "40:0.05:9:0.2:-6"), "right"),
-    Case("det_edema", "edema steps, thigh 1.8 mm / 6 mm",
+    Case("detedema", "edema steps, thigh 1.8 mm / 6 mm",
          ("--seed", "63", "--slices", "22", "--slice-mm", "6", "--pixel-mm", "1.8",
           "--matrix", "128x96",
           "--sessions=-1:0.05:4:0.1:0,3:0.05:4:0.3:6,7:0.08:4:0.5:-4,14:0.1:4:0.8:5,"
           "28:0.05:4:0.15:-2"), "left"),
-    Case("det_calf", "calf: swelling and edema up and down, lesion down",
+    Case("detcalf", "calf: swelling and edema up and down, lesion down",
          ("--region", "calf", "--seed", "64", "--slices", "24",
           "--sessions=-2:0.03:4:0.2:0,3:0.12:4:0.6:5,9:0.2:3:0.8:-5,21:0.06:2:0.3:4,"
           "45:0.03:1:0.1:-3"), "right"),

@@ -39,15 +39,15 @@ CASES = {
     "indeterminate": ("indeterminate", "not applicable", "", "0:0.1:4:0.3:0:28", "left"),
     # issue 13: a flare seen once and gone; one confirmed twice; one only at the last
     # session (unconfirmed progression); a true change inside the measurement error
-    "flare_once": ("pseudo-progression", "unconfirmed", "unconfirmed flare,resolved",
+    "flareonce": ("pseudo-progression", "unconfirmed", "unconfirmed flare,resolved",
                    "-2:0.05:4:0.2:0:28,3:0.2:4:0.7:8:28,21:0.05:4:0.2:-6:28", "left"),
-    "flare_confirmed": ("pseudo-progression", "confirmed",
+    "flareconfirmed": ("pseudo-progression", "confirmed",
                         "unconfirmed flare,confirmed flare,confirmed flare,resolved",
                         "-2:0.05:4:0.2:0:28,3:0.2:5:0.7:6:28,8:0.22:5:0.8:-5:28,"
                         "12:0.18:5:0.6:10:28,30:0.05:4:0.2:-8:28", "right"),
-    "flare_unconfirmed": ("progression", "unconfirmed", "no change,unconfirmed flare",
+    "flareunconfirmed": ("progression", "unconfirmed", "no change,unconfirmed flare",
                           "-1:0.05:4:0.2:0:28,7:0.05:4:0.2:9:28,30:0.2:9:0.6:-7:28", "left"),
-    "inside_mdc": ("stable", "not applicable", "no change",
+    "insidemdc": ("stable", "not applicable", "no change",
                    "-2:0.05:4:0.2:0:28,30:0.055:4.2:0.2:7:28", "left"),
 }
 
