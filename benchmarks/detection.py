@@ -6,7 +6,10 @@ session and criterion the true change (from the phantom's truth over the same ex
 against the MDC95 the workflow reports (`longitudinal.tsv`):
 
 * swelling: soft-tissue asymmetry change (pp) vs `asymmetry_change_pp_ci95`;
-* lesion, edema, limb: affected volume change (mL) vs `1.96 sqrt(sd1^2 + sd2^2)`.
+* lesion, edema, limb: affected volume change (mL) vs `1.96 sqrt(sd1^2 + sd2^2)`;
+
+the truth counted over the common extent the workflow measured (each session's anatomy at
+its table shift), as in benchmarks/longitudinal.py.
 
 A change is *detected* when the measured change exceeds its MDC95 with the true sign. Printed:
 detection rate where the true change is >= 2 x MDC95 (target >= 95 %), the rate of changes
@@ -24,7 +27,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import SimpleITK as sitk
+
 from pipeline.evaluation import Case, format_table, run_case
+from pipeline.extent import volumes_in_extent
 from pipeline.io_utils import read_tsv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +44,7 @@ CASES: tuple[Case, ...] = (
     Case("detlesion", "lesion steps 2-9 mL, thigh 1.2 mm / 4 mm",
          ("--seed", "62", "--slices", "30", "--slice-mm", "4", "--pixel-mm", "1.2",
           "--matrix", "176x132",
+          "--affected-side", "right",
           "--sessions=-2:0.05:2:0.2:0,5:0.05:2.6:0.2:5,10:0.05:3.5:0.2:-4,20:0.05:5.5:0.2:3,"
           "40:0.05:9:0.2:-6"), "right"),
     Case("detedema", "edema steps, thigh 1.8 mm / 6 mm",
@@ -46,7 +53,7 @@ CASES: tuple[Case, ...] = (
           "--sessions=-1:0.05:4:0.1:0,3:0.05:4:0.3:6,7:0.08:4:0.5:-4,14:0.1:4:0.8:5,"
           "28:0.05:4:0.15:-2"), "left"),
     Case("detcalf", "calf: swelling and edema up and down, lesion down",
-         ("--region", "calf", "--seed", "64", "--slices", "24",
+         ("--region", "calf", "--seed", "64", "--slices", "24", "--affected-side", "right",
           "--sessions=-2:0.03:4:0.2:0,3:0.12:4:0.6:5,9:0.2:3:0.8:-5,21:0.06:2:0.3:4,"
           "45:0.03:1:0.1:-3"), "right"),
 )
@@ -58,18 +65,32 @@ def _float(text: str | None) -> float | None:
     return None if text in (None, "", "n/a") else float(text)  # type: ignore[arg-type]
 
 
+def true_volumes(result: dict[str, Any]) -> dict[tuple[str, str, str], float]:
+    """The phantom's true volumes over the extent the workflow measured (the common extent,
+    in baseline coordinates; each session's anatomy sits at its table shift)."""
+    phantom_dir = Path(result["phantom_dir"])
+    extent = result["summary"]["extent_mm"]
+    out: dict[tuple[str, str, str], float] = {}
+    for s in result["truth"]["sessions"]:
+        xfm = sitk.TranslationTransform(3, (0.0, 0.0, s["params"]["table_shift_mm"]))
+        vols = volumes_in_extent(phantom_dir / s["label_map"], xfm,
+                                 (extent["z_min_mm"], extent["z_max_mm"]))
+        for side, by_structure in vols.items():
+            for structure, ml in by_structure.items():
+                out[(s["study_date"], side, structure)] = float(ml or 0.0)
+    return out
+
+
 def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per follow-up session and criterion: true and measured change, MDC95."""
     case: Case = result["case"]
     subject_dir = Path(result["subject_dir"])
-    truth_rows = result["rows"]
     side = result["summary"]["affected_side"]
     other = "left" if side == "right" else "right"
-    true: dict[tuple[str, str, str], float] = {
-        (r["study_date"], r["side"], r["structure"]): r["true_ml"] for r in truth_rows}
+    true = true_volumes(result)
     long = {(r["study_date"], r["structure"]): r
             for r in read_tsv(subject_dir / "longitudinal.tsv")}
-    dates = sorted({r["study_date"] for r in truth_rows})
+    dates = sorted({s["study_date"] for s in result["truth"]["sessions"]})
     base = result["summary"]["baseline_study_date"]
     out = []
     for date in dates:
@@ -117,6 +138,7 @@ def main() -> int:
             print(f"{case.name}: workflow failed:\n{result['error']}")
             return 1
         result["subject_dir"] = work / "results" / case.name
+        result["phantom_dir"] = work / f"phantom_{case.name}"
         rows += rows_of(result)
     large = [r for r in rows if r["true_over_mdc"] is not None and r["true_over_mdc"] >= 2
              and r["detected"] is not None]
