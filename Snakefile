@@ -11,8 +11,10 @@ from pipeline.workflow import (
     baseline_session,
     convert_module,
     index_args,
+    input_digest,
     load_subjects,
     registration_reference,
+    session_entry_digest,
     session_labels,
 )
 
@@ -23,7 +25,7 @@ configfile: "config/config.yaml"
 
 
 # Command-line values such as day0=2024-03-01 may arrive parsed as dates or numbers.
-for _key in ("subject", "day0", "input_dir", "results_dir", "events", "subjects_sheet"):
+for _key in ("subject", "day0", "input_dir", "results_dir", "events", "subjects_sheet", "patient"):
     config[_key] = str(config.get(_key, ""))
 # Values from the command line may arrive as text: --config show_phi=true 'export={dicom: true}'.
 config["show_phi"] = as_flag(config.get("show_phi", False))

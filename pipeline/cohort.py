@@ -15,8 +15,8 @@ writes:
   and the peak is taken over the available values only. ``n_qc_exclude`` and ``n_qc_warn``
   count the subject's QC flags (``summary.json`` ``qc_flags``) by severity; ``n/a`` for a
   summary from before QC flags. ``confirmation`` is the flare confirmation of the summary
-  (``confirmed``, ``unconfirmed``, ``not applicable``; ``n/a`` before issue 13). ``report`` is the subject report's path relative to the
-  folder of ``cohort.html``.
+  (``confirmed``, ``unconfirmed``, ``not applicable``; ``n/a`` before issue 13).
+  ``report`` is the subject report's path relative to the folder of ``cohort.html``.
 - ``cohort.html``: the same table, self-contained (inline CSS and a small inline script that
   sorts the table when a column header is clicked; no network), linking every subject report.
 

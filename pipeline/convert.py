@@ -70,24 +70,27 @@ from isal import igzip_threaded
 from pipeline import dicom_frames
 from pipeline.dicom_frames import FrameError, FrameInfo, VolumeGroup
 from pipeline.dicom_index import (
+    FileHeader,
+    PatientIdentity,
     classify_sequence,
     float_or_none,
     index_folder,
     int_or_none,
     parse_dicom_date,
+    series_agreement,
 )
 from pipeline.io_utils import atomic_path, is_within, write_json_atomic, write_tsv_atomic
 
 log = logging.getLogger(__name__)
 
 #: Largest accepted deviation of a slice step from the median step, as a fraction of it.
-SPACING_TOLERANCE = 0.01
+SPACING_TOLERANCE = dicom_frames.SPACING_TOLERANCE
 #: Largest accepted in-plane shift of a slice per mm along the normal (tan of the tilt).
-SHEAR_TOLERANCE = 0.01
+SHEAR_TOLERANCE = dicom_frames.SHEAR_TOLERANCE
 #: Positions closer than this along the normal are the same slice position, in mm.
-DUPLICATE_TOLERANCE_MM = 1e-3
+DUPLICATE_TOLERANCE_MM = dicom_frames.DUPLICATE_TOLERANCE_MM
 #: Orientation cosines that differ by more than this between files are inconsistent.
-ORIENTATION_TOLERANCE = 1e-4
+ORIENTATION_TOLERANCE = dicom_frames.ORIENTATION_TOLERANCE
 MIN_SLICES = 3
 DECODER_HINT = ("install a decoder for it (pip install pylibjpeg pylibjpeg-libjpeg "
                 "pylibjpeg-openjpeg) or export the series uncompressed")
@@ -264,16 +267,32 @@ def _load_series(files: Sequence[Path]) -> _Series:
         raise SeriesError(Path("."), "no files given for the series")
     datasets: dict[Path, pydicom.Dataset] = {}
     frames: list[FrameInfo] = []
+    headers: list[FileHeader] = []
     for path in sorted(files):
         ds = _read_dataset(path)
         if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
             raise SeriesError(path, "colour image (SamplesPerPixel > 1), not an MR magnitude "
                                     "image; choose another series")
         try:
-            frames.extend(dicom_frames.frames_of(path, ds))
+            own = dicom_frames.frames_of(path, ds)
         except FrameError as err:
             raise SeriesError(path, str(err)) from err
+        frames.extend(own)
         datasets[path] = ds
+        headers.append(FileHeader(path=path, sop_uid=None, orientation=None, position=None,
+                                  pixel_spacing_mm=None, rows=None, columns=None,
+                                  n_frames=len(own), frames=own,
+                                  identity=PatientIdentity.of(ds),
+                                  signature=dicom_frames.acquisition_signature(ds)))
+    # the files must be one acquisition of one patient (the index leaves out files that are
+    # not; a file list given directly is refused rather than stacked)
+    agreement = series_agreement(headers)
+    if agreement.refusal:
+        raise SeriesError(headers[0].path, agreement.refusal)
+    if agreement.dropped:
+        odd, why = agreement.dropped[0]
+        raise SeriesError(odd.path, f"{why}; the series is not converted: leave the file out "
+                                    "(the index does) or re-export the series")
     return _Series(datasets, frames)
 
 
@@ -288,14 +307,8 @@ def _orthonormal_axes(iop: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.
     return row, col, np.cross(row, col)
 
 
-def _where(frame: FrameInfo) -> str:
-    return frame.path.name if frame.kind == "single" else \
-        f"{frame.path.name} (frame {frame.frame + 1})"
-
-
 def _check_frames(frames: Sequence[FrameInfo]) -> None:
     """Geometry tags present and consistent across the frames of one volume."""
-    first = frames[0]
     for frame in frames:
         missing = [name for name, value in (("ImageOrientationPatient", frame.orientation),
                                             ("ImagePositionPatient", frame.position),
@@ -308,25 +321,9 @@ def _check_frames(frames: Sequence[FrameInfo]) -> None:
                                           f"{'' if frame.kind == 'single' else frame.frame + 1}"
                                           ": the slice cannot be placed in space (localizer or "
                                           "secondary capture?); choose another series")
-    iop0 = first.orientation
-    assert iop0 is not None
-    for frame in frames:
-        assert frame.orientation is not None and frame.pixel_spacing_mm is not None
-        if np.max(np.abs(np.subtract(frame.orientation, iop0))) > ORIENTATION_TOLERANCE:
-            raise SeriesError(frame.path, f"slice orientation {list(frame.orientation)} "
-                                          f"differs from {list(iop0)} of {_where(first)}: the "
-                                          "series mixes orientations; export each stack as "
-                                          "its own series")
-        if (frame.rows, frame.columns) != (first.rows, first.columns):
-            raise SeriesError(frame.path, f"matrix {frame.rows}x{frame.columns} differs from "
-                                          f"{first.rows}x{first.columns} of {_where(first)}; "
-                                          "the series mixes image sizes")
-        spacing0 = first.pixel_spacing_mm
-        assert spacing0 is not None
-        if np.max(np.abs(np.subtract(frame.pixel_spacing_mm, spacing0))) > 1e-4 * max(spacing0):
-            raise SeriesError(frame.path, f"pixel spacing {list(frame.pixel_spacing_mm)} mm "
-                                          f"differs from {list(spacing0)} mm of "
-                                          f"{_where(first)}")
+    mixed = dicom_frames.mixed_geometry(frames)
+    if mixed is not None:
+        raise SeriesError(mixed[0].path, mixed[1])
 
 
 def _assemble(series: _Series, group: VolumeGroup,
@@ -374,34 +371,11 @@ def _assemble(series: _Series, group: VolumeGroup,
                                         f"{MIN_SLICES}; choose a series with more slices")
 
     projections = np.array([s.proj_mm for s in kept])
-    steps = np.diff(projections)
-    step_mm = float(np.median(steps))
-    deviations = np.abs(steps - step_mm)
-    worst = int(np.argmax(deviations))
-    if deviations[worst] > SPACING_TOLERANCE * step_mm:
-        ratio = steps[worst] / step_mm
-        hint = (f" (about {round(ratio)} steps: a missing slice?)"
-                if round(ratio) >= 2 and abs(ratio - round(ratio)) < 0.1 else "")
-        raise SeriesError(kept[worst + 1].path, (
-            f"non-uniform slice spacing: step of {steps[worst]:.4f} mm between "
-            f"{kept[worst].name} and {kept[worst + 1].name} against a median of "
-            f"{step_mm:.4f} mm, a deviation of {deviations[worst]:.4f} mm (tolerance "
-            f"{SPACING_TOLERANCE * 100:g} % = {SPACING_TOLERANCE * step_mm:.4f} mm){hint}; "
-            "slices are not resampled: re-export the complete series"))
-
-    # gantry tilt: each position must lie on the line origin + t * normal
-    offsets = np.array([s.position - kept[0].position for s in kept])
-    in_plane = offsets - np.outer(projections - projections[0], normal)
-    shear = np.linalg.norm(in_plane, axis=1)
-    allowed = SHEAR_TOLERANCE * np.abs(projections - projections[0]) + DUPLICATE_TOLERANCE_MM
-    if np.any(shear > allowed):
-        bad = int(np.argmax(shear - allowed))
-        tilt_deg = float(np.degrees(np.arctan2(shear[bad], abs(projections[bad]
-                                                                - projections[0]))))
-        raise SeriesError(kept[bad].path, (
-            f"slice positions are sheared by {shear[bad]:.3f} mm off the slice normal "
-            f"(gantry tilt of about {tilt_deg:.1f} degrees); tilted stacks are not supported: "
-            "reconstruct without tilt or convert with dcm2niix"))
+    irregular = dicom_frames.stack_problem(np.array([s.position for s in kept]), normal,
+                                           [s.name for s in kept])
+    if irregular is not None:
+        raise SeriesError(kept[irregular[0]].path, irregular[1])
+    step_mm = float(np.median(np.diff(projections)))
 
     # assembled slice by slice in the image's own float32 buffer: no float64 volume, no
     # numpy -> SimpleITK copy (peak memory ~ one float32 volume)
@@ -693,6 +667,17 @@ def output_path(out_dir: Path, subject: str, session: str, role: str) -> Path:
     return Path(out_dir) / f"sub-{subject}_ses-{session}_{ROLE_SUFFIX[role]}.nii.gz"
 
 
+def _refuse_output_inside_input(out_dir: Path, input_dir: str | Path | None,
+                                files: Sequence[str | Path] = ()) -> None:
+    """Raise SeriesError when `out_dir` is the input folder or lies inside it (or inside a
+    folder holding input files): the input is read-only, whatever else fails."""
+    for folder in ([Path(input_dir)] if input_dir else []) + [Path(f).parent for f in files]:
+        if is_within(out_dir, folder):
+            raise SeriesError(out_dir, f"the output folder lies inside the input folder "
+                                       f"{folder}, which is read-only; choose another output "
+                                       "folder")
+
+
 def convert_session(sessions_json: Path, session: str, subject: str,
                     out_dir: Path) -> list[Path]:
     """Convert a session's anatomical and fluid series; all outputs or none.
@@ -713,6 +698,8 @@ def convert_session(sessions_json: Path, session: str, subject: str,
         raise SeriesError(sessions_json, f"no session {session!r}; available: "
                                          f"{', '.join(entries) or 'none'}")
     entry = entries[session]
+    _refuse_output_inside_input(out_dir, data.get("input_dir"),
+                                [f for role in ROLE_SUFFIX for f in entry[role]["files"]])
     volumes = []
     for role in ROLE_SUFFIX:
         files = [Path(f) for f in entry[role]["files"]]
@@ -770,6 +757,7 @@ def convert_folder(input_dir: Path, out_dir: Path, subject: str = "unknown",
     ``refusals.tsv``; the volumes written in ``converted.tsv``; files that are not DICOM
     images in ``problems.tsv`` (all in `out_dir`). One bad series never stops the others.
     """
+    _refuse_output_inside_input(Path(out_dir), input_dir)
     result = index_folder(Path(input_dir))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,19 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 MIN_SLICES = 3
 #: Positions closer than this (mm, each LPS coordinate) count as the same slice position.
 POSITION_DECIMALS = 2
+#: Orientation cosines that differ by more than this between frames are another orientation.
+ORIENTATION_TOLERANCE = 1e-4
+#: Pixel spacings that differ by more than this fraction of the larger spacing differ.
+PIXEL_SPACING_TOLERANCE = 1e-4
+#: Largest accepted deviation of a slice step from the median step, as a fraction of it.
+SPACING_TOLERANCE = 0.01
+#: Largest accepted in-plane shift of a slice per mm along the normal (tan of the tilt).
+SHEAR_TOLERANCE = 0.01
+#: Positions closer than this along the normal are the same slice position, in mm.
+DUPLICATE_TOLERANCE_MM = 1e-3
+#: Significant digits to which RepetitionTime / InversionTime / EchoTime are compared between
+#: the files of one series (a 5th digit of rounding noise is not another acquisition).
+TIMING_DIGITS = 4
 
 #: Header tags this module reads (a faster header reader must keep them).
 VOLUME_TAGS: tuple[str, ...] = (
@@ -393,6 +406,174 @@ def frames_of(path: Path, ds: Any) -> tuple[FrameInfo, ...]:
 
 
 # --------------------------------------------------------------------------------------------
+# what the files of one series must share
+# --------------------------------------------------------------------------------------------
+
+#: Acquisition tags that every file of a series must share (they do not tell the volumes of a
+#: series apart: echoes, Dixon images, b-values and repetitions differ in EchoTime, ImageType,
+#: b-value and position, never in these). A file that differs belongs to another acquisition.
+SIGNATURE_TAGS: tuple[str, ...] = (
+    "Modality", "SOPClassUID", "ScanningSequence", "SequenceVariant", "SequenceName",
+    "MRAcquisitionType", "RepetitionTime", "InversionTime",
+)
+
+#: Siemens diffusion sequence names carry the b-value and direction (``*ep_b1000#3``).
+_SEQUENCE_NAME_VOLUME_RE = re.compile(r"_b\d+\w*(#\d+)?$|#\d+$")
+
+
+def timing_text(value: Any) -> str:
+    """A time (ms) as compared between files: :data:`TIMING_DIGITS` significant digits."""
+    number = _float(value)
+    return "" if number is None else f"{number:.{TIMING_DIGITS}g}"
+
+
+def acquisition_signature(ds: Any) -> tuple[tuple[str, str], ...]:
+    """The values of :data:`SIGNATURE_TAGS` of one file, as comparable text.
+
+    Code strings are compared as sets of tokens, times to :data:`TIMING_DIGITS` significant
+    digits, the sequence name without its diffusion suffix. A missing tag is ``''``.
+    """
+    values: list[tuple[str, str]] = []
+    for tag in SIGNATURE_TAGS:
+        try:
+            raw = ds.get(tag)
+        except Exception:  # noqa: BLE001 - a value that cannot be converted compares as text
+            raw = None
+        if tag in ("RepetitionTime", "InversionTime"):
+            text = timing_text(raw)
+        elif tag in ("ScanningSequence", "SequenceVariant"):
+            text = "\\".join(sorted(set(tokens(raw))))
+        elif tag == "SequenceName":
+            text = _SEQUENCE_NAME_VOLUME_RE.sub("", str(raw or "").strip().lstrip("*"))
+        else:
+            text = str(raw or "").strip().upper() if tag == "Modality" else str(raw or "").strip()
+        values.append((tag, text))
+    return tuple(values)
+
+
+def _odd_one(values: Sequence[Any], same: Any) -> tuple[int, Any, Any, int] | None:
+    """(index of the first value unlike the most common one, that value, the common value,
+    how many share the common value), or None when all agree (``same(a, b)`` compares)."""
+    classes: list[list[int]] = []
+    for i, value in enumerate(values):
+        for members in classes:
+            if same(values[members[0]], value):
+                members.append(i)
+                break
+        else:
+            classes.append([i])
+    if len(classes) <= 1:
+        return None
+    common = max(classes, key=len)
+    odd = min(i for members in classes if members is not common for i in members)
+    return odd, values[odd], values[common[0]], len(common)
+
+
+def _same_orientation(a: Sequence[float], b: Sequence[float]) -> bool:
+    return float(np.max(np.abs(np.subtract(a, b)))) <= ORIENTATION_TOLERANCE
+
+
+def _same_spacing(a: Sequence[float], b: Sequence[float]) -> bool:
+    return float(np.max(np.abs(np.subtract(a, b)))) <= PIXEL_SPACING_TOLERANCE * max(*a, *b)
+
+
+def frame_name(frame: FrameInfo) -> str:
+    """The file name of a frame, with the frame number for multi-frame files and mosaics."""
+    return frame.path.name if frame.kind == "single" else \
+        f"{frame.path.name} (frame {frame.frame + 1})"
+
+
+def mixed_geometry(frames: Sequence[FrameInfo],
+                   name: Any = frame_name) -> tuple[FrameInfo, str] | None:
+    """The first frame whose orientation, matrix or pixel spacing differs from that of most
+    frames of the volume, and what differs; None when they all agree.
+
+    The frames' geometry tags must be present (checked before). `name` turns a frame into the
+    text naming it (default: the file name). The messages say "mixed slice orientations",
+    "mixed image matrix sizes" and "mixed pixel spacing" so callers can tell them apart.
+    """
+    n = len(frames)
+    checks: tuple[tuple[str, list[Any], Any, str, Any], ...] = (
+        ("orientation", [f.orientation for f in frames], _same_orientation,
+         "mixed slice orientations: the series mixes orientations (e.g. a 3-plane "
+         "localizer)",
+         lambda v: "[" + ", ".join(f"{x:.4g}" for x in v) + "]"),
+        ("matrix", [(f.rows, f.columns) for f in frames], lambda a, b: a == b,
+         "mixed image matrix sizes: the series mixes image sizes",
+         lambda v: f"{v[0]}x{v[1]}"),
+        ("pixel spacing", [f.pixel_spacing_mm for f in frames], _same_spacing,
+         "mixed pixel spacing: the series mixes pixel spacings",
+         lambda v: "[" + ", ".join(f"{x:.6g}" for x in v) + "] mm"),
+    )
+    for what, values, same, headline, show in checks:
+        found = _odd_one(values, same)
+        if found is None:
+            continue
+        index, odd, common, n_common = found
+        n_odd = sum(1 for v in values if not same(v, common))
+        return frames[index], (
+            f"{headline}: {n_odd} of {n} slices differ, first {name(frames[index])} with "
+            f"{what} {show(odd)} against {show(common)} of {n_common} slices; the series "
+            "is not stacked (export each stack as its own series, or re-export it)")
+    return None
+
+
+def stack_problem(positions: np.ndarray, normal: np.ndarray,
+                  names: Sequence[str]) -> tuple[int, str] | None:
+    """Why distinct slice positions do not make a regular stack, else None.
+
+    Parameters
+    ----------
+    positions : ndarray of shape (n, 3)
+        Slice positions (mm, LPS), one per distinct position, sorted along `normal`.
+    normal : ndarray of shape (3,)
+        Unit slice normal.
+    names : sequence of str
+        What names each slice in messages.
+
+    Returns
+    -------
+    (int, str) or None
+        The offending slice and the message: a step deviating from the median step by more
+        than :data:`SPACING_TOLERANCE` of it (a missing slice, a variable increment), or
+        positions sheared off the normal by more than :data:`SHEAR_TOLERANCE` per mm (gantry
+        tilt). Used by the index (header only) and the converter alike.
+    """
+    positions = np.asarray(positions, dtype=float)
+    projections = positions @ normal
+    steps = np.diff(projections)
+    if steps.size == 0:
+        return None
+    step_mm = float(np.median(steps))
+    deviations = np.abs(steps - step_mm)
+    worst = int(np.argmax(deviations))
+    if deviations[worst] > SPACING_TOLERANCE * step_mm:
+        ratio = steps[worst] / step_mm
+        hint = (f" (about {round(ratio)} steps: a missing slice?)"
+                if round(ratio) >= 2 and abs(ratio - round(ratio)) < 0.1 else "")
+        return worst + 1, (
+            f"non-uniform slice spacing: step of {steps[worst]:.4f} mm between "
+            f"{names[worst]} and {names[worst + 1]} against a median of "
+            f"{step_mm:.4f} mm, a deviation of {deviations[worst]:.4f} mm (tolerance "
+            f"{SPACING_TOLERANCE * 100:g} % = {SPACING_TOLERANCE * step_mm:.4f} mm){hint}; "
+            "slices are not resampled: re-export the complete series")
+    # gantry tilt: each position must lie on the line origin + t * normal
+    offsets = positions - positions[0]
+    in_plane = offsets - np.outer(projections - projections[0], normal)
+    shear = np.linalg.norm(in_plane, axis=1)
+    allowed = SHEAR_TOLERANCE * np.abs(projections - projections[0]) + DUPLICATE_TOLERANCE_MM
+    if np.any(shear > allowed):
+        bad = int(np.argmax(shear - allowed))
+        tilt_deg = float(np.degrees(np.arctan2(shear[bad], abs(projections[bad]
+                                                                - projections[0]))))
+        return bad, (
+            f"slice positions are sheared by {shear[bad]:.3f} mm off the slice normal "
+            f"(gantry tilt of about {tilt_deg:.1f} degrees); tilted stacks are not supported: "
+            "reconstruct without tilt or convert with dcm2niix")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # volumes of one series
 # --------------------------------------------------------------------------------------------
 
@@ -400,6 +581,11 @@ def _position_key(frame: FrameInfo) -> tuple[float, ...] | None:
     if frame.position is None:
         return None
     return tuple(round(v, POSITION_DECIMALS) + 0.0 for v in frame.position)
+
+
+def position_key(frame: FrameInfo) -> tuple[float, ...] | None:
+    """The slice position of a frame as compared (rounded to :data:`POSITION_DECIMALS`)."""
+    return _position_key(frame)
 
 
 def _slug(text: str) -> str:

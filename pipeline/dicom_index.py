@@ -3,20 +3,29 @@
 Every file under the input folder is opened once, header only
 (``pydicom.dcmread(path, stop_before_pixels=True)``). Files that are not DICOM images
 (text files, ``DICOMDIR``, structured reports, empty files, ...) are listed as problems, never
-silently dropped. Image files are grouped by StudyInstanceUID and SeriesInstanceUID; each
-series gets a sequence class (:func:`classify_sequence`), an orientation and a geometry
-summary. :func:`select_sessions` then picks, per study, one anatomical (T1-weighted) and one
-fluid-sensitive series (STIR, else T2 fat-saturated, else Dixon water).
+silently dropped. Image files are grouped by StudyInstanceUID, SeriesInstanceUID and study
+date; the files of a series must agree in acquisition and patient (:func:`series_agreement`)
+before they are stacked. Each series gets a sequence class (:func:`classify_sequence`), an
+orientation and a geometry summary. Studies are grouped into patients
+(:func:`group_patients`): one subject is one patient, and a folder holding several is refused
+unless the patient to use is named. :func:`select_sessions` then picks, per study, one
+anatomical (T1-weighted) and one fluid-sensitive series (STIR, else T2 fat-saturated, else
+Dixon water).
+
+A study is keyed by (patient, StudyInstanceUID, study date): a StudyInstanceUID that an export
+reuses on two dates gives two studies, each used or refused with its reason.
 
 The input folder is read-only: nothing is ever written into it.
 
 Command line::
 
     python -m pipeline.dicom_index --input-dir DIR --out-dir OUT \
-        [--anatomical-regex R] [--fluid-regex R]
+        [--anatomical-regex R] [--fluid-regex R] [--patient ID_OR_FINGERPRINT] [--show-phi]
 
 writes ``index.tsv``, ``problems.tsv``, ``sessions.json`` and ``sessions.tsv`` into OUT.
-No patient name, ID or birth date reaches any output.
+No patient name, ID or birth date reaches any output; patients are told apart by a
+pseudonymous fingerprint (:func:`patient_fingerprint`). ``--show-phi`` only adds them to the
+table of patients printed (to the log) when a folder holds several.
 """
 
 from __future__ import annotations
@@ -24,6 +33,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import errno
+import functools
+import hashlib
 import io
 import logging
 import mmap
@@ -32,7 +44,8 @@ import os
 import re
 import sys
 import threading
-from collections import defaultdict
+import unicodedata
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -81,14 +94,267 @@ INDEX_COLUMNS: tuple[str, ...] = (
     "study_uid", "study_date", "study_time", "series_uid", "series_number",
     "series_description", "modality", "sequence_class", "orientation", "n_files", "rows",
     "columns", "pixel_spacing_mm", "slice_spacing_mm", "status", "reason", "volumes",
+    "patient_fingerprint",
 )
 PROBLEM_COLUMNS: tuple[str, ...] = ("path", "problem")
 SESSION_COLUMNS: tuple[str, ...] = ("session", "study_date", "anatomical_series", "fluid_series")
 
 
+# --------------------------------------------------------------------------------------------
+# patient identity
+# --------------------------------------------------------------------------------------------
+
+#: Fixed, public salt of the patient fingerprint: the same patient gets the same fingerprint
+#: on every run and machine. Changing it changes every fingerprint.
+FINGERPRINT_SALT = b"limbtrack-patient-fingerprint-v1"
+#: PBKDF2-HMAC-SHA256 rounds of the fingerprint: patient IDs are short, so a plain hash with
+#: a public salt could be reversed by trying every ID; this makes each try ~0.1 s.
+FINGERPRINT_ROUNDS = 100_000
+#: Hex digits kept of the fingerprint (48 bits: no collision among the patients of a folder).
+FINGERPRINT_HEX_DIGITS = 12
+
+#: Placeholders anonymisers and modalities write instead of an identity (compared upper-case,
+#: letters and digits only): they identify nobody.
+_PLACEHOLDER_WORDS = ("ANONYMOUS", "ANONYMIZED", "ANONYMISED", "ANON", "UNKNOWN", "UNK",
+                      "NONE", "NULL", "REMOVED", "DELETED", "DEIDENTIFIED", "PATIENT",
+                      "NONAME", "EMPTY", "NA")
+_PLACEHOLDER_RE = re.compile(r"(?:" + "|".join(_PLACEHOLDER_WORDS) + r")+|0+|X+")
+#: Birth dates written instead of an unknown one.
+_PLACEHOLDER_BIRTH_DATES = {"1900-01-01"}
+
+#: The DICOM attributes of each identity field, in fingerprint order.
+IDENTITY_TAGS: tuple[str, ...] = ("PatientID", "PatientName", "PatientBirthDate")
+
+
+def _letters_digits(text: str) -> str:
+    """Upper-case letters and digits of `text`, accents removed (``Müller-Lüdenscheidt`` ->
+    ``MULLERLUDENSCHEIDT``)."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(ch for ch in decomposed if ch.isalnum() and not unicodedata.combining(ch)
+                   ).upper()
+
+
+def normalise_patient_id(value: Any) -> str | None:
+    """PatientID as compared: stripped, inner blanks collapsed, upper-case; None when empty or
+    a placeholder (``ANONYMOUS``, ``UNKNOWN``, ``N/A``, ``0000``, ``-``, ...)."""
+    text = " ".join(str(value or "").split()).upper()
+    if _PLACEHOLDER_RE.fullmatch(_letters_digits(text) or "0"):
+        return None
+    return text
+
+
+def normalise_patient_name(value: Any) -> str | None:
+    """PatientName as compared: family and given name (the first two ``^`` components of the
+    alphabetic group), letters and digits only, upper-case, accents removed, joined by ``^``;
+    None when empty or a placeholder (``ANONYMOUS^``, ``Anonymized``, ``UNKNOWN``, ...).
+
+    Middle names, prefixes, suffixes and the ideographic/phonetic groups are left out: exports
+    of one patient differ in them more often than two patients share the rest.
+    """
+    text = str(value or "").split("=")[0]
+    parts = (text.split("^") + ["", ""])[:2]
+    family, given = (_letters_digits(p) for p in parts)
+    if _PLACEHOLDER_RE.fullmatch(family + given or "0"):
+        return None
+    return f"{family}^{given}"
+
+
+def normalise_birth_date(value: Any) -> str | None:
+    """PatientBirthDate as ISO ``YYYY-MM-DD``; None when empty, invalid or a placeholder."""
+    date = parse_dicom_date(value)
+    return None if date in _PLACEHOLDER_BIRTH_DATES else date
+
+
+@dataclass(frozen=True, eq=False)
+class PatientIdentity:
+    """The normalised identity of one file: PatientID, PatientName, PatientBirthDate.
+
+    A field is None when empty or a placeholder. Two identities are equal when their
+    :attr:`values` are. Held in memory only: ``repr`` hides it and no output carries it (only
+    :meth:`fingerprint`).
+    """
+
+    patient_id: str | None = None
+    name: str | None = None  # FAMILY^GIVEN
+    birth_date: str | None = None  # ISO
+
+    @classmethod
+    def of(cls, ds: Any) -> PatientIdentity:
+        """The identity of a dataset (values that cannot be read count as absent)."""
+        values: list[str | None] = []
+        for tag, normalise in zip(IDENTITY_TAGS, (normalise_patient_id, normalise_patient_name,
+                                                  normalise_birth_date), strict=True):
+            try:
+                values.append(normalise(ds.get(tag)))
+            except Exception:  # noqa: BLE001 - a value that cannot be decoded identifies nobody
+                values.append(None)
+        return cls(*values)
+
+    def __repr__(self) -> str:
+        return f"PatientIdentity(<hidden>, known: {', '.join(self.known) or 'nothing'})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PatientIdentity) and self.values == other.values
+
+    def __hash__(self) -> int:
+        return hash(self.values)
+
+    @property
+    def values(self) -> tuple[str | None, str | None, str | None]:
+        return (self.patient_id, self._name_key, self.birth_date)
+
+    @property
+    def _name_key(self) -> str | None:
+        # "DOE^JANE" and "DOE JANE" (no component separator) are the same name
+        return None if self.name is None else self.name.replace("^", "")
+
+    @property
+    def known(self) -> tuple[str, ...]:
+        """The DICOM attributes that identify (not empty, not a placeholder)."""
+        return tuple(tag for tag, v in zip(IDENTITY_TAGS, self.values, strict=True)
+                     if v is not None)
+
+    @property
+    def anchored(self) -> bool:
+        """Whether the identity can stand for a patient when another field is missing: a
+        PatientID or a name (a birth date alone cannot)."""
+        return self.patient_id is not None or self.name is not None
+
+    def compatible(self, other: PatientIdentity) -> bool:
+        """No field known in both differs."""
+        return all(a is None or b is None or a == b
+                   for a, b in zip(self.values, other.values, strict=True))
+
+    def fingerprint(self) -> str:
+        """See :func:`patient_fingerprint`."""
+        return patient_fingerprint(*self.values)
+
+
+@functools.lru_cache(maxsize=1024)
+def patient_fingerprint(patient_id: str | None, name: str | None,
+                        birth_date: str | None) -> str:
+    """Pseudonymous fingerprint of a patient: the first :data:`FINGERPRINT_HEX_DIGITS` hex
+    digits of PBKDF2-HMAC-SHA256 (salt :data:`FINGERPRINT_SALT`, :data:`FINGERPRINT_ROUNDS`
+    rounds) of ``ID 0x1f NAME 0x1f BIRTHDATE`` (UTF-8), each normalised as
+    :func:`normalise_patient_id`, :func:`normalise_patient_name` without the ``^``, and
+    ISO ``YYYY-MM-DD``; a missing field is empty.
+
+    Stable across runs and machines; it tells patients apart without naming them. It is a
+    pseudonym, not an anonymisation: whoever holds the identity can recompute it.
+    """
+    text = "\x1f".join(v or "" for v in (patient_id, (name or "").replace("^", ""),
+                                            birth_date))
+    digest = hashlib.pbkdf2_hmac("sha256", text.encode("utf-8"), FINGERPRINT_SALT,
+                                 FINGERPRINT_ROUNDS)
+    return digest.hex()[:FINGERPRINT_HEX_DIGITS]
+
+
+@dataclass(frozen=True)
+class PatientGroup:
+    """One patient of a folder: the studies of one identity (see :func:`group_patients`).
+
+    Attributes
+    ----------
+    fingerprint : str
+        :func:`patient_fingerprint` of `identity`.
+    identified_by : tuple of str
+        The DICOM attributes the grouping rests on (empty: nothing identifies the patient).
+    study_keys : tuple
+        (StudyInstanceUID, study date) of each study, sorted by date.
+    merged : int
+        Studies joined to the patient although some of their identity fields are missing.
+    """
+
+    fingerprint: str
+    identified_by: tuple[str, ...]
+    study_keys: tuple[tuple[str, str], ...]
+    identity: PatientIdentity = field(repr=False, compare=False,
+                                      default_factory=lambda: PatientIdentity())
+    merged: int = 0
+    #: the identities whose studies make up the patient
+    members: frozenset[PatientIdentity] = field(repr=False, compare=False,
+                                                default_factory=frozenset)
+
+    @property
+    def study_dates(self) -> list[str]:
+        return [date or "no date" for _, date in self.study_keys]
+
+    def describe(self) -> dict[str, Any]:
+        """The patient as written to sessions.json (no names, IDs or birth dates)."""
+        return {"fingerprint": self.fingerprint,
+                "identified_by": list(self.identified_by),
+                "n_studies": len(self.study_keys),
+                "study_dates": self.study_dates}
+
+
+def group_patients(series: Iterable[SeriesRecord]) -> list[PatientGroup]:
+    """The patients of a folder, from the identities of its series.
+
+    Rule:
+
+    1. Each series carries the normalised identity of its files (PatientID, PatientName as
+       FAMILY^GIVEN without accents or punctuation, PatientBirthDate); empty fields and
+       placeholders (``ANONYMOUS``, ``UNKNOWN``, ``N/A``, ``000``, birth date 1900-01-01, ...)
+       count as missing.
+    2. Series with the same identity (all three fields equal, missing ones included) are one
+       patient.
+    3. An identity with a missing field joins another patient when it has a PatientID or a name,
+       agrees with that patient on every field both have, and exactly one such patient with
+       more known fields exists (an export that blanked the birth date in some studies).
+       Otherwise it stays its own patient.
+    4. An identity with nothing known (fully anonymised export) never joins another; alone in
+       the folder it is taken as one patient, with a warning.
+
+    Returns
+    -------
+    list of PatientGroup
+        Most studies first, then by fingerprint (:func:`patient_warnings` says what was
+        assumed).
+    """
+    studies: dict[PatientIdentity, set[tuple[str, str]]] = defaultdict(set)
+    for record in series:
+        studies[record.identity].add((record.study_uid, record.study_date or ""))
+    order = sorted(studies, key=lambda i: (-len(i.known), i.fingerprint()))
+    kept: list[PatientIdentity] = []
+    target: dict[PatientIdentity, PatientIdentity] = {}
+    for identity in order:
+        if identity.anchored and len(identity.known) < len(IDENTITY_TAGS):
+            wider = [k for k in kept if set(k.known) > set(identity.known)
+                     and identity.compatible(k)]
+            if len(wider) == 1:
+                target[identity] = wider[0]
+                continue
+        kept.append(identity)
+        target[identity] = identity
+    keys_of: dict[PatientIdentity, set[tuple[str, str]]] = defaultdict(set)
+    merged: dict[PatientIdentity, int] = defaultdict(int)
+    members: dict[PatientIdentity, set[PatientIdentity]] = defaultdict(set)
+    for identity, keys in studies.items():
+        keys_of[target[identity]] |= keys
+        members[target[identity]].add(identity)
+        if target[identity] != identity:
+            merged[target[identity]] += len(keys)
+    groups = [PatientGroup(fingerprint=identity.fingerprint(), identified_by=identity.known,
+                           study_keys=tuple(sorted(keys, key=lambda k: (k[1], k[0]))),
+                           identity=identity, merged=merged[identity],
+                           members=frozenset(members[identity]))
+              for identity, keys in keys_of.items()]
+    groups.sort(key=lambda g: (-len(g.study_keys), g.fingerprint))
+    return groups
+
+
+def assign_patients(series: Sequence[SeriesRecord],
+                    groups: Sequence[PatientGroup]) -> list[SeriesRecord]:
+    """Copies of `series` with the fingerprint of the patient each belongs to."""
+    fingerprint_of = {identity: g.fingerprint for g in groups for identity in g.members}
+    return [dataclasses.replace(record, patient_fingerprint=fingerprint_of.get(
+        record.identity, "")) for record in series]
+
+
 @dataclass(frozen=True)
 class FileHeader:
-    """Geometry-relevant header values of one image file (all lengths in mm)."""
+    """What the index keeps of one image file's header: geometry (lengths in mm), frames,
+    study date, patient identity and acquisition signature."""
 
     path: Path
     sop_uid: str | None
@@ -100,6 +366,10 @@ class FileHeader:
     n_frames: int
     frames: tuple[FrameInfo, ...] = ()  # the 2-D images of the file, placed in space
     frame_error: str | None = None  # why the frames cannot be placed, if they cannot
+    study_date: str | None = None  # StudyDate, ISO
+    identity: PatientIdentity = field(default_factory=lambda: PatientIdentity())
+    #: acquisition values the files of a series must share (dicom_frames.SIGNATURE_TAGS)
+    signature: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,6 +432,15 @@ class SeriesRecord:
     volumes: tuple[VolumeRecord, ...] = ()
     #: the volume a selection stands for ('' = the whole series, a single volume)
     volume: str = ""
+    #: pseudonymous fingerprint of the patient (:func:`patient_fingerprint`); '' = not grouped
+    patient_fingerprint: str = ""
+    #: the patient identity of the series' files (never written anywhere)
+    identity: PatientIdentity = field(default_factory=lambda: PatientIdentity(), repr=False)
+
+    @property
+    def study_key(self) -> tuple[str, str, str]:
+        """What tells a study apart: (patient fingerprint, StudyInstanceUID, study date)."""
+        return (self.patient_fingerprint, self.study_uid, self.study_date or "")
 
     def as_row(self) -> dict[str, Any]:
         """The record as an ``index.tsv`` row (everything but the file list)."""
@@ -200,6 +479,10 @@ class IndexResult:
     problems: tuple[Problem, ...]
     n_files_seen: int
     n_files_dicom: int
+    #: the patients of the folder (:func:`group_patients`), most studies first
+    patients: tuple[PatientGroup, ...] = ()
+    #: findings about the folder as a whole (StudyInstanceUIDs reused on several dates)
+    warnings: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,18 +818,35 @@ def _file_header(path: Path, ds: pydicom.Dataset) -> FileHeader:
         n_frames=int_or_none(ds.get("NumberOfFrames")) or 1,
         frames=frames,
         frame_error=frame_error,
+        study_date=parse_dicom_date(_safe_get(ds, "StudyDate")),
+        identity=PatientIdentity.of(ds),
+        signature=dicom_frames.acquisition_signature(ds),
     )
+
+
+def file_header(path: Path, ds: pydicom.Dataset) -> FileHeader:
+    """What the index keeps of one image file's header (geometry, frames, study date,
+    patient identity, acquisition signature)."""
+    return _file_header(path, ds)
 
 
 #: Files at the top of a study folder that belong to limbtrack, not to the DICOM export.
 COMPANION_FILES = ("events.tsv",)
 
 
-def _walk(input_dir: Path) -> list[Path]:
+def _walk(input_dir: Path, problems: list[tuple[Path, str]] | None = None) -> list[Path]:
     """All regular files under `input_dir` (any nesting, hidden ones too), sorted.
 
     The companion files at the top level (``events.tsv``: clinical events) are left out.
+    What cannot be walked (a symbolic link loop or one pointing nowhere, a folder or link
+    that cannot be read) is skipped and, when `problems` is given, appended to it as
+    (path, why).
     """
+
+    def skip(path: str, why: str) -> None:
+        if problems is not None:
+            problems.append((Path(path), why))
+
     # the order of os.walk (top-down, sorted names: a folder's files, then its subfolders
     # depth-first), with os.scandir's cached file types instead of a stat per file
     paths: list[Path] = []
@@ -557,8 +857,11 @@ def _walk(input_dir: Path) -> list[Path]:
         try:
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
-        except OSError:
-            continue  # unreadable folder (os.walk skips these too)
+        except OSError as err:
+            # unreadable folder (os.walk skips these too): say so
+            skip(folder, f"folder cannot be read ({_os_reason(err)}); its files are not "
+                         "indexed")
+            continue
         subfolders = []
         for entry in entries:
             try:
@@ -571,10 +874,34 @@ def _walk(input_dir: Path) -> list[Path]:
                 continue
             if folder == top and entry.name in COMPANION_FILES:
                 continue
-            if entry.is_file():  # follows symlinks, like Path.is_file
+            try:
+                is_file = entry.is_file()  # follows symlinks, like Path.is_file
+            except OSError as err:  # e.g. ELOOP: a link to itself
+                skip(entry.path, f"cannot be followed ({_os_reason(err)}); skipped")
+                continue
+            if is_file:
                 paths.append(Path(entry.path))
+                continue
+            try:
+                os.stat(entry.path)
+            except OSError as err:
+                what = "symbolic link that cannot be followed" if entry.is_symlink() \
+                    else "cannot be read"
+                skip(entry.path, f"{what} ({_os_reason(err)}); skipped")
+            else:
+                skip(entry.path, "not a regular file (a named pipe, socket or device); "
+                                 "skipped")
         stack.extend(reversed(subfolders))
     return paths
+
+
+def _os_reason(err: OSError) -> str:
+    """An OSError in words (``too many levels of symbolic links: a link loop``, ...)."""
+    if err.errno == errno.ELOOP:
+        return "too many levels of symbolic links: a link loop"
+    if err.errno == errno.ENOENT:
+        return "its target does not exist"
+    return err.strerror or type(err).__name__
 
 
 @dataclass(frozen=True)
@@ -690,30 +1017,136 @@ def _scan_files(paths: Sequence[Path], workers: int | None = None) -> Iterator[_
         yield from map(_scan_file, paths[done:])
 
 
-def _volume_geometry(frames: Sequence[FrameInfo]) -> tuple[dict[str, Any], str | None]:
-    """Orientation, matrix and spacing of one volume and, if it cannot be a volume, why not."""
+@dataclass(frozen=True)
+class Agreement:
+    """Whether the files of one series are one acquisition (:func:`series_agreement`).
+
+    Attributes
+    ----------
+    kept : tuple of FileHeader
+        The files to stack (all of them when they agree or when no majority exists).
+    dropped : tuple of (FileHeader, str)
+        Files left out, with what differs.
+    refusal : str or None
+        Why the series as a whole is refused (no strict majority), else None.
+    """
+
+    kept: tuple[FileHeader, ...]
+    dropped: tuple[tuple[FileHeader, str], ...] = ()
+    refusal: str | None = None
+
+
+def _agreement_key(header: FileHeader, with_echo: bool) -> tuple[Any, ...]:
+    frame = header.frames[0] if header.frames else None
+    echo: tuple[Any, ...] = ()
+    if with_echo and frame is not None:
+        echo = (("EchoTime", dicom_frames.timing_text(frame.echo_time_ms)),
+                ("ImageType", "\\".join(frame.image_type)))
+    return (header.signature + echo, header.identity)
+
+
+def _key_difference(odd: tuple[Any, ...], common: tuple[Any, ...],
+                    others: str = "the others") -> str:
+    """What differs between two agreement keys, in words (never a name or an ID)."""
+    parts = []
+    common_values = dict(common[0])
+    for tag, value in odd[0]:
+        other = common_values.get(tag, "")
+        if value != other:
+            parts.append(f"{tag} {value or 'missing'} ({others}: {other or 'missing'})")
+    if odd[1] != common[1]:
+        fields = [tag for tag, a, b in zip(IDENTITY_TAGS, odd[1].values, common[1].values,
+                                           strict=True) if a != b]
+        parts.append(f"another patient ({', '.join(fields)} differ)")
+    return "; ".join(parts)
+
+
+def series_agreement(headers: Sequence[FileHeader], name: Any = None) -> Agreement:
+    """Check that the files of one series are one acquisition of one patient.
+
+    Files must share the acquisition signature (:data:`pipeline.dicom_frames.SIGNATURE_TAGS`:
+    modality, SOP class, scanning sequence and variant, sequence name, 2D/3D, TR, TI) and the
+    patient identity; when every file is one slice at its own position (the series is one
+    volume, nothing tells echoes apart), also EchoTime and ImageType. Geometry (orientation,
+    matrix, pixel spacing) is checked per volume afterwards.
+
+    Rule: files that differ from a strict majority of the series' files are left out of it
+    (each is reported with what differs); without a strict majority the series is refused.
+
+    Parameters
+    ----------
+    name : callable, optional
+        Path -> the text naming a file (default: its name).
+    """
+    headers = list(headers)
+    label = name or (lambda p: p.name)
+    if len(headers) < 2:
+        return Agreement(tuple(headers))
+    frames = [f for h in headers for f in h.frames]
+    single = all(len(h.frames) == 1 and h.frames[0].kind == "single" for h in headers)
+    positions = {dicom_frames.position_key(f) for f in frames}
+    with_echo = single and None not in positions and len(positions) == len(frames)
+    keys = [_agreement_key(h, with_echo) for h in headers]
+    counts = Counter(keys)
+    if len(counts) == 1:
+        return Agreement(tuple(headers))
+    (common, n_common), = counts.most_common(1)
+    if 2 * n_common > len(headers):
+        kept = tuple(h for h, k in zip(headers, keys, strict=True) if k == common)
+        dropped = tuple(
+            (h, f"{_key_difference(k, common)}, unlike the other {n_common} of the "
+                f"{len(headers)} files of the series: another acquisition carrying the same "
+                "SeriesInstanceUID")
+            for h, k in zip(headers, keys, strict=True) if k != common)
+        return Agreement(kept, dropped)
+    first_odd = next(h for h, k in zip(headers, keys, strict=True) if k != keys[0])
+    difference = _key_difference(_agreement_key(first_odd, with_echo), keys[0],
+                                 label(headers[0].path))
+    geometry = ""
+    if all(f.orientation is not None and f.pixel_spacing_mm is not None for f in frames):
+        mixed = dicom_frames.mixed_geometry(frames, lambda f: label(f.path))
+        geometry = f"; {mixed[1]}" if mixed is not None else ""
+    return Agreement(tuple(headers), (), (
+        f"its {len(headers)} files are not one acquisition ({len(counts)} kinds, none a "
+        f"majority): {label(first_odd.path)} has {difference}{geometry}; nothing is "
+        "stacked: re-export the series"))
+
+
+def _volume_geometry(frames: Sequence[FrameInfo],
+                     rel: Any = None) -> tuple[dict[str, Any], str | None]:
+    """Orientation, matrix and spacing of one volume and, if it cannot be a volume, why not.
+
+    `rel` turns a path into the text naming it in messages (default: the file name).
+    """
     first = frames[0]
     info: dict[str, Any] = {"orientation": None, "rows": first.rows, "columns": first.columns,
                             "pixel_spacing_mm": first.pixel_spacing_mm,
                             "slice_spacing_mm": None, "n_positions": 0}
     missing = [f for f in frames if f.orientation is None or f.position is None
                or f.pixel_spacing_mm is None]
+    name = rel or (lambda p: p.name)
+
+    def frame_name(frame: FrameInfo) -> str:
+        return name(frame.path) if frame.kind == "single" else \
+            f"{name(frame.path)} (frame {frame.frame + 1})"
+
     if missing:
         return info, (f"{len(missing)} of {len(frames)} images lack ImageOrientationPatient, "
-                      "ImagePositionPatient or PixelSpacing (not a volume slice)")
+                      "ImagePositionPatient or PixelSpacing (not a volume slice; first: "
+                      f"{frame_name(missing[0])})")
     iops = np.array([f.orientation for f in frames], dtype=float)
     try:
         info["orientation"] = orientation_label(iops[0])
     except ValueError as err:
-        return info, str(err)
-    if np.max(np.abs(iops - iops[0])) > 1e-4:
-        return info, "mixed slice orientations in one series (e.g. a 3-plane localizer)"
-    if len({(f.rows, f.columns) for f in frames}) > 1:
-        return info, "mixed image matrix sizes in one series"
+        return info, f"{frame_name(frames[0])}: {err}"
+    mixed = dicom_frames.mixed_geometry(frames, frame_name)
+    if mixed is not None:
+        return info, mixed[1]
     normal = slice_normal(iops[0])
-    proj = np.sort(np.array([np.dot(f.position, normal) for f in frames]))  # type: ignore[arg-type]
+    ordered = sorted(frames, key=lambda f: float(np.dot(f.position, normal)))  # type: ignore[arg-type]
+    proj = np.array([np.dot(f.position, normal) for f in ordered])  # type: ignore[arg-type]
     steps = np.diff(proj)
-    distinct = steps[steps > 1e-3]
+    distinct = steps[steps > dicom_frames.DUPLICATE_TOLERANCE_MM]
     if distinct.size:
         info["slice_spacing_mm"] = float(np.median(distinct))
     n_positions = distinct.size + 1
@@ -721,11 +1154,19 @@ def _volume_geometry(frames: Sequence[FrameInfo]) -> tuple[dict[str, Any], str |
     if n_positions < MIN_SLICES:
         return info, (f"only {n_positions} distinct slice position(s); a volume needs at "
                       f"least {MIN_SLICES}")
+    # one slice per position (repeats are the converter's: identical ones are dropped there)
+    keep = [0] + [i + 1 for i, step in enumerate(steps)
+                  if step > dicom_frames.DUPLICATE_TOLERANCE_MM]
+    irregular = dicom_frames.stack_problem(
+        np.array([ordered[i].position for i in keep], dtype=float), normal,
+        [frame_name(ordered[i]) for i in keep])
+    if irregular is not None:
+        return info, irregular[1]
     return info, None
 
 
 def _series_volumes(
-    headers: list[FileHeader], first: pydicom.Dataset,
+    headers: list[FileHeader], first: pydicom.Dataset, rel: Any = None,
 ) -> tuple[dict[str, Any], str | None, str, tuple[VolumeRecord, ...]]:
     """Geometry of a series, why it cannot be converted (None if it can), its sequence class
     and its volumes (:func:`pipeline.dicom_frames.split_volumes`)."""
@@ -735,7 +1176,8 @@ def _series_volumes(
                             "slice_spacing_mm": None}
     broken = [h for h in headers if h.frame_error]
     if broken:
-        return info, f"{len(broken)} file(s) (first: {broken[0].path.name}): " \
+        first_name = rel(broken[0].path) if rel else broken[0].path.name
+        return info, f"{len(broken)} file(s) (first: {first_name}): " \
             f"{broken[0].frame_error}", \
             classify_sequence(first), ()
     frames = [f for h in headers for f in h.frames]
@@ -743,7 +1185,7 @@ def _series_volumes(
     volumes: list[VolumeRecord] = []
     geometry: dict[str, Any] | None = None
     for group in groups:
-        volume_info, refusal = _volume_geometry(group.frames)
+        volume_info, refusal = _volume_geometry(group.frames, rel)
         seq_class = classify_sequence(dicom_frames.volume_header(first, group))
         volumes.append(VolumeRecord(group.label, seq_class, len(group.frames),
                                     volume_info["n_positions"],
@@ -783,17 +1225,23 @@ def index_folder(input_dir: Path, *, workers: int | None = None) -> IndexResult:
     if not input_dir.is_dir():
         raise FileNotFoundError(f"input folder {input_dir} does not exist or is not a folder")
     problems: list[Problem] = []
-    by_series: dict[tuple[str, str], list[FileHeader]] = defaultdict(list)
-    first_header: dict[tuple[str, str], pydicom.Dataset] = {}
+    # a series is keyed by its study date too: an export that reuses UIDs on two dates
+    # holds two series (and two studies), never one stack of both
+    by_series: dict[tuple[str, str, str], list[FileHeader]] = defaultdict(list)
     seen_sops: dict[str, Path] = {}
     # files of a series without Rows/Columns, with their SOP class (see the refusal below)
     lost: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
-    paths = _walk(input_dir)
+    walk_problems: list[tuple[Path, str]] = []
+    paths = _walk(input_dir, walk_problems)
     n_dicom = 0
 
     def rel(p: Path) -> str:
-        return p.relative_to(input_dir).as_posix()
+        try:
+            return p.relative_to(input_dir).as_posix()
+        except ValueError:
+            return p.as_posix()
 
+    problems.extend(Problem(rel(p), why) for p, why in walk_problems)
     # headers are read (in worker processes for large folders) by _scan_file, which keeps
     # the per-file values (FileHeader); the loop below sees the files in sorted order
     for path, scan in zip(paths, _scan_files(paths, workers), strict=True):
@@ -823,25 +1271,34 @@ def index_folder(input_dir: Path, *, workers: int | None = None) -> IndexResult:
             problems.append(Problem(rel(path), "duplicate of " + rel(seen_sops[header.sop_uid])
                                     + " (same SOPInstanceUID); ignored"))
             continue
-        key = (study_uid, series_uid)
-        if key not in first_header:
-            # the first file's header (sorted paths) stands for the series; it is read again
-            # in full here (once per series) because workers send back only FileHeaders
-            try:
-                first_header[key] = _read_header(path)
-            except Exception as err:  # noqa: BLE001 - changed since it was scanned
-                problems.append(Problem(rel(path), f"unreadable DICOM header "
-                                        f"({type(err).__name__}: {err})"))
-                continue
         if header.sop_uid:
             seen_sops[header.sop_uid] = path
-        by_series[key].append(header)
+        by_series[(study_uid, series_uid, header.study_date or "")].append(header)
 
     records: list[SeriesRecord] = []
-    for (study_uid, series_uid), headers in by_series.items():
-        first = first_header[(study_uid, series_uid)]
+    for (study_uid, series_uid, _date), all_headers in by_series.items():
+        agreement = series_agreement(all_headers, lambda p: rel(p))
+        headers = list(agreement.kept)
+        # the first file's header (sorted paths) stands for the series; it is read again in
+        # full here (once per series) because workers send back only FileHeaders
+        first: pydicom.Dataset | None = None
+        while headers and first is None:
+            try:
+                first = _read_header(headers[0].path)
+            except Exception as err:  # noqa: BLE001 - changed since it was scanned
+                problems.append(Problem(rel(headers[0].path), f"unreadable DICOM header "
+                                        f"({type(err).__name__}: {err})"))
+                headers.pop(0)
+        if first is None:
+            continue
+        number = int_or_none(_safe_get(first, "SeriesNumber"))
+        series_name = (f"series #{'?' if number is None else number} "
+                       f"'{str(_safe_get(first, 'SeriesDescription', '') or '').strip()}'")
+        for odd, why in agreement.dropped:
+            problems.append(Problem(rel(odd.path), f"left out of {series_name} (not stacked "
+                                    f"with it): {why}"))
         try:
-            geometry, refusal, sequence_class, volumes = _series_volumes(headers, first)
+            geometry, refusal, sequence_class, volumes = _series_volumes(headers, first, rel)
             modality = str(first.get("Modality", "") or "")
         except Exception as err:  # noqa: BLE001 - a corrupt value of the series' first header
             geometry = {"orientation": None, "rows": None, "columns": None,
@@ -849,18 +1306,22 @@ def index_folder(input_dir: Path, *, workers: int | None = None) -> IndexResult:
             refusal = (f"unreadable header value in {headers[0].path.name} "
                        f"({type(err).__name__}: {err})")
             sequence_class, volumes, modality = "other", (), ""
+        if agreement.refusal:
+            refusal = agreement.refusal
         image_class = str(_safe_get(first, "SOPClassUID", "") or "")
         partial = [name for name, sop in lost.get((study_uid, series_uid), ())
                    if sop == image_class]
-        if partial and not refusal:
+        if partial:
             # an image file of the series whose header ends early (truncated, corrupt): the
-            # volume would silently lack its slice, so the series is not used
+            # volume would silently lack its slice, so the series is not used (the first cause
+            # of what else is wrong with it, e.g. the gap it leaves)
             refusal = (f"{len(partial)} file(s) of the series have an incomplete image header "
                        f"(first: {partial[0]}; see problems.tsv): truncated or corrupt; "
                        "re-export the series")
         status, reason = ("refused", refusal) if refusal else ("skipped", "")
         if not refusal and modality != "MR":
             status, reason = "skipped", f"modality {modality or 'missing'} (only MR is analysed)"
+        identity = Counter(h.identity for h in headers).most_common(1)[0][0]
         records.append(SeriesRecord(
             study_uid=study_uid,
             study_date=parse_dicom_date(_safe_get(first, "StudyDate")),
@@ -880,12 +1341,36 @@ def index_folder(input_dir: Path, *, workers: int | None = None) -> IndexResult:
             reason=reason,
             files=tuple(sorted(h.path for h in headers)),
             volumes=volumes,
+            identity=identity,
         ))
+    patients = group_patients(records)
+    records = assign_patients(records, patients)
+    warnings = _reused_study_uids(records)
     records.sort(key=lambda r: (r.study_date or "9999", r.study_time or "", r.study_uid,
+                                r.patient_fingerprint,
                                 r.series_number if r.series_number is not None else 1 << 30,
                                 r.series_uid))
     return IndexResult(input_dir=input_dir, series=tuple(records), problems=tuple(problems),
-                       n_files_seen=len(paths), n_files_dicom=n_dicom)
+                       n_files_seen=len(paths), n_files_dicom=n_dicom,
+                       patients=tuple(patients), warnings=tuple(warnings))
+
+
+def _reused_study_uids(records: Sequence[SeriesRecord]) -> list[str]:
+    """Warnings for StudyInstanceUIDs found on several dates or patients (kept apart)."""
+    keys: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for record in records:
+        keys[record.study_uid].add((record.study_date or "no date", record.patient_fingerprint))
+    warnings = []
+    for _uid, found in sorted(keys.items()):
+        if len(found) > 1:
+            dates = sorted({d for d, _ in found})
+            patients = sorted({p for _, p in found})
+            where = (f"dates {', '.join(dates)}" if len(dates) > 1 else f"date {dates[0]}") + \
+                (f" and patients {', '.join(patients)}" if len(patients) > 1 else "")
+            warnings.append(f"one StudyInstanceUID is carried by {len(found)} studies ({where}): "
+                            "an export or anonymiser reused it; the studies are kept apart by "
+                            "date and patient, each used or refused on its own")
+    return warnings
 
 
 # --------------------------------------------------------------------------------------------
@@ -931,6 +1416,28 @@ def _series_entry(record: SeriesRecord) -> dict[str, Any]:
     }
 
 
+def _entry_key(entry: dict[str, Any]) -> tuple[str, str, str]:
+    """The study key of a session or refused-study entry (see SeriesRecord.study_key)."""
+    return (str(entry.get("patient_fingerprint") or ""), str(entry["study_uid"]),
+            str(entry.get("study_date") or ""))
+
+
+def _describe_series(record: SeriesRecord) -> str:
+    number = record.series_number if record.series_number is not None else "?"
+    return f"series #{number} '{record.series_description}'"
+
+
+def _refused_as(records: Sequence[SeriesRecord], wanted: Any) -> str:
+    """': series #3 'T1 TSE AX' was refused: <reason>' for the refused series of a study that
+    would have qualified (``wanted(record, sequence_class)``), else ''."""
+    found = [r for r in records if r.status == "refused"
+             and (wanted(r, r.sequence_class)
+                  or any(wanted(r, v.sequence_class) for v in r.volumes))]
+    if not found:
+        return ""
+    return ": " + "; ".join(f"{_describe_series(r)} was refused: {r.reason}" for r in found)
+
+
 def select_sessions(
     series: Iterable[SeriesRecord],
     anatomical_regex: str | None = None,
@@ -941,8 +1448,9 @@ def select_sessions(
     Parameters
     ----------
     series : iterable of SeriesRecord
-        Output of :func:`index_folder`. Records with status 'refused' or a non-MR modality
-        are never picked.
+        Output of :func:`index_folder` (of one patient: see :func:`choose_patient`). Records
+        with status 'refused' or a non-MR modality are never picked. A study is
+        :attr:`SeriesRecord.study_key`: (patient, StudyInstanceUID, study date).
     anatomical_regex, fluid_regex : str, optional
         Overrides: an exact SeriesInstanceUID or a regular expression searched
         (case-insensitive) in SeriesDescription. When given, only matching series qualify;
@@ -952,21 +1460,27 @@ def select_sessions(
     -------
     sessions : list of dict
         Sorted by study date (then time); keys ``session``, ``study_date``, ``study_time``,
-        ``study_uid``, ``anatomical`` and ``fluid`` (series entries with absolute file paths).
-        The session label is the study date ``YYYYMMDD``; studies sharing a date get
-        ``T`` + ``HHMMSS`` of their study time appended.
+        ``study_uid``, ``patient_fingerprint``, ``anatomical`` and ``fluid`` (series entries
+        with absolute file paths). The session label is the study date ``YYYYMMDD``; studies
+        sharing a date get ``T`` + ``HHMMSS`` of their study time appended (two sessions,
+        never one); studies sharing date and time cannot be labelled apart: the first (by
+        StudyInstanceUID) is used, the others refused saying so.
     refused_studies : list of dict
-        ``study_uid``, ``study_date`` (ISO or None) and ``reason`` of studies not used.
+        ``study_uid``, ``study_date`` (ISO or None), ``patient_fingerprint`` and ``reason``
+        of studies not used; the reason names the refused series and why, when a series of
+        the wanted kind was there but could not be used.
     """
-    by_study: dict[str, list[SeriesRecord]] = defaultdict(list)
+    by_study: dict[tuple[str, str, str], list[SeriesRecord]] = defaultdict(list)
     for record in series:
-        by_study[record.study_uid].append(record)
+        by_study[record.study_key].append(record)
 
     chosen: list[dict[str, Any]] = []
     refused: list[dict[str, Any]] = []
-    for study_uid, records in by_study.items():
+    for records in by_study.values():
+        study_uid = records[0].study_uid
         study_date = records[0].study_date
-        study_time = records[0].study_time
+        study_time = min((r.study_time for r in records if r.study_time), default=None)
+        fingerprint = records[0].patient_fingerprint
         usable = [c for r in records if r.status != "refused" and r.modality == "MR"
                   for c in _candidates(r)]
         problems: list[str] = []
@@ -976,12 +1490,15 @@ def select_sessions(
         if anatomical_regex:
             anat = [r for r in usable if _override_matches(r, anatomical_regex)]
             if not anat:
-                problems.append(f"no usable series matches the anatomical override "
-                                f"{anatomical_regex!r}")
+                problems.append(
+                    f"no usable series matches the anatomical override {anatomical_regex!r}"
+                    + _refused_as(records, lambda r, c: _override_matches(r, anatomical_regex)))
         else:
             anat = [r for r in usable if r.sequence_class == ANATOMICAL_CLASS]
             if not anat:
-                problems.append("no T1-weighted series")
+                problems.append("no T1-weighted series" + (
+                    " usable" + why if (why := _refused_as(
+                        records, lambda r, c: c == ANATOMICAL_CLASS)) else ""))
         anat.sort(key=_rank_key)
         anat_pick = anat[0] if anat else None
 
@@ -992,30 +1509,37 @@ def select_sessions(
             fluid = sorted((r for r in fluid_pool if _override_matches(r, fluid_regex)),
                            key=_rank_key)
             if not fluid:
-                problems.append(f"no usable series matches the fluid override {fluid_regex!r}")
+                problems.append(
+                    f"no usable series matches the fluid override {fluid_regex!r}"
+                    + _refused_as(records, lambda r, c: _override_matches(r, fluid_regex)))
         else:
             for cls in FLUID_PREFERENCE:
                 fluid = sorted((r for r in fluid_pool if r.sequence_class == cls), key=_rank_key)
                 if fluid:
                     break
             if not fluid:
-                problems.append("no fluid-sensitive series (STIR, T2 fat-sat or Dixon water)")
+                problems.append("no fluid-sensitive series (STIR, T2 fat-sat or Dixon water)"
+                                + (" usable" + why if (why := _refused_as(
+                                    records, lambda r, c: c in FLUID_PREFERENCE)) else ""))
 
         if problems:
             refused.append({"study_uid": study_uid, "study_date": study_date,
+                            "patient_fingerprint": fingerprint,
                             "reason": "; ".join(problems)})
             continue
         assert anat_pick is not None
         chosen.append({"session": "", "study_date": study_date, "study_time": study_time,
-                       "study_uid": study_uid, "anatomical": _series_entry(anat_pick),
+                       "study_uid": study_uid, "patient_fingerprint": fingerprint,
+                       "anatomical": _series_entry(anat_pick),
                        "fluid": _series_entry(fluid[0])})
 
-    chosen.sort(key=lambda s: (s["study_date"], s["study_time"] or "", s["study_uid"]))
+    chosen.sort(key=lambda s: (s["study_date"], s["study_time"] or "", s["study_uid"],
+                               s["patient_fingerprint"]))
     sessions: list[dict[str, Any]] = []
     per_date: dict[str, int] = defaultdict(int)
     for session in chosen:
         per_date[session["study_date"]] += 1
-    labels: set[str] = set()
+    labels: dict[str, dict[str, Any]] = {}
     for session in chosen:
         label = session["study_date"].replace("-", "")
         if per_date[session["study_date"]] > 1:
@@ -1023,13 +1547,25 @@ def select_sessions(
         if label in labels:
             refused.append({"study_uid": session["study_uid"],
                             "study_date": session["study_date"],
+                            "patient_fingerprint": session["patient_fingerprint"],
                             "reason": f"same study date and time as another study (session "
-                                      f"{label}); the session cannot be labelled uniquely"})
+                                      f"{label}, used); the session cannot be labelled "
+                                      "uniquely, so this study is not used"})
             continue
-        labels.add(label)
+        labels[label] = session
         session["session"] = label
         sessions.append(session)
     return sessions, refused
+
+
+def same_day_warnings(sessions: Sequence[dict[str, Any]]) -> list[str]:
+    """A warning per date holding several sessions (each is measured on its own)."""
+    by_date: dict[str, list[str]] = defaultdict(list)
+    for session in sessions:
+        by_date[session["study_date"]].append(session["session"])
+    return [f"{len(labels)} studies on {date} are separate sessions ({', '.join(labels)}), "
+            "labelled by study time" for date, labels in sorted(by_date.items())
+            if len(labels) > 1]
 
 
 def annotate_status(
@@ -1038,29 +1574,159 @@ def annotate_status(
     refused_studies: Sequence[dict[str, Any]],
 ) -> list[SeriesRecord]:
     """Copies of `series` with status/reason saying whether and why each series is used."""
-    used: dict[str, list[str]] = defaultdict(list)
+    used: dict[tuple[tuple[str, str, str], str], list[str]] = defaultdict(list)
     for session in sessions:
         for role, text in (("anatomical", "anatomical"), ("fluid", "fluid-sensitive")):
             entry = session[role]
             volume = f" (volume {entry['volume']})" if entry.get("volume") else ""
-            used[entry["series_uid"]].append(f"{text}{volume} of session {session['session']}")
-    study_refusal = {s["study_uid"]: s["reason"] for s in refused_studies}
+            used[(_entry_key(session), entry["series_uid"])].append(
+                f"{text}{volume} of session {session['session']}")
+    study_refusal = {_entry_key(s): s["reason"] for s in refused_studies}
     result = []
     for record in series:
+        key = (record.study_key, record.series_uid)
         if record.status == "refused":
             result.append(record)
-        elif record.series_uid in used:
+        elif key in used:
             result.append(dataclasses.replace(record, status="used",
-                                              reason="; ".join(used[record.series_uid])))
-        elif record.study_uid in study_refusal:
+                                              reason="; ".join(used[key])))
+        elif record.study_key in study_refusal:
             result.append(dataclasses.replace(
                 record, status="skipped",
-                reason=f"study not used: {study_refusal[record.study_uid]}"))
+                reason=f"study not used: {study_refusal[record.study_key]}"))
         else:
             result.append(dataclasses.replace(
                 record, status="skipped",
                 reason=record.reason or f"not selected ({record.sequence_class})"))
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# one subject = one patient
+# --------------------------------------------------------------------------------------------
+
+def choose_patient(patients: Sequence[PatientGroup],
+                   wanted: str | None = None) -> tuple[list[PatientGroup], str | None]:
+    """The patient(s) whose studies are used, or why none can be.
+
+    Parameters
+    ----------
+    patients : sequence of PatientGroup
+        :attr:`IndexResult.patients`.
+    wanted : str, optional
+        The patient named by the user: a fingerprint (:func:`patient_fingerprint`), or a
+        PatientID (compared as :func:`normalise_patient_id`; every patient carrying that ID
+        is taken, e.g. one whose name was spelt differently in a later study). Empty: the
+        folder must hold one patient.
+
+    Returns
+    -------
+    chosen : list of PatientGroup
+        Empty when the folder cannot be used (then `error` says why).
+    error : str or None
+    """
+    wanted = (wanted or "").strip()
+    if not wanted:
+        if len(patients) <= 1:
+            return list(patients), None
+        return [], (f"the folder holds {len(patients)} patients; one subject must be one "
+                    "patient")
+    by_fingerprint = [p for p in patients if p.fingerprint == wanted.lower()]
+    if by_fingerprint:
+        return by_fingerprint, None
+    patient_id = normalise_patient_id(wanted)
+    by_id = [p for p in patients if patient_id is not None
+             and patient_id in {m.patient_id for m in p.members}]
+    if by_id:
+        return by_id, None
+    return [], ("the patient named by `patient` (a fingerprint or a PatientID) is not in the "
+                f"folder, which holds {len(patients)} patient(s)")
+
+
+def patient_warnings(chosen: Sequence[PatientGroup]) -> list[str]:
+    """What the grouping assumed about the chosen patient(s) (no names or IDs)."""
+    warnings: list[str] = []
+    for group in chosen:
+        if not group.identified_by:
+            warnings.append(
+                f"{len(group.study_keys)} studies carry no patient identity (PatientID, "
+                "PatientName and PatientBirthDate empty or placeholders: an anonymised "
+                "export); they are taken as one patient, so the folder must hold one "
+                "patient only")
+        elif group.merged:
+            warnings.append(
+                f"{group.merged} studies of patient {group.fingerprint} lack some of "
+                f"{', '.join(group.identified_by)} and were joined to that patient because "
+                "every field they have agrees")
+    if len(chosen) > 1:
+        warnings.append(
+            f"the PatientID named by `patient` is carried by {len(chosen)} identities "
+            f"(fingerprints {', '.join(g.fingerprint for g in chosen)}: name or birth date "
+            "differ); all are taken as this one patient, as asked")
+    return warnings
+
+
+def patients_table(patients: Sequence[PatientGroup], show_phi: bool = False,
+                   used: Iterable[str] = ()) -> str:
+    """The patients of a folder as a text table (fingerprint, studies, dates, identified by;
+    with `show_phi` also PatientID, name and birth date as compared)."""
+    used = set(used)
+    header = ["fingerprint", "studies", "dates", "identified by"]
+    if show_phi:
+        header += ["PatientID", "PatientName", "PatientBirthDate"]
+    if used:
+        header.append("status")
+    rows = [header]
+    for group in patients:
+        row = [group.fingerprint, str(len(group.study_keys)), ", ".join(group.study_dates),
+               ", ".join(group.identified_by) or "nothing (anonymised)"]
+        if show_phi:
+            row += [v or "-" for v in (group.identity.patient_id, group.identity.name,
+                                       group.identity.birth_date)]
+        if used:
+            row.append("used" if group.fingerprint in used else "not used")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)
+                                     ).rstrip() for r in rows)
+
+
+def split_by_patient(
+    result: IndexResult, patient: str | None = None,
+) -> tuple[list[SeriesRecord], list[PatientGroup], list[dict[str, Any]], str | None]:
+    """The series of the patient to use, and a refused-study entry for every other study.
+
+    Returns
+    -------
+    series : list of SeriesRecord
+        The chosen patient's series (none when `error`).
+    chosen : list of PatientGroup
+    not_used : list of dict
+        Refused-study entries (``study_uid``, ``study_date``, ``patient_fingerprint``,
+        ``reason``) of the other patients' studies (of every study when `error`).
+    error : str or None
+        Why the folder cannot be used (several patients and none named, or the named one
+        absent).
+    """
+    chosen, error = choose_patient(result.patients, patient)
+    fingerprints = {g.fingerprint for g in chosen}
+    mine = [r for r in result.series if r.patient_fingerprint in fingerprints]
+    not_used: list[dict[str, Any]] = []
+    seen: set[tuple[str, str, str]] = set()
+    for record in result.series:
+        if record.patient_fingerprint in fingerprints or record.study_key in seen:
+            continue
+        seen.add(record.study_key)
+        if error:
+            reason = (f"{error}: this study belongs to patient {record.patient_fingerprint}; "
+                      "name the patient to use (config `patient`: its fingerprint or "
+                      "PatientID; see the index log for the table of patients)")
+        else:
+            reason = (f"another patient (fingerprint {record.patient_fingerprint}): not used, "
+                      f"`patient` selects {', '.join(sorted(fingerprints))}")
+        not_used.append({"study_uid": record.study_uid, "study_date": record.study_date,
+                         "patient_fingerprint": record.patient_fingerprint, "reason": reason})
+    return mine, chosen, not_used, error
 
 
 # --------------------------------------------------------------------------------------------
@@ -1072,8 +1738,24 @@ def write_outputs(
     sessions: list[dict[str, Any]],
     refused_studies: list[dict[str, Any]],
     out_dir: Path,
+    *,
+    chosen: Sequence[PatientGroup] | None = None,
+    warnings: Sequence[str] = (),
 ) -> None:
-    """Write index.tsv, problems.tsv, sessions.json and sessions.tsv atomically into `out_dir`."""
+    """Write index.tsv, problems.tsv, sessions.json and sessions.tsv atomically into `out_dir`.
+
+    sessions.json holds, besides the sessions and refused studies: ``patient_fingerprint``
+    (the patient used, None when none is), ``patient_fingerprint_fields`` (the DICOM
+    attributes it rests on; empty: nothing identifies the patient), ``patients`` (every
+    patient of the folder: fingerprint, identified_by, n_studies, study_dates, used) and
+    ``warnings``. `chosen` defaults to the folder's patient when it holds one.
+    """
+    if is_within(out_dir, result.input_dir):
+        raise ValueError(f"{out_dir}: the output folder lies inside the input folder "
+                         f"{result.input_dir}, which is read-only")
+    if chosen is None:
+        chosen = list(result.patients) if len(result.patients) == 1 else []
+    used = {g.fingerprint for g in chosen}
     records = annotate_status(result.series, sessions, refused_studies)
     write_tsv_atomic(out_dir / "index.tsv", [r.as_row() for r in records], INDEX_COLUMNS)
     write_tsv_atomic(out_dir / "problems.tsv",
@@ -1084,6 +1766,10 @@ def write_outputs(
         "refused_studies": refused_studies,
         "n_files_seen": result.n_files_seen,
         "n_files_dicom": result.n_files_dicom,
+        "patient_fingerprint": chosen[0].fingerprint if chosen else None,
+        "patient_fingerprint_fields": list(chosen[0].identified_by) if chosen else [],
+        "patients": [g.describe() | {"used": g.fingerprint in used} for g in result.patients],
+        "warnings": list(warnings),
     })
 
     def describe(entry: dict[str, Any]) -> str:
@@ -1097,7 +1783,9 @@ def write_outputs(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (0 when at least one session is usable)."""
+    """Command-line entry point; returns the exit code (0 when at least one session is usable;
+    1 when none is, or when the folder holds several patients and none is named; 2 for
+    wrong arguments)."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.dicom_index",
         description="Index a DICOM export folder and select the series to analyse per study.")
@@ -1110,6 +1798,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fluid-regex", default=None,
                         help="SeriesInstanceUID or regex on SeriesDescription of the "
                              "fluid-sensitive series")
+    parser.add_argument("--patient", default=None,
+                        help="the patient to use when the folder holds several: its "
+                             "fingerprint (as listed when the index refuses the folder) or "
+                             "its PatientID; the other patients' studies are listed as not "
+                             "used")
+    parser.add_argument("--show-phi", action="store_true",
+                        help="list PatientID, name and birth date in the table of patients "
+                             "printed when a folder holds several (never in output files)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
@@ -1134,11 +1830,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     result = index_folder(input_dir)
-    sessions, refused = select_sessions(result.series, args.anatomical_regex, args.fluid_regex)
-    write_outputs(result, sessions, refused, args.out_dir)
-    log.info("%s: %d files, %d DICOM, %d series, %d problem files, %d sessions, %d studies "
-             "refused", result.input_dir, result.n_files_seen, result.n_files_dicom,
-             len(result.series), len(result.problems), len(sessions), len(refused))
+    series, chosen, not_used, patient_error = split_by_patient(result, args.patient)
+    sessions, refused = select_sessions(series, args.anatomical_regex, args.fluid_regex)
+    refused = refused + not_used
+    warnings = [*result.warnings, *patient_warnings(chosen), *same_day_warnings(sessions)]
+    write_outputs(result, sessions, refused, args.out_dir, chosen=chosen, warnings=warnings)
+    log.info("%s: %d files, %d DICOM, %d series, %d problem files, %d patient(s), "
+             "%d sessions, %d studies refused", result.input_dir, result.n_files_seen,
+             result.n_files_dicom, len(result.series), len(result.problems),
+             len(result.patients), len(sessions), len(refused))
+    for warning in warnings:
+        log.warning("%s", warning)
+    if patient_error:
+        print(f"ERROR {result.input_dir}: {patient_error}. Name the patient to use with the "
+              "config key `patient` (index: --patient), giving its fingerprint or its "
+              "PatientID; the other patients' studies are then listed as not used. Patients "
+              f"in the folder:\n{patients_table(result.patients, args.show_phi)}",
+              file=sys.stderr)
+        return 1
+    if len(result.patients) > 1:
+        log.info("patients in the folder:\n%s", patients_table(
+            result.patients, args.show_phi, (g.fingerprint for g in chosen)))
     if not sessions:
         if not result.series:
             why = (f"no DICOM image series found ({result.n_files_seen} files, "

@@ -47,6 +47,7 @@ LONGITUDINAL_COLUMNS = (
     "asymmetry_change_pp",
     "asymmetry_change_pp_ci95",
     "change_beyond_mdc95",
+    "session",
 )
 CLASSES = ("pseudo-progression", "progression", "response", "stable", "indeterminate")
 #: Per-session states of the flare timeline (DESIGN.md "Confirmation").
@@ -89,6 +90,13 @@ class Visit:
     #: standard deviation (mL) of each volume from the repeatability model; absent: unknown
     affected_sd_ml: dict[str, float | None] = field(default_factory=dict)
     contralateral_sd_ml: dict[str, float | None] = field(default_factory=dict)
+    #: the session label (date, or date and time when one day holds several studies)
+    session: str = ""
+
+    @property
+    def key(self) -> str:
+        """What identifies the visit: its session label, else its date."""
+        return self.session or self.study_date
 
     def asymmetry_pct(self, structure: str = "soft_tissue") -> float | None:
         contra = self.contralateral_ml.get(structure)
@@ -137,7 +145,11 @@ def visits_from_rows(rows: Sequence[Mapping[str, str]]) -> list[Visit]:
     """Visits (sorted by date) from volumes.tsv rows."""
     by_date: dict[str, Visit] = {}
     for r in rows:
-        v = by_date.setdefault(r["study_date"], Visit(r["study_date"], int(r["day"]), {}, {}))
+        key = r.get("session") or r["study_date"]
+        if key not in by_date:
+            by_date[key] = Visit(r["study_date"], int(r["day"]), {}, {},
+                                 session=r.get("session") or "")
+        v = by_date[key]
         value = _float(r["volume_ml"])
         sd = unc.sd_from_ci95(_float(r.get("volume_ml_ci95")))
         if r["role"] == "affected":
@@ -149,7 +161,7 @@ def visits_from_rows(rows: Sequence[Mapping[str, str]]) -> list[Visit]:
         for code in (r.get("qc") or "").split(","):
             if code.strip() and code.strip() != "n/a" and code.strip() not in v.qc:
                 v.qc.append(code.strip())
-    return sorted(by_date.values(), key=lambda v: v.study_date)
+    return sorted(by_date.values(), key=lambda v: (v.study_date, v.session))
 
 
 def _float(text: str | None) -> float | None:
@@ -209,6 +221,7 @@ def longitudinal_rows(subject: str, visits: Sequence[Visit]) -> list[dict[str, A
                     asymmetry_change_pp=None if v is base else _round(asym_change),
                     asymmetry_change_pp_ci95=_round(unc.ci95(asym_change_sd)),
                     change_beyond_mdc95=None if beyond is None else ("yes" if beyond else "no"),
+                    session=v.session or None,
                 )
             )
     return rows
@@ -379,6 +392,7 @@ class SessionState:
     criteria: list[str] = field(default_factory=list)
     within_measurement_error: list[str] = field(default_factory=list)
     note: str = ""
+    session: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -403,17 +417,19 @@ def session_states(visits: Sequence[Visit], t: Thresholds | None = None
     states: list[SessionState] = []
     for v in visits[:b]:
         states.append(SessionState(v.study_date, v.day, "not assessable",
-                                   note="before the baseline session"))
+                                   note="before the baseline session", session=v.session))
     states.append(SessionState(base.study_date, base.day,
                                "not assessable" if base.excluded else "baseline",
-                               note=f"did not pass QC{_qc_note(base)}" if base.excluded else ""))
+                               note=f"did not pass QC{_qc_note(base)}" if base.excluded else "",
+                               session=base.session))
     episode_day: int | None = None
     confirmed_any = flared_any = False
     for v in visits[b + 1:]:
         ok = assessable(v, base)
         if base.excluded or v.excluded or not any(ok.values()):
             states.append(SessionState(v.study_date, v.day, "not assessable",
-                                       note=f"nothing assessable against baseline{_qc_note(v)}"))
+                                       note=f"nothing assessable against baseline{_qc_note(v)}",
+                                       session=v.session))
             continue
         a = assess(v, base, t)
         missing = [c.replace("_", " ") for c, good in ok.items() if not good]
@@ -443,7 +459,8 @@ def session_states(visits: Sequence[Visit], t: Thresholds | None = None
             state, note = "no change", "no flare criterion beyond its threshold and MDC95"
         if gap:
             note = f"{note}; {gap}"
-        states.append(SessionState(v.study_date, v.day, state, a.flares, a.within_error, note))
+        states.append(SessionState(v.study_date, v.day, state, a.flares, a.within_error, note,
+                                   v.session))
     confirmation = ("confirmed" if confirmed_any else "unconfirmed" if flared_any
                     else "not applicable")
     return states, confirmation
@@ -493,11 +510,11 @@ def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
         return Pattern("indeterminate", [
             *reasons, f"No session after the baseline (day {base.day}) passed QC."],
             states=states, confirmation=confirmation)
-    by_date = {s.study_date: s for s in states}
+    by_key = {s.session or s.study_date: s for s in states}
     flares: list[dict[str, Any]] = []
     for v in later:
         a = assess(v, base, t)
-        st = by_date[v.study_date]
+        st = by_key[v.key]
         if a.flares:
             flares.append({"study_date": v.study_date, "day": v.day, "criteria": a.flares,
                            "state": st.state})
@@ -505,7 +522,7 @@ def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
             reasons.append(f"Day {v.day}: {w}: above the threshold but within measurement "
                            "error, not counted as a flare.")
     last = later[-1]
-    last_state = by_date[last.study_date]
+    last_state = by_key[last.key]
     reasons.insert(0,
         f"Baseline: {base.study_date} (day {base.day}); last session: "
         f"{last.study_date} (day {last.day})."
@@ -605,16 +622,52 @@ def qc_reasons(flags: Sequence[qc_mod.QCFlag]) -> list[str]:
             if f.severity == "exclude"]
 
 
-def read_events(path: str | Path | None, day0: str) -> list[dict[str, Any]]:
+def read_events(
+    path: str | Path | None,
+    day0: str,
+    study_days: Sequence[int] | None = None,
+    warnings: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """Clinical events from a TSV with columns ``day`` or ``date``, ``label``, ``category``.
 
+    Encoding: UTF-8 (with or without a byte-order mark); a file that is not UTF-8 (e.g. saved
+    by a spreadsheet as Windows-1252 / Latin-1) is read as Windows-1252, else Latin-1, with a
+    warning naming the file.
+
+    Timeline: the studies (`study_days`, days since day 0) and day 0 span ``lo..hi``; an event
+    more than ``max(365, hi - lo)`` days outside that span (a typo such as 1850, an event of
+    another episode) is left off, with a warning naming the file, line and date, so that it
+    cannot squeeze the timeline. Without `study_days` the span is day 0 alone (events within
+    365 days of day 0 are kept).
+
+    Warnings go to `warnings` when given, else to stderr (the step's log).
     Raises ValueError naming the file and row for a row that cannot be placed on the timeline.
     """
+    import csv
+    import io
+    import sys
+
     if not path:
         return []
+    notes: list[str] = []
     d0 = dt.date.fromisoformat(day0)
+    raw = Path(path).read_bytes()
+    text, encoding = "", ""
+    for encoding in ("utf-8-sig", "cp1252", "latin-1"):  # latin-1 decodes any byte
+        try:
+            text = raw.decode(encoding)
+            break
+        except UnicodeDecodeError:
+            continue
+    if encoding != "utf-8-sig":
+        notes.append(f"{path}: not UTF-8; read as {encoding} (save it as UTF-8 to be sure "
+                     "of accented labels)")
+    span = [0, *(int(d) for d in (study_days or []))]
+    lo, hi = min(span), max(span)
+    margin = max(365, hi - lo)
     events = []
-    for n, row in enumerate(read_tsv(path), start=2):
+    for n, row in enumerate(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t"),
+                            start=2):
         try:
             if row.get("date") not in (None, "", "n/a"):
                 date = dt.date.fromisoformat(row["date"])
@@ -622,19 +675,32 @@ def read_events(path: str | Path | None, day0: str) -> list[dict[str, Any]]:
             else:
                 day = int(row["day"])
                 date = d0 + dt.timedelta(days=day)
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise ValueError(
                 f"{path}, line {n}: needs a 'day' (integer) or 'date' (YYYY-MM-DD) column ({err})"
             ) from None
+        label = (row.get("label") or "").strip()
+        if not lo - margin <= day <= hi + margin:
+            notes.append(
+                f"{path}, line {n}: event {label!r} on {date.isoformat()} (day {day}) lies more "
+                f"than {margin} days outside the studies and day 0 (days {lo}..{hi}); left off "
+                "the timeline"
+            )
+            continue
         category = (row.get("category") or "other").strip()
         events.append(
             {
                 "day": day,
                 "date": date.isoformat(),
-                "label": (row.get("label") or "").strip(),
+                "label": label,
                 "category": category if category in EVENT_CATEGORIES else "other",
             }
         )
+    if warnings is not None:
+        warnings.extend(notes)
+    else:
+        for note in notes:
+            print(f"WARNING {note}", file=sys.stderr)
     return sorted(events, key=lambda e: e["day"])
 
 
@@ -696,7 +762,7 @@ def build_summary(
     by_label = {s["session"]: s for s in sessions_index.get("sessions", [])}
     extents = {s["session"]: s for s in side_info.get("sessions", [])}
     flags = qc_mod.flags_from_json(side_info.get("qc_flags", []))
-    visit_by_date = {v.study_date: v for v in visits}
+    visit_of = {v.key: v for v in visits}
     sessions = []
     for label, files in session_files.items():
         entry = by_label.get(label, {})
@@ -721,8 +787,8 @@ def build_summary(
                 "warnings": s_warn,
                 "qc_codes": qc_mod.codes_for(flags, label),
                 "excluded": qc_mod.session_excluded(flags, label)
-                or bool(visit_by_date.get(str(entry.get("study_date")))
-                        and visit_by_date[str(entry.get("study_date"))].excluded),
+                or bool((visit := visit_of.get(label) or visit_of.get(
+                    str(entry.get("study_date")))) and visit.excluded),
             }
         )
     warnings.extend(side_info.get("warnings", []))
@@ -740,11 +806,13 @@ def build_summary(
     if unilateral:
         warnings.append("one limb only in the field of view: asymmetry is not available; "
                         "swelling is judged from the affected limb's change from baseline")
+    warnings.extend(str(w) for w in sessions_index.get("warnings", []))
     for r in sessions_index.get("refused_studies", []):
         warnings.append(f"study {r.get('study_date') or 'without date'} not used: {r['reason']}")
     return {
         "subject": subject,
         "affected_side": side_info["affected_side"],
+        "patient_fingerprint": sessions_index.get("patient_fingerprint"),
         "affected_side_source": side_info.get("affected_side_source", "configuration"),
         "day0": day0,
         "baseline_study_date": base.study_date if base else None,
@@ -810,7 +878,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dseg": str(rel / f"{stem}_dseg.nii.gz"),
         }
     session_files = dict(sorted(session_files.items()))
-    events = read_events(args.events or None, args.day0)
+    event_warnings: list[str] = []
+    events = read_events(args.events or None, args.day0, study_days=[v.day for v in visits],
+                         warnings=event_warnings)
     summary = build_summary(
         args.subject,
         args.day0,
@@ -824,6 +894,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         thresholds,
         json.loads(args.settings_json),
     )
+    summary["warnings"].extend(event_warnings)
     write_tsv_atomic(args.out_tsv, longitudinal_rows(args.subject, visits), LONGITUDINAL_COLUMNS)
     write_json_atomic(args.out_summary, summary)
     print(f"{args.subject}: {pattern.classification}")

@@ -48,7 +48,7 @@ from .uncertainty import Drivers, RepeatabilityModel, ci95
 SNAP_MM = 1.0
 
 VOLUME_COLUMNS = ("subject", "study_date", "day", "side", "role", "structure", "volume_ml", "qc",
-                  "volume_ml_ci95")
+                  "volume_ml_ci95", "session")
 
 
 @dataclass(frozen=True)
@@ -204,6 +204,7 @@ def volume_rows(
                         volume_ml=_round3(s.volumes_ml[side][structure]),
                         qc=",".join(s.qc.get(side, [])),
                         volume_ml_ci95=_round3(ci95(_sd(model, s, side, structure))),
+                        session=s.session,
                     )
                 )
     return rows

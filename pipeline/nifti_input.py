@@ -12,6 +12,20 @@ Give the sheet where a study folder would go: ``--config input_dir=sessions.tsv`
 ``sessions.tsv`` as the DICOM index; ``convert`` writes a session's two images under the same
 names and with a JSON sidecar, as the DICOM converter does. Geometry is taken from the NIfTI
 affine (sform, else qform) by nibabel and kept exactly; files are only read.
+
+Refused, with the reason, in ``problems.tsv`` / ``index.tsv`` and the summary's warnings (the
+other sessions go on):
+
+* an image whose qform and sform both claim a geometry (codes > 0) that disagree: a corner
+  of the image placed more than :data:`XFORM_TOLERANCE_MM` apart by the two, a mirrored one
+  included. Tools do not agree on which to read (nibabel, FSL and FSLeyes read the sform;
+  ITK, ANTs and most ITK-based viewers the qform unless both agree; MRtrix refuses a
+  left-right disagreement), so left and right cannot be trusted; dcm2niix writes the two
+  equal. Both are shown in the message. One of the two alone (the other's code 0) is used.
+* a session whose anatomical and fluid image are the same file, or files of identical
+  content (the fluid contrast would be the anatomical one: edema and lesion 0);
+* a session whose two images do not overlap in space (their boxes in scanner coordinates
+  share no volume): segmentation resamples one onto the other.
 """
 
 from __future__ import annotations
@@ -39,6 +53,10 @@ SHEET_COLUMNS = ("subject", "study_date", "role", "path")
 INDEX_COLUMNS = ("study_date", "study_time", "series_number", "series_description", "modality",
                  "sequence_class", "orientation", "n_files", "rows", "columns",
                  "pixel_spacing_mm", "slice_spacing_mm", "status", "reason")
+
+
+#: qform and sform agree when they place every corner of the image within this distance.
+XFORM_TOLERANCE_MM = 0.1
 
 
 class SheetError(ValueError):
@@ -85,9 +103,80 @@ def inspect_nifti(path: Path) -> dict[str, Any]:
     if sform_code == 0 and qform_code == 0:
         raise ValueError("no geometry: sform_code and qform_code are both 0 (scanner "
                          "orientation unknown, left and right cannot be told apart)")
+    if sform_code > 0 and qform_code > 0:
+        conflict = xform_conflict(img.header.get_sform(), img.header.get_qform(), shape)
+        if conflict:
+            raise ValueError(conflict)
     zooms = [float(z) for z in img.header.get_zooms()[:3]]
     return {"shape": list(shape), "zooms_mm": zooms, "affine": affine.tolist(),
             "orientation": _orientation(affine)}
+
+
+def _corners(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Scanner coordinates (8, 3) of the corner voxel centres of a grid."""
+    idx = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                    for k in (0, shape[2] - 1)])
+    return (idx @ np.asarray(affine, float).T)[:, :3]
+
+
+def _describe_xform(affine: np.ndarray) -> str:
+    a = np.asarray(affine, float)
+    rows = "; ".join(" ".join(f"{v:.4g}" for v in row) for row in a[:3].round(3))
+    codes = "".join(nib.aff2axcodes(a))
+    hand = "right-handed" if np.linalg.det(a[:3, :3]) > 0 else "left-handed"
+    return f"{codes} {hand} [{rows}]"
+
+
+def xform_conflict(sform: np.ndarray, qform: np.ndarray, shape: Sequence[int]) -> str | None:
+    """Why an image's sform and qform cannot both be right, or None when they agree (every
+    corner voxel within XFORM_TOLERANCE_MM)."""
+    apart = float(np.linalg.norm(_corners(sform, shape) - _corners(qform, shape), axis=1).max())
+    if apart <= XFORM_TOLERANCE_MM:
+        return None
+    mirrored = np.sign(np.linalg.det(sform[:3, :3])) != np.sign(np.linalg.det(qform[:3, :3]))
+    return (f"qform and sform disagree{' (one is mirrored)' if mirrored else ''}: they place "
+            f"the image's corners up to {apart:.1f} mm apart (tolerance "
+            f"{XFORM_TOLERANCE_MM} mm); sform {_describe_xform(sform)}, qform "
+            f"{_describe_xform(qform)}. Software differs in which one it reads, so left and "
+            "right cannot be trusted: rewrite the file with one geometry (e.g. convert again "
+            "with dcm2niix, or set the wrong one's code to 0)")
+
+
+def _box(facts: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Box in scanner coordinates covered by an image (voxel edges included)."""
+    affine = np.asarray(facts["affine"], float)
+    shape = facts["shape"]
+    idx = np.array([[i, j, k, 1.0] for i in (-0.5, shape[0] - 0.5)
+                    for j in (-0.5, shape[1] - 0.5) for k in (-0.5, shape[2] - 0.5)])
+    pts = (idx @ affine.T)[:, :3]
+    return pts.min(axis=0), pts.max(axis=0)
+
+
+def same_image_reason(anatomical: Path, fluid: Path) -> str | None:
+    """Why one file (or two of identical content) cannot be both roles; None otherwise."""
+    if anatomical.resolve() == fluid.resolve():
+        return (f"the same file {anatomical.name} is given as anatomical and as fluid image: "
+                "edema and lesion would read 0")
+    if (anatomical.stat().st_size == fluid.stat().st_size
+            and sha256_file(anatomical) == sha256_file(fluid)):
+        return (f"anatomical {anatomical.name} and fluid {fluid.name} have identical content: "
+                "edema and lesion would read 0")
+    return None
+
+
+def overlap_reason(anatomical: dict[str, Any], fluid: dict[str, Any]) -> str | None:
+    """Why a session's two images cannot be segmented together (they share no volume in
+    scanner coordinates), or None."""
+    (a_lo, a_hi), (f_lo, f_hi) = _box(anatomical), _box(fluid)
+    if (np.minimum(a_hi, f_hi) - np.maximum(a_lo, f_lo) > 0).all():
+        return None
+
+    def extent(lo: np.ndarray, hi: np.ndarray) -> str:
+        return " x ".join(f"{a:.0f}..{b:.0f}" for a, b in zip(lo, hi, strict=True))
+
+    return (f"anatomical {anatomical['description']} and fluid {fluid['description']} do not "
+            f"overlap in space (RAS mm: {extent(a_lo, a_hi)} vs {extent(f_lo, f_hi)}): the "
+            "two images of a session must cover the same anatomy")
 
 
 def read_sheet(sheet: Path, subject: str) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
@@ -134,6 +223,7 @@ def index_sheet(sheet: Path, subject: str) -> dict[str, Any]:
     n_rows = len(rows) + len(problems)  # every row of the subject, usable or not
     index_rows: list[dict[str, Any]] = []
     by_date: dict[str, dict[str, Any]] = {}
+    why_not: dict[tuple[str, str], str] = {}  # (date, role) -> why its image was refused
     for r in rows:
         status, reason = "used", ""
         facts: dict[str, Any] = {}
@@ -142,6 +232,7 @@ def index_sheet(sheet: Path, subject: str) -> dict[str, Any]:
         except ValueError as err:
             status, reason = "refused", str(err)
             problems.append({"path": str(r["path"]), "problem": str(err)})
+            why_not.setdefault((r["study_date"], r["role"]), f"{r['path'].name}: {err}")
         entry = by_date.setdefault(r["study_date"], {})
         if status == "used" and r["role"] in entry:
             status, reason = "refused", (f"a second {r['role']} image for {r['study_date']} "
@@ -163,12 +254,24 @@ def index_sheet(sheet: Path, subject: str) -> dict[str, Any]:
             "_role": r["role"],
         })
     sessions, refused = [], []
+    pair_problem: dict[str, str] = {}
     for date in sorted(by_date):
         entry = by_date[date]
         lacking = [role for role in ("anatomical", "fluid") if role not in entry]
         if lacking:
+            details = [why_not[(date, role)] for role in lacking if (date, role) in why_not]
             refused.append({"study_uid": "", "study_date": date,
-                            "reason": f"no usable {' and no '.join(lacking)} image"})
+                            "reason": f"no usable {' and no '.join(lacking)} image"
+                            + (f" ({'; '.join(details)})" if details else "")})
+            continue
+        a_path = Path(entry["anatomical"]["files"][0])
+        f_path = Path(entry["fluid"]["files"][0])
+        why = (same_image_reason(a_path, f_path)
+               or overlap_reason(entry["anatomical"], entry["fluid"]))
+        if why:
+            pair_problem[date] = why
+            refused.append({"study_uid": "", "study_date": date, "reason": why})
+            problems.append({"path": str(f_path), "problem": f"session {date} refused: {why}"})
             continue
         sessions.append({"session": date.replace("-", ""), "study_date": date,
                          "study_uid": "", "anatomical": entry["anatomical"],
@@ -176,11 +279,13 @@ def index_sheet(sheet: Path, subject: str) -> dict[str, Any]:
     used = {s["study_date"] for s in sessions}
     for r in index_rows:
         if r["status"] == "used":
-            r["reason"] = (f"{r.pop('_role')} of session {r['study_date'].replace('-', '')}"
-                           if r["study_date"] in used else "session not used: image missing "
-                           "for the other role")
-            if r["study_date"] not in used:
+            if r["study_date"] in used:
+                r["reason"] = f"{r['_role']} of session {r['study_date'].replace('-', '')}"
+            elif r["study_date"] in pair_problem:
+                r["status"], r["reason"] = "refused", pair_problem[r["study_date"]]
+            else:
                 r["status"] = "skipped"
+                r["reason"] = "session not used: image missing for the other role"
         r.pop("_role", None)
     return {"sessions": sessions, "refused": refused, "index_rows": index_rows,
             "problems": problems, "n_rows": n_rows}

@@ -50,6 +50,7 @@ SIGNAL_VOID_SLICES: Final = "signal_void_slices"
 FLUID_NOT_FAT_SUPPRESSED: Final = "fluid_not_fat_suppressed"
 ANATOMICAL_NOT_T1_LIKE: Final = "anatomical_not_t1_like"
 REGISTRATION_FAILED: Final = "registration_failed"
+IMAGES_DO_NOT_OVERLAP: Final = "images_do_not_overlap"
 
 #: Structures made not available by an ``exclude`` flag of each code (all: every structure).
 EXCLUDED_STRUCTURES: Final[dict[str, tuple[str, ...]]] = {
@@ -58,6 +59,7 @@ EXCLUDED_STRUCTURES: Final[dict[str, tuple[str, ...]]] = {
     FLUID_NOT_FAT_SUPPRESSED: ("marrow_lesion", "edema"),
     ANATOMICAL_NOT_T1_LIKE: STRUCTURES,
     REGISTRATION_FAILED: STRUCTURES,
+    IMAGES_DO_NOT_OVERLAP: STRUCTURES,
 }
 
 #: What each code means for the numbers, in words (README, report legend).
@@ -70,6 +72,8 @@ MEANING: Final[dict[str, str]] = {
     ANATOMICAL_NOT_T1_LIKE: "anatomical image not T1-like (fat not brighter than muscle): "
     "session not measured",
     REGISTRATION_FAILED: "registration to the baseline failed: session not measured",
+    IMAGES_DO_NOT_OVERLAP: "the anatomical and fluid images of the session do not overlap in "
+    "space: session not segmented, not measured",
 }
 
 BOTH: Final = "both"

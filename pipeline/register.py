@@ -26,7 +26,13 @@ Method
 4. **Multi-resolution** 4-2-1 built here rather than by ``SetShrinkFactorsPerLevel``, whose one
    factor for all axes would leave a 12-slice, 5 mm study with 3 slices: each axis is shrunk
    toward ``level x finest spacing`` (so 1.6 x 1.6 x 5 mm voxels become 6.4 x 6.4 x 5 mm at the
-   coarsest level), after Gaussian smoothing of half that spacing.
+   coarsest level), after Gaussian smoothing of half that spacing. No axis is shrunk below 4
+   voxels (ITK's recursive Gaussian filters need 4): a follow-up of six 2 mm slices keeps its
+   six slices at every level. A volume thinner than 4 voxels along an axis is registered at
+   full resolution only, with central-difference gradients and the rotation about the
+   in-plane axes frozen (in-plane rotation and 3-D translation); ITK failing anyway gives
+   ``poor`` with the reason (:func:`not_registered`), so the session is flagged
+   ``registration_failed`` instead of stopping the patient.
 
 Which image: the **T1-weighted** one by default. Its contrast (fat, muscle, marrow, cortex) is
 stable across visits, while the fluid-sensitive image changes with exactly what is measured
@@ -371,12 +377,28 @@ def bone_initial_transform(
 # --------------------------------------------------------------------------- registration
 
 
+#: ITK's recursive Gaussian filters (level smoothing, the metric's image gradients) need at
+#: least this many voxels along every axis.
+MIN_AXIS_VOXELS = 4
+
+
+def _thin(image: sitk.Image) -> bool:
+    """Fewer than MIN_AXIS_VOXELS voxels along some axis (e.g. a follow-up of 3 slices)."""
+    return min(image.GetSize()) < MIN_AXIS_VOXELS
+
+
 def _level_images(image: sitk.Image, level: int, finest_mm: float) -> sitk.Image:
-    if level <= 1:
+    """`image` smoothed and shrunk toward ``level x finest_mm`` voxels; no axis is shrunk
+    below MIN_AXIS_VOXELS voxels (a thin volume, e.g. six 2 mm slices, keeps its slices at
+    the coarse levels), and an image already thinner than that is used as it is."""
+    if level <= 1 or _thin(image):
         return image
     target = level * finest_mm
     spacing = image.GetSpacing()
-    factors = [max(1, int(round(target / s))) for s in spacing]
+    factors = [
+        max(1, min(int(round(target / s)), n // MIN_AXIS_VOXELS))
+        for s, n in zip(spacing, image.GetSize(), strict=True)
+    ]
     sigmas = [0.5 * max(target, s) for s in spacing]
     smoothed = sitk.SmoothingRecursiveGaussian(image, sigmas)
     return sitk.Shrink(smoothed, factors)
@@ -434,8 +456,17 @@ def _optimise(
             gradientMagnitudeTolerance=1e-8,
         )
         reg.SetOptimizerScalesFromPhysicalShift()
+        thin = _thin(f) or _thin(m)
+        if thin:
+            # the metric's recursive-Gaussian gradient filters need 4 voxels along each axis;
+            # central differences instead, and no out-of-plane rotation (not determined by
+            # a slab of fewer than 4 slices)
+            reg.SetMetricUseFixedImageGradientFilter(False)
+            reg.SetMetricUseMovingImageGradientFilter(False)
         if translation_only:
             reg.SetOptimizerWeights([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+        elif thin:
+            reg.SetOptimizerWeights([0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
         reg.SetInitialTransform(tr, inPlace=True)
         with single_threaded_itk():
             reg.Execute(f, m)
@@ -790,6 +821,22 @@ def align_within_session(
     return _result(tr, tr0, metric, how, iterations, stop, t0, None, reasons)
 
 
+def _itk_reason(err: BaseException) -> str:
+    """The one informative line of an ITK exception (its last non-empty line)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    text = lines[-1] if lines else type(err).__name__
+    return text.split("): ", 1)[-1] if text.startswith("ITK ERROR") else text
+
+
+def not_registered(reason: str) -> RegistrationResult:
+    """A result for a session that could not be registered: identity transform, ``poor``
+    with `reason` (it becomes the QC flag ``registration_failed``, nothing of the session is
+    measured)."""
+    identity = sitk.Euler3DTransform()
+    return _result(identity, identity, None, "not registered", 0, "", time.perf_counter(),
+                   None, [reason])
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -819,9 +866,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = RegistrationSettings(
         seed=args.seed, sampling_fraction=args.sampling, reference=args.reference
     )
-    result = register_session(
-        args.fixed_image, args.moving_image, args.fixed_labels, args.moving_labels, settings
-    )
+    empty = [p for p in (args.fixed_labels, args.moving_labels)
+             if not sitk.GetArrayFromImage(sitk.ReadImage(str(p))).any()]
+    try:
+        if empty:  # nothing was segmented there (its QC flags say why): nothing to align
+            result = not_registered(f"no limb segmented in {empty[0].name}: nothing to align")
+        else:
+            result = register_session(args.fixed_image, args.moving_image, args.fixed_labels,
+                                      args.moving_labels, settings)
+    except RuntimeError as err:  # ITK refused the images: the session is flagged, not lost
+        result = not_registered(f"registration could not run: {_itk_reason(err)}")
     result.write(args.out_tfm, args.out_json)
     tx, ty, tz = result.translation_mm
     q = result.quality

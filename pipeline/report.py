@@ -2568,6 +2568,7 @@ def build_context(subject_dir: Path, show_phi: bool = False) -> dict[str, Any]:
 
     return {
         "subject": str(summary.get("subject", subject_dir.name)),
+        "patient_fingerprint": str(summary.get("patient_fingerprint") or ""),
         "affected_side": affected,
         "affected_side_source": source_text,
         "day0": str(summary.get("day0", "n/a")),

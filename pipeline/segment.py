@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,38 @@ def resample_to(moving: sitk.Image, reference: sitk.Image) -> sitk.Image:
         return moving
     return sitk.Resample(
         moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    )
+
+
+class NoOverlapError(ValueError):
+    """The anatomical and fluid images of a session share no volume in patient space."""
+
+
+def _physical_box(image: sitk.Image) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Box in patient coordinates (LPS mm) covered by an image, voxel edges included."""
+    size = image.GetSize()
+    corners = np.array([
+        image.TransformContinuousIndexToPhysicalPoint((i, j, k))
+        for i in (-0.5, size[0] - 0.5) for j in (-0.5, size[1] - 0.5)
+        for k in (-0.5, size[2] - 0.5)
+    ])
+    return corners.min(axis=0), corners.max(axis=0)
+
+
+def check_overlap(t1: sitk.Image, fluid: sitk.Image, t1_name: str, fluid_name: str) -> None:
+    """Raise NoOverlapError naming both files when the two images share no volume (the T1
+    resampled onto the fluid grid would be empty: nothing could be segmented)."""
+    (a_lo, a_hi), (f_lo, f_hi) = _physical_box(t1), _physical_box(fluid)
+    if (np.minimum(a_hi, f_hi) - np.maximum(a_lo, f_lo) > 0).all():
+        return
+
+    def extent(lo: NDArray[np.float64], hi: NDArray[np.float64]) -> str:
+        return " x ".join(f"{a:.0f}..{b:.0f}" for a, b in zip(lo, hi, strict=True))
+
+    raise NoOverlapError(
+        f"{t1_name} and {fluid_name} do not overlap in space (LPS mm: "
+        f"{extent(a_lo, a_hi)} vs {extent(f_lo, f_hi)}): the anatomical and fluid images of "
+        "a session must cover the same anatomy; session not segmented"
     )
 
 
@@ -771,6 +804,7 @@ def segment_session(
     t1_native = read_image(t1_path)
     # Work on an LPS-ordered copy so that axis 0 of the array runs inferior-superior (axial
     # slices); permutations and flips only, undone at the end.
+    check_overlap(t1_native, fluid_native, Path(t1_path).name, Path(fluid_path).name)
     fluid = sitk.DICOMOrient(fluid_native, "LPS")
     t1 = resample_to(t1_native, fluid)
     warnings: list[str] = []
@@ -863,9 +897,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--qc", required=True, type=Path, help="QC sidecar .json")
     p.add_argument("--settings-json", default=None, help="segment settings as a JSON object")
     args = p.parse_args(argv)
-    result = segment_session(args.t1, args.fluid, settings_from_json(args.settings_json))
+    try:
+        result = segment_session(args.t1, args.fluid, settings_from_json(args.settings_json))
+    except NoOverlapError as err:
+        # that session only: an empty label map and an exclude flag; the others go on
+        print(f"WARNING {err}", file=sys.stderr)
+        result = not_segmented(args.fluid, str(err))
     write_labels(result, args.out, args.qc)
     return 0
+
+
+def not_segmented(fluid_path: str | Path, reason: str) -> SegmentResult:
+    """An empty label map on the fluid grid with the ``images_do_not_overlap`` exclude flag."""
+    fluid = sitk.ReadImage(str(fluid_path))  # the label map is on the native fluid grid
+    labels = sitk.Image(fluid.GetSize(), sitk.sitkUInt8)
+    labels.CopyInformation(fluid)
+    flag = qc_mod.QCFlag("", qc_mod.BOTH, qc_mod.IMAGES_DO_NOT_OVERLAP, "exclude", reason)
+    return SegmentResult(labels, {"qc_flags": [flag.to_json()], "warnings": [reason]})
 
 
 if __name__ == "__main__":

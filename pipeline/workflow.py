@@ -6,20 +6,25 @@ Kept here (importable, tested) so the Snakefile stays wiring only.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import os
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .io_utils import read_tsv
-from .nifti_input import is_sessions_sheet
+from .io_utils import is_within, read_tsv
+from .nifti_input import SHEET_COLUMNS, is_sessions_sheet
 
 SUBJECT_RE = re.compile(r"[A-Za-z0-9]+")
 DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 SIDES = ("left", "right", "auto")
 REQUIRED_COLUMNS = ("subject", "input_dir", "day0", "affected_side")
+#: Files at the top of a study folder that are not part of the DICOM export (the DICOM index
+#: leaves them out too: pipeline.dicom_index.COMPANION_FILES).
+COMPANION_FILES = ("events.tsv",)
 
 
 class ConfigError(ValueError):
@@ -57,8 +62,13 @@ def _check_subject(subject: dict[str, str], where: str) -> dict[str, str]:
     return subject
 
 
-def index_args(subject: dict[str, str], out_dir: str, series: dict[str, str]) -> str:
-    """Module and arguments of the index step for a subject's input (DICOM folder or sheet)."""
+def index_args(subject: dict[str, str], out_dir: str, series: dict[str, str],
+               show_phi: bool = False) -> str:
+    """Module and arguments of the index step for a subject's input (DICOM folder or sheet).
+
+    A DICOM folder's index takes the subject's ``patient`` (its fingerprint or PatientID:
+    only that patient's studies are used; empty: the folder must hold one patient) and
+    ``show_phi`` (the table of patients of a refused folder then shows IDs and names)."""
     q = shlex.quote
     if is_sessions_sheet(subject["input_dir"]):
         return (f"pipeline.nifti_input index --sheet {q(subject['input_dir'])} "
@@ -68,6 +78,10 @@ def index_args(subject: dict[str, str], out_dir: str, series: dict[str, str]) ->
                       ("--fluid-regex", "fluid_regex")):
         if series.get(key):
             args += f" {flag} {q(series[key])}"
+    if subject.get("patient"):
+        args += f" --patient {q(subject['patient'])}"
+    if show_phi:
+        args += " --show-phi"
     return args
 
 
@@ -114,14 +128,16 @@ def load_subjects(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     else:
         rows = [
             {
-                k: str(config.get(k, ""))
-                for k in ("subject", "input_dir", "day0", "affected_side", "events")
+                k: str(config.get(k, "") or "")
+                for k in ("subject", "input_dir", "day0", "affected_side", "events", "patient")
             }
         ]
         wheres = ["config"]
     subjects: dict[str, dict[str, str]] = {}
     for row, where in zip(rows, wheres, strict=True):
         row = {k: (v or "").strip() for k, v in row.items() if k}
+        if sheet and not row.get("patient"):  # the sheet's optional column, else the config's
+            row["patient"] = str(config.get("patient", "") or "").strip()
         events = row.get("events", "auto") or "auto"
         row["events"] = default_events(row["input_dir"]) if events == "auto" else events
         if row["events"] and not Path(row["events"]).is_file():
@@ -132,8 +148,174 @@ def load_subjects(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
         subject = _check_subject(row, where)
         if subject["subject"] in subjects:
             raise ConfigError(f"{where}: subject {subject['subject']} is listed twice")
+        results = str(config.get("results_dir") or "")
+        if results:
+            _check_outputs_outside_input(subject, Path(results) / subject["subject"], where)
+        _check_events(subject, where)
         subjects[subject["subject"]] = subject
     return subjects
+
+
+def _check_outputs_outside_input(subject: Mapping[str, str], subject_dir: Path,
+                                 where: str) -> None:
+    """Refuse, before anything is written, a results folder inside the input (or the
+    input inside the subject's results folder, which the workflow writes into), and a
+    Snakemake working folder (``.snakemake/``) inside the input."""
+    given = subject["input_dir"]
+    sid = subject["subject"]
+    if is_sessions_sheet(given):
+        inputs = [Path(given), *sheet_images(Path(given), sid)]
+        clash = [p for p in inputs if is_within(p, subject_dir)]
+        if clash:
+            raise ConfigError(
+                f"{where}: the results folder {subject_dir} of subject {sid} holds its input "
+                f"{clash[0]}, which the workflow only reads; choose another results_dir")
+        return
+    if is_within(subject_dir, given) or is_within(given, subject_dir):
+        raise ConfigError(
+            f"{where}: the results folder {subject_dir} of subject {sid} lies inside its "
+            f"study folder {given} (or holds it), which is only read, never written; choose "
+            "a results_dir outside it")
+    if is_within(os.getcwd(), given):
+        raise ConfigError(
+            f"{where}: the working folder {os.getcwd()} lies inside the study folder {given} "
+            f"of subject {sid}, which is only read, never written (Snakemake keeps its state "
+            "in .snakemake/ there); run from, or give --directory, another folder")
+
+
+def _check_events(subject: Mapping[str, str], where: str) -> None:
+    """The events file of a subject can be read (ConfigError naming file and line if not)."""
+    if not subject["events"]:
+        return
+    from .longitudinal import read_events  # lazily: only when there is an events file
+
+    try:
+        read_events(subject["events"], subject["day0"], warnings=[])
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{where}: events of subject {subject['subject']}: {err}") from None
+
+
+# --------------------------------------------------------------------------- re-run triggers
+
+
+def _walk_stats(top: Path, skip: set[str]) -> Iterator[str]:
+    """One line per entry under `top` (relative path, size, mtime in ns), in a fixed order,
+    but for the relative paths in `skip`; links to folders are not followed (as the DICOM
+    index walks). No file is opened."""
+    root = os.fspath(top)
+    cut = len(root.rstrip(os.sep)) + 1
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as err:
+            yield f"{folder[cut:]}\tunreadable folder\t{err.errno}"
+            continue
+        subfolders = []
+        for entry in entries:
+            rel = entry.path[cut:]
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    subfolders.append(entry.path)
+                    continue
+                if rel in skip:
+                    continue
+                st = entry.stat()  # follows a link to a file, as the index reads it
+                yield f"{rel}\t{st.st_size}\t{st.st_mtime_ns}"
+            except OSError as err:
+                yield f"{rel}\tunreadable\t{err.errno}"
+        stack.extend(reversed(subfolders))
+
+
+def sheet_images(sheet: Path, subject: str) -> list[Path]:
+    """The image paths a sessions sheet names for `subject` (resolved, relative to the sheet);
+    empty when the sheet cannot be read (the index step says why)."""
+    try:
+        rows = read_tsv(sheet)
+    except (OSError, UnicodeDecodeError):
+        return []
+    out = []
+    for row in rows:
+        if (row.get("subject") or "").strip() == subject and (row.get("path") or "").strip():
+            path = Path((row.get("path") or "").strip())
+            out.append(path if path.is_absolute() else (sheet.parent / path).resolve())
+    return out
+
+
+def input_digest(subject: Mapping[str, str], series: Mapping[str, Any]) -> str:
+    """A fingerprint of everything the index step reads, computed when the workflow is
+    built (a ``params`` of the index rule, so a change re-runs it):
+
+    * a study folder: its resolved path and, for every file below it, the relative path,
+      size and modification time (no file is opened; ``events.tsv`` at the top and the
+      subject's events file are left out: the events are an input of their own);
+    * a sessions sheet: its resolved path, its header and the subject's rows, and the size
+      and modification time of every image they name;
+    * the series selection settings.
+
+    Cost: one ``stat`` per file, no read: 5 000 files in nested study folders took 40-45 ms
+    with a warm file-system cache and 0.17 s after dropping it (2 busy cores).
+    """
+    digest = hashlib.sha256()
+    given = subject["input_dir"]
+    n = 0
+    if is_sessions_sheet(given):
+        kind, sheet = "NIfTI sessions sheet", Path(given).resolve()
+        digest.update(f"sheet\t{sheet}\n".encode())
+        try:
+            rows = read_tsv(sheet)
+        except (OSError, UnicodeDecodeError) as err:
+            rows = []
+            digest.update(f"unreadable\t{err}\n".encode())
+        if rows:
+            digest.update(("\t".join(rows[0]) + "\n").encode())
+        for row in rows:
+            if (row.get("subject") or "").strip() == subject["subject"]:
+                digest.update(("\t".join(str(row.get(c)) for c in SHEET_COLUMNS)
+                               + "\n").encode())
+        for path in sheet_images(sheet, subject["subject"]):
+            try:
+                st = path.stat()
+                line = f"{path}\t{st.st_size}\t{st.st_mtime_ns}"
+            except OSError as err:
+                line = f"{path}\tmissing\t{err.errno}"
+            digest.update((line + "\n").encode())
+            n += 1
+    else:
+        kind, top = "study folder", Path(given).resolve()
+        digest.update(f"folder\t{top}\n".encode())
+        skip = set(COMPANION_FILES)
+        events = Path(subject.get("events") or "").resolve() if subject.get("events") else None
+        if events is not None and is_within(events, top):
+            skip.add(os.path.relpath(events, top))
+        lines = list(_walk_stats(top, skip))
+        digest.update(("\n".join(lines) + "\n").encode())
+        n = len(lines)
+    for key in sorted(series):
+        digest.update(f"series.{key}\t{series[key]}\n".encode())
+    return f"{kind} {given}: {n} files, listing sha256 {digest.hexdigest()[:24]}"
+
+
+def session_entry_digest(sessions_json: str | Path, session: str) -> str:
+    """A fingerprint of what the index says about one session (its series, the input it came
+    from) and of the size and modification time of each of its files: a ``params`` of the
+    convert rule, so that re-indexing re-converts only the sessions whose entry or files
+    changed (a file rewritten with the same header, too)."""
+    data = json.loads(Path(sessions_json).read_text(encoding="utf-8"))
+    entry = next((s for s in data["sessions"] if s["session"] == session), None)
+    digest = hashlib.sha256(json.dumps(
+        {"input_dir": data.get("input_dir"), "input_kind": data.get("input_kind"),
+         "entry": entry}, sort_keys=True).encode())
+    for role in ("anatomical", "fluid"):
+        for name in (entry or {}).get(role, {}).get("files", []):
+            try:
+                st = os.stat(name)
+                digest.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            except OSError as err:
+                digest.update(f"{name}\tmissing\t{err.errno}\n".encode())
+    return f"session {session}: sha256 {digest.hexdigest()[:24]}"
 
 
 def session_labels(sessions_json: str | Path) -> list[str]:

@@ -94,6 +94,7 @@ rule measure:
 
 rule longitudinal:
     input:
+        unpack(events_input),
         volumes=f"{SUBJECT_DIR}/volumes.tsv",
         side=f"{SUBJECT_DIR}/side.json",
         sessions_json=f"{SUBJECT_DIR}/sessions.json",

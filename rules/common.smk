@@ -67,10 +67,40 @@ def events_arg(wildcards):
     return f"--events {shlex.quote(events)}" if events else ""
 
 
+def events_input(wildcards):
+    """The subject's events file as an input (use with unpack): editing it re-runs the rules
+    that read it, and nothing upstream."""
+    events = SUBJECTS[wildcards.subject]["events"]
+    return {"events": events} if events else {}
+
+
+# Re-run triggers (pipeline.workflow.input_digest): what the index step reads is fingerprinted
+# when the workflow is built; a session is re-converted only when its own entry or files change.
+
+
+def index_inputs(wildcards):
+    """A params of the index step: the listing (paths, sizes, times) of the study folder, or
+    the sheet's rows and its images' sizes and times, and the series settings."""
+    return input_digest(SUBJECTS[wildcards.subject], config["series"])
+
+
+def session_index(wildcards):
+    """The subject's sessions.json for convert, as ancient: re-indexing (a study added) does
+    not re-convert the other sessions by itself; `session_entry` decides."""
+    return ancient(checkpoints.index.get(subject=wildcards.subject).output.sessions_json)
+
+
+def session_entry(wildcards):
+    """A params of convert: the fingerprint of this session's entry in sessions.json."""
+    sessions_json = checkpoints.index.get(subject=wildcards.subject).output.sessions_json
+    return session_entry_digest(sessions_json, wildcards.session)
+
+
 def index_command(wildcards, output):
     """Module and arguments of the index step (DICOM folder or NIfTI sessions sheet)."""
     out_dir = os.path.dirname(output.index_tsv)
-    return index_args(SUBJECTS[wildcards.subject], out_dir, config["series"])
+    return index_args(SUBJECTS[wildcards.subject], out_dir, config["series"],
+                      config["show_phi"])
 
 
 def convert_command(wildcards):

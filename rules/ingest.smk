@@ -1,5 +1,7 @@
 # index (checkpoint: which sessions exist) -> convert (one session's two series to NIfTI).
 # The input is a DICOM study folder, or a NIfTI sessions sheet (.tsv); see pipeline.workflow.
+# Re-runs: `inputs` fingerprints what the index reads (a study added, another folder, a sheet
+# or image edited re-runs it); convert re-runs only for a session whose entry changed.
 
 
 checkpoint index:
@@ -11,6 +13,7 @@ checkpoint index:
     params:
         python=PYTHON,
         args=index_command,
+        inputs=index_inputs,
     log:
         f"{SUBJECT_DIR}/logs/index.log",
     conda:
@@ -26,7 +29,7 @@ checkpoint index:
 
 rule convert:
     input:
-        sessions_json=f"{SUBJECT_DIR}/sessions.json",
+        sessions_json=session_index,
     output:
         t1=f"{SESSION_STEM}_T1w.nii.gz",
         fluid=f"{SESSION_STEM}_fluid.nii.gz",
@@ -36,6 +39,7 @@ rule convert:
         python=PYTHON,
         module=convert_command,
         out_dir=parent_of("t1"),
+        entry=session_entry,
     log:
         f"{SUBJECT_DIR}/logs/convert_ses-{{session}}.log",
     conda:

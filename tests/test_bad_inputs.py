@@ -66,6 +66,26 @@ Cases already tested elsewhere are not repeated here; this table says where each
   here and in test_phi hash their inputs too
 - fuzzing of the header reader and series assembly: test_fuzz
 
+Issue 17 (each was a wrong answer with exit status 0):
+
+- two patients in one folder (refused with a table, or the named patient used; anonymised
+  exports): test_patient_identity
+- two studies on one date: here test_two_studies_on_one_date_are_two_sessions,
+  test_two_studies_on_one_date_and_time_one_used_the_other_refused
+- a StudyInstanceUID reused on two dates: here
+  test_study_uid_reused_across_dates_gives_two_studies,
+  test_study_uid_reused_an_unusable_study_is_refused_with_its_reason
+- one slice rotated, of another matrix or another pixel spacing (the true reason, naming the
+  file): here test_one_odd_slice_refuses_its_study_with_the_true_reason
+- symbolic link loops and dangling links: here
+  test_symbolic_link_that_cannot_be_followed_is_a_problem_row
+- a slice of another acquisition (or patient) carrying the series' UID: here
+  test_a_slice_of_another_series_carrying_its_uid_is_left_out,
+  test_series_of_two_acquisitions_without_majority_is_refused,
+  test_patient_identity::test_a_file_of_another_patient_is_left_out_of_its_series
+- nothing written into the input folder on any failure: here
+  test_nothing_is_written_into_the_input_folder_on_failure
+
 Two cases run the converter in a child process with an address-space limit (a header can make
 it ask for gigabytes): a capped file reader and a matrix-size check refuse them with a
 SeriesError before any large allocation.
@@ -243,12 +263,15 @@ def test_truncated_header(tmp_path: Path, cut: str, slice_index: int) -> None:
         assert one_session(result)["anatomical"]["series_uid"] == spare.series_uid
     else:
         # nothing says which series lost the file: it is listed as a problem and the series
-        # keeps 4 files. An inner gap is refused by convert (non-uniform spacing, see
-        # test_convert); an edge slice (slice_index 0) gives a volume one slice short whose
-        # only trace is the problems.tsv row - a known residual risk (see issue 8's note)
+        # keeps 4 files. An inner gap is refused by the index (non-uniform spacing, the
+        # spare series is used) and by convert (see test_convert); an edge slice
+        # (slice_index 0) gives a volume one slice short whose only trace is the
+        # problems.tsv row - a known residual risk (see issue 8's note)
         t1 = next(r for r in result.series if r.series_number == 3)
         assert t1.n_files == 4
-        one_session(result)
+        if slice_index:
+            assert t1.status == "refused" and "non-uniform slice spacing" in t1.reason
+        assert one_session(result)["anatomical"]["series_uid"] == spare.series_uid
 
 
 @pytest.mark.parametrize("keep", ["40 bytes", "all but one byte", "no pixel element"])
@@ -644,3 +667,259 @@ def test_cohort_unusable_subject_others_finish(tmp_path: Path) -> None:
     # no file outside the results folder (and the inputs) was written
     made = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*") if p.is_file()}
     assert made <= {"good", "bad", "subjects.tsv", "results"}
+
+
+# --------------------------------------------------------------------------------------------
+# issue 17: irregular exports that gave a wrong answer with exit status 0
+# (two patients in one folder: tests/test_patient_identity.py)
+# --------------------------------------------------------------------------------------------
+
+def run_index(root: Path, out: Path, *args: str) -> tuple[int, dict]:
+    code = dicom_index.main(["--input-dir", str(root), "--out-dir", str(out), *args])
+    return code, json.loads((out / "sessions.json").read_text())
+
+
+def folder_state(folder: Path) -> dict[str, str]:
+    """Every entry under `folder` (files by content, folders and links by kind)."""
+    state = {}
+    for p in sorted(folder.rglob("*")):
+        key = str(p.relative_to(folder))
+        if p.is_symlink():
+            state[key] = f"link:{p.readlink()}"
+        elif p.is_file():
+            state[key] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            state[key] = "folder"
+    return state
+
+
+def test_two_studies_on_one_date_are_two_sessions(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    good_study(root / "am", study_time="081500")
+    good_study(root / "pm", study_time="153000")
+    good_study(root / "later", study_date="20240310")
+    code, data = run_index(root, tmp_path / "out")
+    assert code == 0
+    assert [(s["session"], s["study_date"]) for s in data["sessions"]] == [
+        ("20240225T081500", "2024-02-25"), ("20240225T153000", "2024-02-25"),
+        ("20240310", "2024-03-10")]
+    files = [set(s["anatomical"]["files"]) for s in data["sessions"]]
+    assert not files[0] & files[1]  # each session its own series
+    assert any("2 studies on 2024-02-25 are separate sessions" in w for w in data["warnings"])
+    sessions_tsv = read_tsv(tmp_path / "out" / "sessions.tsv")
+    assert [r["session"] for r in sessions_tsv][:2] == ["20240225T081500", "20240225T153000"]
+    used = [r for r in read_tsv(tmp_path / "out" / "index.tsv") if r["status"] == "used"]
+    assert sorted(r["reason"].rsplit(" ", 1)[1] for r in used) == sorted(
+        ["20240225T081500"] * 2 + ["20240225T153000"] * 2 + ["20240310"] * 2)
+
+
+def test_two_studies_on_one_date_and_time_one_used_the_other_refused(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    first = good_study(root / "a", study_uid="1.2.3.1")
+    second = good_study(root / "b", study_uid="1.2.3.2")
+    code, data = run_index(root, tmp_path / "out")
+    assert code == 0
+    assert [(s["session"], s["study_uid"]) for s in data["sessions"]] == [
+        ("20240225T101500", first)]
+    [refused] = data["refused_studies"]
+    assert refused["study_uid"] == second
+    assert "same study date and time as another study" in refused["reason"]
+    assert "not used" in refused["reason"]
+
+
+@pytest.mark.parametrize("series_uids", ["own", "reused too"])
+def test_study_uid_reused_across_dates_gives_two_studies(tmp_path: Path,
+                                                         series_uids: str) -> None:
+    root = tmp_path / "in"
+    uid = generate_uid()
+    t1, stir = generate_uid(), generate_uid()
+    extra = {"t1": {}, "stir": {}} if series_uids == "own" else \
+        {"t1": {"series_uid": t1}, "stir": {"series_uid": stir}}
+    for date in ("20240225", "20240310"):
+        write_series(root / date / "t1", sequence="T1w", study_uid=uid, series_number=3,
+                     seed=1, study_date=date, **extra["t1"])  # type: ignore[arg-type]
+        write_series(root / date / "stir", sequence="STIR", study_uid=uid, series_number=5,
+                     seed=2, study_date=date, **extra["stir"])  # type: ignore[arg-type]
+    code, data = run_index(root, tmp_path / "out")
+    assert code == 0
+    assert [s["session"] for s in data["sessions"]] == ["20240225", "20240310"]
+    for session in data["sessions"]:
+        folder = session["session"]
+        assert all(Path(f).parent.parent.name == folder
+                   for role in ("anatomical", "fluid") for f in session[role]["files"])
+    assert any("StudyInstanceUID is carried by 2 studies (dates 2024-02-25, 2024-03-10)" in w
+               for w in data["warnings"])
+
+
+def test_study_uid_reused_an_unusable_study_is_refused_with_its_reason(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    uid = good_study(root / "first")
+    write_series(root / "second", sequence="T1w", study_uid=uid, series_number=3, seed=4,
+                 study_date="20240310")
+    code, data = run_index(root, tmp_path / "out")
+    assert code == 0
+    assert [s["session"] for s in data["sessions"]] == ["20240225"]
+    [refused] = data["refused_studies"]
+    assert refused["study_date"] == "2024-03-10"
+    assert refused["reason"].startswith("no fluid-sensitive series")
+
+
+ODD_SLICES = {
+    "rotated": ({"ImageOrientationPatient": [1, 0, 0, 0, 0.9848, 0.1736]},
+                "mixed slice orientations", "orientation [1, 0, 0, 0, 0.9848, 0.1736]"),
+    "other matrix": ("matrix", "mixed image matrix sizes", "matrix 5x7 against 6x7"),
+    "other pixel spacing": ({"PixelSpacing": [0.88, 0.66]}, "mixed pixel spacing",
+                            "pixel spacing [0.88, 0.66] mm against [0.8, 0.6] mm"),
+}
+
+
+@pytest.mark.parametrize("case", ODD_SLICES)
+def test_one_odd_slice_refuses_its_study_with_the_true_reason(tmp_path: Path,
+                                                              case: str) -> None:
+    change, headline, detail = ODD_SLICES[case]
+    root = tmp_path / "in"
+    good_study(root / "ok", study_date="20240310")
+    good_study(root / "odd")
+    odd = sorted((root / "odd" / "t1").iterdir())[2]
+    if change == "matrix":
+        ds = pydicom.dcmread(odd)
+        ds.Rows = 5
+        ds.PixelData = ds.PixelData[: 5 * 7 * 2]
+        ds.save_as(odd, enforce_file_format=True)
+    else:
+        edit_file(odd, **change)  # type: ignore[arg-type]
+    before = folder_state(root)
+    code, data = run_index(root, tmp_path / "out")
+    assert code == 0
+    assert [s["session"] for s in data["sessions"]] == ["20240310"]
+    [refused] = data["refused_studies"]
+    reason = refused["reason"]
+    assert reason.startswith("no T1-weighted series usable: series #3 't1_tse_tra' was "
+                             f"refused: {headline}")
+    assert f"odd/t1/{odd.name}" in reason and detail in reason
+    assert folder_state(root) == before
+    # convert, given the whole series, refuses it naming the same file
+    with pytest.raises(SeriesError) as err:
+        read_series(sorted((root / "odd" / "t1").iterdir()))
+    assert err.value.path == odd and headline in err.value.message
+
+
+@pytest.mark.parametrize("link", ["to itself", "loop of two", "to nowhere"])
+def test_symbolic_link_that_cannot_be_followed_is_a_problem_row(tmp_path: Path,
+                                                                link: str) -> None:
+    root = tmp_path / "in"
+    good_study(root)
+    if link == "to itself":
+        (root / "t1" / "loop").symlink_to("loop")
+    elif link == "loop of two":
+        (root / "t1" / "loop").symlink_to("other")
+        (root / "t1" / "other").symlink_to("loop")
+    else:
+        (root / "t1" / "loop").symlink_to(tmp_path / "missing")
+    out = tmp_path / "out"
+    code, _ = run_index(root, out)
+    assert code == 0
+    problems = {r["path"]: r["problem"] for r in read_tsv(out / "problems.tsv")}
+    assert "t1/loop" in problems
+    expected = "target does not exist" if link == "to nowhere" else "link loop"
+    assert expected in problems["t1/loop"]
+    one_session(index_folder(root))
+
+
+def _intrude(t1: dicom_index.SeriesRecord, stir_file: Path, target: Path,
+             position_z: float | None) -> None:
+    """Copy a STIR slice into the T1 series (its SeriesInstanceUID, a new SOP UID)."""
+    shutil.copy(stir_file, target)
+    changes: dict[str, object] = {"SeriesInstanceUID": t1.series_uid,
+                                  "SOPInstanceUID": generate_uid()}
+    if position_z is not None:
+        ds = pydicom.dcmread(target)
+        changes["ImagePositionPatient"] = [*ds.ImagePositionPatient[:2], position_z]
+    edit_file(target, **changes)
+
+
+@pytest.mark.parametrize("where", ["at an extra position", "at a T1 position",
+                                   "named first"])
+def test_a_slice_of_another_series_carrying_its_uid_is_left_out(tmp_path: Path,
+                                                                where: str) -> None:
+    root = tmp_path / "in"
+    good_study(root)
+    series = {r.sequence_class: r for r in index_folder(root).series}
+    name = "000_intruder" if where == "named first" else "zz_intruder"
+    target = root / "t1" / name
+    z = 20.0 if where != "at a T1 position" else None  # T1 slices are at z = 10 ... 18
+    _intrude(series["T1w"], sorted(series["STIR"].files)[0], target, z)
+    code, data = run_index(root, tmp_path / "out")
+    assert code == 0
+    [session] = data["sessions"]
+    assert session["anatomical"]["sequence_class"] == "T1w"
+    assert session["anatomical"]["n_files"] == 5
+    assert str(target.resolve()) not in session["anatomical"]["files"]
+    problems = {r["path"]: r["problem"] for r in read_tsv(tmp_path / "out" / "problems.tsv")}
+    problem = problems[f"t1/{name}"]
+    assert problem.startswith("left out of series #3 't1_tse_tra' (not stacked with it)")
+    assert "RepetitionTime 5200 (the others: 550)" in problem
+    assert "InversionTime 160 (the others: missing)" in problem
+    out = tmp_path / "nifti"
+    assert convert.main(["--sessions-json", str(tmp_path / "out" / "sessions.json"),
+                         "--session", "20240225", "--subject", "x", "--out-dir",
+                         str(out)]) == 0
+    meta = json.loads((out / "sub-x_ses-20240225_T1w.json").read_text())
+    assert meta["NumberOfSlices"] == 5 and meta["SequenceClass"] == "T1w"
+    # given to the converter directly, the mixed file list is refused, naming the intruder
+    with pytest.raises(SeriesError) as err:
+        read_series([*series["T1w"].files, target])
+    assert err.value.path == target and "RepetitionTime" in err.value.message
+
+
+def test_series_of_two_acquisitions_without_majority_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    study = good_study(root / "ok")
+    uid = generate_uid()
+    write_series(root / "mixed", ramp_pixels(4), sequence="T1w", study_uid=study,
+                 series_uid=uid, series_number=7, seed=5, study_date="20240225")
+    write_series(root / "mixed", ramp_pixels(4), sequence="T2FS", study_uid=study,
+                 series_uid=uid, series_number=7, seed=6, origin=(-3.0, -2.5, 18.0))
+    result = index_folder(root)
+    mixed = next(r for r in result.series if r.series_uid == uid)
+    assert mixed.status == "refused" and mixed.n_files == 8
+    assert mixed.reason.startswith("its 8 files are not one acquisition (2 kinds, none a "
+                                   "majority)")
+    assert "RepetitionTime" in mixed.reason
+    one_session(result)
+
+
+def test_nothing_is_written_into_the_input_folder_on_failure(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    good_study(root)
+    write_series(root / "other", sequence="T1w", study_date="20240301", seed=9,
+                 tags={"PatientID": "OTHER-99", "PatientName": "Roe^Richard"})
+    (root / "t1" / "loop").symlink_to("loop")
+    before = folder_state(root)
+    # index: several patients (exit 1), output inside the input (exit 2)
+    assert run_index(root, tmp_path / "out")[0] == 1
+    assert dicom_index.main(["--input-dir", str(root), "--out-dir", str(root / "o")]) == 2
+    code, data = run_index(root, tmp_path / "out", "--patient", "SECRET-ID-4711")
+    assert code == 0
+    # convert, session mode: an output folder inside the input is refused before writing
+    for inside in (root / "nifti", root / "t1" / "nifti", root):
+        assert convert.main(["--sessions-json", str(tmp_path / "out" / "sessions.json"),
+                             "--session", "20240225", "--subject", "x",
+                             "--out-dir", str(inside)]) == 2
+    # through a link that resolves into the input folder
+    (tmp_path / "sneaky").symlink_to(root / "t1", target_is_directory=True)
+    assert convert.main(["--sessions-json", str(tmp_path / "out" / "sessions.json"),
+                         "--session", "20240225", "--subject", "x",
+                         "--out-dir", str(tmp_path / "sneaky" / "n")]) == 2
+    # convert, folder mode, as a command and as a function
+    assert convert.main([str(root), str(root / "converted")]) == 2
+    with pytest.raises(SeriesError, match="inside the input folder"):
+        convert.convert_folder(root, root / "converted")
+    # a series that fails to convert writes nothing anywhere near the input
+    odd = sorted((root / "stir").iterdir())[1]
+    data["sessions"][0]["fluid"]["files"].append(str(odd.with_name("missing")))
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(data))
+    assert convert.main(["--sessions-json", str(broken), "--session", "20240225",
+                         "--subject", "x", "--out-dir", str(tmp_path / "n2")]) == 2
+    assert folder_state(root) == before

@@ -256,9 +256,19 @@ def test_main_converts_a_session(tmp_path: Path) -> None:
 
 def test_main_refusal_leaves_no_partial_outputs(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    # fluid series with a missing slice (steps 2, 2, 4, 2): the index accepts it, convert refuses
+    # fluid series with a missing slice (steps 2, 2, 4, 2): the index refuses it (a study
+    # refusal, not a failed run); a sessions.json naming it anyway is refused by convert
     positions = np.array([[0.0, 0.0, z] for z in (0.0, 2.0, 4.0, 8.0, 10.0)])
-    sessions_json = _session_folder(tmp_path, positions)
+    gap = write_series(tmp_path / "gap", ramp_pixels(5), sequence="STIR", positions=positions,
+                       seed=3)
+    result = dicom_index.index_folder(tmp_path / "gap")
+    assert result.series[0].status == "refused"
+    assert "non-uniform slice spacing" in result.series[0].reason
+    assert "a missing slice?" in result.series[0].reason
+    sessions_json = _session_folder(tmp_path)
+    data = json.loads(sessions_json.read_text())
+    data["sessions"][0]["fluid"]["files"] = [str(f) for f in gap.files]
+    sessions_json.write_text(json.dumps(data))
     out = tmp_path / "nifti"
     code = convert.main(["--sessions-json", str(sessions_json), "--session", "20240225",
                          "--subject", "demo", "--out-dir", str(out)])

@@ -43,7 +43,7 @@ def test_demo_outputs_follow_the_contract(demo_run: Path) -> None:
     with open(demo_run / "volumes.tsv") as fh:
         # the contract's columns in their order; new ones (the QC codes) only after them
         assert fh.readline().rstrip("\n").split("\t") == [*VOLUME_COLUMNS, "qc",
-                                                           "volume_ml_ci95"]
+                                                           "volume_ml_ci95", "session"]
     with open(demo_run / "longitudinal.tsv") as fh:
         header = fh.readline().rstrip("\n").split("\t")
         assert header[:len(LONGITUDINAL_COLUMNS)] == LONGITUDINAL_COLUMNS
@@ -66,6 +66,14 @@ def test_demo_outputs_follow_the_contract(demo_run: Path) -> None:
     assert "pseudo-progression" in html
     assert "http://" not in html and "https://" not in html
     assert "PHANTOM^DEMO" not in html  # no patient name
+    # issue 17: one pseudonymous fingerprint for the patient of every session, shown
+    fingerprint = summary["patient_fingerprint"]
+    assert len(fingerprint) == 12 and int(fingerprint, 16) >= 0
+    assert f"<code>{fingerprint}</code>" in html
+    # issue 13: intervals, confirmation and one state per session
+    assert summary["confirmation"] in ("confirmed", "unconfirmed", "not applicable")
+    assert [st["state"] for st in summary["session_states"]][0] == "baseline"
+    assert len(summary["session_states"]) == 5
 
 
 def test_demo_volumes_match_truth(demo_run: Path) -> None:

@@ -25,6 +25,7 @@ from pipeline.longitudinal import (
     longitudinal_rows,
     main,
     read_events,
+    session_states,
     visits_from_rows,
 )
 
@@ -36,7 +37,8 @@ DESIGN_LONGITUDINAL_COLUMNS = ["subject", "study_date", "day", "structure", "aff
 #: issue 13: the uncertainty columns, after the contract's and the QC codes
 UNCERTAINTY_COLUMNS = ["affected_ml_ci95", "contralateral_ml_ci95", "difference_ml_ci95",
                        "asymmetry_pct_ci95", "change_from_baseline_pct_ci95",
-                       "asymmetry_change_pp", "asymmetry_change_pp_ci95", "change_beyond_mdc95"]
+                       "asymmetry_change_pp", "asymmetry_change_pp_ci95", "change_beyond_mdc95",
+                       "session"]
 CONTRA_SOFT_ML = 1000.0
 
 
@@ -547,3 +549,18 @@ def test_one_limb_only_uses_the_affected_limbs_change_from_baseline():
     assert "+8.0 pp" in " ".join(p.reasons)
     rows = longitudinal_rows("s", visits)
     assert all(r["asymmetry_pct"] is None for r in rows)
+
+
+def test_two_sessions_on_one_date_stay_apart():
+    """Issue 17: two studies on one day are two sessions (keyed by date and time), never one."""
+    rows = [{"study_date": "2024-03-05", "day": "4", "role": role, "structure": s,
+             "volume_ml": str(ml), "qc": "", "volume_ml_ci95": "n/a", "session": session}
+            for session, ml in (("20240305T081500", 10.0), ("20240305T170000", 30.0))
+            for role in ("affected", "contralateral") for s in STRUCTURES]
+    visits = visits_from_rows(rows)
+    assert [v.session for v in visits] == ["20240305T081500", "20240305T170000"]
+    assert [v.affected_ml["edema"] for v in visits] == [10.0, 30.0]
+    out = longitudinal_rows("P1", visits)
+    assert {r["session"] for r in out} == {"20240305T081500", "20240305T170000"}
+    states, _ = session_states(visits)
+    assert [s.session for s in states] == ["20240305T081500", "20240305T170000"]

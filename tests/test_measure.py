@@ -219,7 +219,7 @@ def test_volume_rows_roles_follow_affected_side(affected):
     rows = volume_rows("P1", sessions, affected)
     assert len(rows) == 2 * 2 * 5  # sessions x sides x structures
     for row in rows:
-        assert list(row) == [*DESIGN_VOLUME_COLUMNS, "qc", "volume_ml_ci95"]
+        assert list(row) == [*DESIGN_VOLUME_COLUMNS, "qc", "volume_ml_ci95", "session"]
         assert row["subject"] == "P1"
         assert row["role"] == ("affected" if row["side"] == affected else "contralateral")
     per_session = [r for r in rows if r["study_date"] == "2024-02-28"]
@@ -308,7 +308,7 @@ def test_main_end_to_end(tmp_path, capsys):
         reader = csv.reader(fh, delimiter="\t")
         header = next(reader)
         rows = [dict(zip(header, r, strict=True)) for r in reader]
-    assert header == [*DESIGN_VOLUME_COLUMNS, "qc", "volume_ml_ci95"]
+    assert header == [*DESIGN_VOLUME_COLUMNS, "qc", "volume_ml_ci95", "session"]
     assert len(rows) == 2 * 10
     assert [r["study_date"] for r in rows[::10]] == ["2024-02-25", "2024-03-15"]
     assert {r["day"] for r in rows} == {"-5", "14"}

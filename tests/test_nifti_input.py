@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _nifti(path: Path, shape: tuple[int, ...] = (8, 8, 4), geometry: bool = True) -> Path:
-    img = nib.Nifti1Image(np.ones(shape, np.float32), np.diag([1.5, 1.5, 5.0, 1.0]))
+    # content differs from file to file: identical images for both roles are refused
+    value = 1.0 + zlib.crc32(path.name.encode()) % 1000
+    img = nib.Nifti1Image(np.full(shape, value, np.float32), np.diag([1.5, 1.5, 5.0, 1.0]))
     if not geometry:
         img.set_sform(None, code=0)
         img.set_qform(None, code=0)

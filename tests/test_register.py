@@ -360,3 +360,65 @@ def test_missing_limb_in_one_session_is_an_error(sessions: dict[str, Any]) -> No
         common_extent([lab, one], [None, None])
     # a limb absent everywhere (unilateral study) is not required
     assert common_extent([one, one], [None, None])[1] > common_extent([one], [None])[0]
+
+
+# --------------------------------------------------------------------------- thin follow-ups
+# Issue 17: a follow-up of a few thin slices stopped the patient with ITK's "number of pixels
+# along direction 2 is less than 4" (multi-resolution shrink and recursive Gaussians).
+
+
+def _thin(img: sitk.Image, slice_mm: float = 2.0) -> sitk.Image:
+    """The same voxels on 2 mm slices: a 4x shrink of 1.6 mm pixels then wants 3 slices."""
+    out = sitk.Image(img)
+    spacing = list(out.GetSpacing())
+    spacing[2] = slice_mm
+    out.SetSpacing(spacing)
+    return out
+
+
+@pytest.fixture(scope="module")
+def thin_base() -> dict[str, sitk.Image]:
+    base = make_session(STATE_BASE, 0.0, seed=1)
+    return {"t1": _thin(base["t1"]), "labels": _thin(base["labels"])}
+
+
+def test_thin_follow_up_is_registered(thin_base: dict[str, sitk.Image]) -> None:
+    fixed, labels = thin_base["t1"], thin_base["labels"]
+    result = register_session(fixed, fixed[:, :, 3:9], labels, labels[:, :, 3:9])
+    assert np.abs(result.translation_mm).max() < 1.0  # same anatomy: identity
+    assert result.quality is not None and result.quality.bone_dice > 0.9
+    # 12 mm of overlap is below the QC minimum: flagged, with the reason
+    assert result.poor and any("overlap" in r for r in result.poor_reasons)
+
+
+def test_three_slice_follow_up_in_plane(thin_base: dict[str, sitk.Image]) -> None:
+    fixed, labels = thin_base["t1"], thin_base["labels"]
+    result = register_session(fixed, fixed[:, :, 4:7], labels, labels[:, :, 4:7])
+    assert result.rotation_deg[0] == 0.0 and result.rotation_deg[1] == 0.0  # in-plane only
+    assert np.abs(result.translation_mm).max() < 1.0
+    assert result.poor
+
+
+def test_cli_itk_failure_flags_registration_failed(tmp_path: Any, monkeypatch: Any) -> None:
+    import pipeline.register as reg
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("Exception thrown in SimpleITK ImageRegistrationMethod_Execute: x\n"
+                           "ITK ERROR: Filter(0x1): The number of pixels along direction 2 "
+                           "is less than 4.")
+
+    for name in ("fixed.nii.gz", "moving.nii.gz"):
+        labels = sitk.Image(4, 4, 4, sitk.sitkUInt8)
+        labels[1, 1, 1] = 1  # something segmented (an empty map is not registered at all)
+        sitk.WriteImage(labels, str(tmp_path / name))
+    monkeypatch.setattr(reg, "register_session", fail)
+    tfm, js = tmp_path / "reg.tfm", tmp_path / "reg.json"
+    rc = main(["--fixed-labels", str(tmp_path / "fixed.nii.gz"),
+               "--fixed-image", str(tmp_path / "fixed.nii.gz"),
+               "--moving-labels", str(tmp_path / "moving.nii.gz"),
+               "--moving-image", str(tmp_path / "moving.nii.gz"),
+               "--out-tfm", str(tfm), "--out-json", str(js)])
+    assert rc == 0 and tfm.is_file()
+    res = read_result(js)
+    assert res.poor and res.poor_reasons == (
+        "registration could not run: The number of pixels along direction 2 is less than 4.",)

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.workflow import ConfigError, default_events, load_subjects, session_labels
+from pipeline.workflow import (
+    ConfigError,
+    default_events,
+    index_args,
+    load_subjects,
+    session_labels,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +50,7 @@ def test_config_single_subject_without_events(tmp_path):
     d = study(tmp_path)
     subjects = load_subjects(config(d))
     assert subjects == {"demo": {"subject": "demo", "input_dir": str(d), "day0": "2024-03-01",
-                                 "affected_side": "left", "events": ""}}
+                                 "affected_side": "left", "events": "", "patient": ""}}
 
 
 def test_config_events_auto_picks_up_events_tsv(tmp_path):
@@ -138,7 +144,7 @@ def test_sheet_subjects(tmp_path):
     assert list(subjects) == ["P01", "P02", "P03"]
     assert subjects["P01"]["events"] == str(a / "events.tsv")
     assert subjects["P02"] == {"subject": "P02", "input_dir": str(b), "day0": "2023-11-20",
-                               "affected_side": "auto", "events": str(ev)}
+                               "affected_side": "auto", "events": str(ev), "patient": ""}
     assert subjects["P03"]["events"] == ""
 
 
@@ -205,3 +211,14 @@ def test_session_labels(tmp_path):
     assert session_labels(str(p)) == ["20240225", "20240304T101500"]
     p.write_text(json.dumps({"sessions": []}))
     assert session_labels(p) == []
+
+
+def test_patient_reaches_the_index_command(tmp_path):
+    """Issue 17: the patient to use (config or the sheet's optional column) and show_phi
+    reach the index step of a DICOM folder."""
+    d = study(tmp_path)
+    subjects = load_subjects({**config(d), "patient": "08415728afd9"})
+    assert subjects["demo"]["patient"] == "08415728afd9"
+    args = index_args(subjects["demo"], str(tmp_path / "out"), {}, show_phi=True)
+    assert "--patient 08415728afd9" in args and args.endswith("--show-phi")
+    assert "--patient" not in index_args({**subjects["demo"], "patient": ""}, "o", {})
