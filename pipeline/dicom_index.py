@@ -59,7 +59,7 @@ from pydicom.errors import InvalidDicomError
 
 from pipeline import dicom_frames
 from pipeline.dicom_frames import FrameError, FrameInfo
-from pipeline.io_utils import is_within, write_json_atomic, write_tsv_atomic
+from pipeline.io_utils import is_within, walk_entries, write_json_atomic, write_tsv_atomic
 
 log = logging.getLogger(__name__)
 
@@ -847,51 +847,39 @@ def _walk(input_dir: Path, problems: list[tuple[Path, str]] | None = None) -> li
         if problems is not None:
             problems.append((Path(path), why))
 
-    # the order of os.walk (top-down, sorted names: a folder's files, then its subfolders
-    # depth-first), with os.scandir's cached file types instead of a stat per file
+    # os.scandir's cached file types instead of a stat per file
     paths: list[Path] = []
     top = os.fspath(input_dir)
-    stack = [top]
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as err:
+    for folder, entry in walk_entries(top):
+        if isinstance(entry, OSError):
             # unreadable folder (os.walk skips these too): say so
-            skip(folder, f"folder cannot be read ({_os_reason(err)}); its files are not "
+            skip(folder, f"folder cannot be read ({_os_reason(entry)}); its files are not "
                          "indexed")
             continue
-        subfolders = []
-        for entry in entries:
-            try:
-                is_dir = entry.is_dir()
-            except OSError:
-                is_dir = False
-            if is_dir:
-                if not entry.is_symlink():  # followlinks=False
-                    subfolders.append(entry.path)
+        try:
+            if entry.is_dir():  # a link to a folder: not followed (followlinks=False)
                 continue
-            if folder == top and entry.name in COMPANION_FILES:
-                continue
-            try:
-                is_file = entry.is_file()  # follows symlinks, like Path.is_file
-            except OSError as err:  # e.g. ELOOP: a link to itself
-                skip(entry.path, f"cannot be followed ({_os_reason(err)}); skipped")
-                continue
-            if is_file:
-                paths.append(Path(entry.path))
-                continue
-            try:
-                os.stat(entry.path)
-            except OSError as err:
-                what = "symbolic link that cannot be followed" if entry.is_symlink() \
-                    else "cannot be read"
-                skip(entry.path, f"{what} ({_os_reason(err)}); skipped")
-            else:
-                skip(entry.path, "not a regular file (a named pipe, socket or device); "
-                                 "skipped")
-        stack.extend(reversed(subfolders))
+        except OSError:
+            pass
+        if folder == top and entry.name in COMPANION_FILES:
+            continue
+        try:
+            is_file = entry.is_file()  # follows symlinks, like Path.is_file
+        except OSError as err:  # e.g. ELOOP: a link to itself
+            skip(entry.path, f"cannot be followed ({_os_reason(err)}); skipped")
+            continue
+        if is_file:
+            paths.append(Path(entry.path))
+            continue
+        try:
+            os.stat(entry.path)
+        except OSError as err:
+            what = "symbolic link that cannot be followed" if entry.is_symlink() \
+                else "cannot be read"
+            skip(entry.path, f"{what} ({_os_reason(err)}); skipped")
+        else:
+            skip(entry.path, "not a regular file (a named pipe, socket or device); "
+                             "skipped")
     return paths
 
 

@@ -132,3 +132,35 @@ def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str
         while chunk := fh.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def walk_entries(top: str | os.PathLike[str]
+                 ) -> Iterator[tuple[str, os.DirEntry[str] | OSError]]:
+    """Every entry below `top` but the real folders, in the order of ``os.walk`` (top-down,
+    sorted names: a folder's entries, then its subfolders depth-first); a folder reached
+    only through a symbolic link is listed, not entered (``followlinks=False``).
+
+    Yields ``(folder, entry)``, or ``(folder, error)`` for a folder that cannot be read. The
+    one walk of a study folder: the DICOM index reads what it yields, the re-run digest
+    stats it (:func:`pipeline.workflow.input_digest`), so both see the same files.
+    """
+    stack = [os.fspath(top)]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as err:
+            yield folder, err
+            continue
+        subfolders = []
+        for entry in entries:
+            try:
+                real_folder = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                real_folder = False
+            if real_folder:
+                subfolders.append(entry.path)
+            else:
+                yield folder, entry
+        stack.extend(reversed(subfolders))

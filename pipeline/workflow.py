@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .io_utils import is_within, read_tsv
+from .io_utils import is_within, read_tsv, walk_entries
 from .nifti_input import SHEET_COLUMNS, is_sessions_sheet
 
 SUBJECT_RE = re.compile(r"[A-Za-z0-9]+")
@@ -199,34 +199,23 @@ def _check_events(subject: Mapping[str, str], where: str) -> None:
 
 
 def _walk_stats(top: Path, skip: set[str]) -> Iterator[str]:
-    """One line per entry under `top` (relative path, size, mtime in ns), in a fixed order,
-    but for the relative paths in `skip`; links to folders are not followed (as the DICOM
-    index walks). No file is opened."""
+    """One line per entry under `top` (relative path, size, mtime in ns), in the DICOM
+    index's walk order (:func:`pipeline.io_utils.walk_entries`), but for the relative paths
+    in `skip`. No file is opened."""
     root = os.fspath(top)
     cut = len(root.rstrip(os.sep)) + 1
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as err:
-            yield f"{folder[cut:]}\tunreadable folder\t{err.errno}"
+    for folder, entry in walk_entries(root):
+        if isinstance(entry, OSError):
+            yield f"{folder[cut:]}\tunreadable folder\t{entry.errno}"
             continue
-        subfolders = []
-        for entry in entries:
-            rel = entry.path[cut:]
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    subfolders.append(entry.path)
-                    continue
-                if rel in skip:
-                    continue
-                st = entry.stat()  # follows a link to a file, as the index reads it
-                yield f"{rel}\t{st.st_size}\t{st.st_mtime_ns}"
-            except OSError as err:
-                yield f"{rel}\tunreadable\t{err.errno}"
-        stack.extend(reversed(subfolders))
+        rel = entry.path[cut:]
+        if rel in skip:
+            continue
+        try:
+            st = entry.stat()  # follows a link, as the index reads it
+            yield f"{rel}\t{st.st_size}\t{st.st_mtime_ns}"
+        except OSError as err:
+            yield f"{rel}\tunreadable\t{err.errno}"
 
 
 def sheet_images(sheet: Path, subject: str) -> list[Path]:
