@@ -31,7 +31,7 @@ import SimpleITK as sitk
 
 from pipeline.evaluation import Case, format_table, run_case
 from pipeline.extent import volumes_in_extent
-from pipeline.io_utils import read_tsv
+from pipeline.io_utils import read_tsv, tsv_float
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,13 +57,6 @@ CASES: tuple[Case, ...] = (
           "--sessions=-2:0.03:4:0.2:0,3:0.12:4:0.6:5,9:0.2:3:0.8:-5,21:0.06:2:0.3:4,"
           "45:0.03:1:0.1:-3"), "right"),
 )
-
-Z95 = 1.959964
-
-
-def _float(text: str | None) -> float | None:
-    return None if text in (None, "", "n/a") else float(text)  # type: ignore[arg-type]
-
 
 def true_volumes(result: dict[str, Any]) -> dict[tuple[str, str, str], float]:
     """The phantom's true volumes over the extent the workflow measured (the common extent,
@@ -102,12 +95,12 @@ def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
             return 100.0 * (true[(d, side, "soft_tissue")] / true[(d, other, "soft_tissue")] - 1)
 
         entries = [("swelling (asymmetry pp)", asym(date) - asym(base),
-                    _float(soft["asymmetry_change_pp"]),
-                    _float(soft["asymmetry_change_pp_ci95"]))]
+                    tsv_float(soft["asymmetry_change_pp"]),
+                    tsv_float(soft["asymmetry_change_pp_ci95"]))]
         for structure in ("limb", "marrow_lesion", "edema"):
             now, then = long[(date, structure)], long[(base, structure)]
-            m, m0 = _float(now["affected_ml"]), _float(then["affected_ml"])
-            c, c0 = _float(now["affected_ml_ci95"]), _float(then["affected_ml_ci95"])
+            m, m0 = tsv_float(now["affected_ml"]), tsv_float(then["affected_ml"])
+            c, c0 = tsv_float(now["affected_ml_ci95"]), tsv_float(then["affected_ml_ci95"])
             entries.append((f"{structure} (mL)",
                             true[(date, side, structure)] - true[(base, side, structure)],
                             None if m is None or m0 is None else m - m0,

@@ -97,6 +97,12 @@ def write_tsv_atomic(
                 writer.writerow([_format_cell(row.get(c)) for c in columns])
 
 
+def tsv_float(text: str | None) -> float | None:
+    """A number written by :func:`write_tsv_atomic` read back; ``n/a``, empty or absent is
+    None (the inverse of its None -> 'n/a')."""
+    return None if text in (None, "", "n/a") else float(text)  # type: ignore[arg-type]
+
+
 def _format_cell(value: Any) -> str:
     if value is None:
         return "n/a"

@@ -25,7 +25,7 @@ from typing import Any
 from . import __version__
 from . import qc as qc_mod
 from . import uncertainty as unc
-from .io_utils import read_tsv, sha256_file, write_json_atomic, write_tsv_atomic
+from .io_utils import read_tsv, sha256_file, tsv_float, write_json_atomic, write_tsv_atomic
 from .labels import STRUCTURES
 
 LONGITUDINAL_COLUMNS = (
@@ -150,8 +150,8 @@ def visits_from_rows(rows: Sequence[Mapping[str, str]]) -> list[Visit]:
             by_date[key] = Visit(r["study_date"], int(r["day"]), {}, {},
                                  session=r.get("session") or "")
         v = by_date[key]
-        value = _float(r["volume_ml"])
-        sd = unc.sd_from_ci95(_float(r.get("volume_ml_ci95")))
+        value = tsv_float(r["volume_ml"])
+        sd = unc.sd_from_ci95(tsv_float(r.get("volume_ml_ci95")))
         if r["role"] == "affected":
             v.affected_ml[r["structure"]] = value
             v.affected_sd_ml[r["structure"]] = sd
@@ -162,11 +162,6 @@ def visits_from_rows(rows: Sequence[Mapping[str, str]]) -> list[Visit]:
             if code.strip() and code.strip() != "n/a" and code.strip() not in v.qc:
                 v.qc.append(code.strip())
     return sorted(by_date.values(), key=lambda v: (v.study_date, v.session))
-
-
-def _float(text: str | None) -> float | None:
-    """A TSV cell as a float; empty, ``n/a`` or absent is None."""
-    return None if text in (None, "", "n/a") else float(text)  # type: ignore[arg-type]
 
 
 def baseline_index(visits: Sequence[Visit]) -> int:

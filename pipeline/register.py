@@ -866,14 +866,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = RegistrationSettings(
         seed=args.seed, sampling_fraction=args.sampling, reference=args.reference
     )
-    empty = [p for p in (args.fixed_labels, args.moving_labels)
-             if not sitk.GetArrayFromImage(sitk.ReadImage(str(p))).any()]
+    # each label map read once, here: checked for content, then registered from memory
+    labels = {p: read_label_map(p) for p in (args.fixed_labels, args.moving_labels)}
+    empty = [p for p, img in labels.items() if not sitk.GetArrayViewFromImage(img).any()]
     try:
         if empty:  # nothing was segmented there (its QC flags say why): nothing to align
             result = not_registered(f"no limb segmented in {empty[0].name}: nothing to align")
         else:
-            result = register_session(args.fixed_image, args.moving_image, args.fixed_labels,
-                                      args.moving_labels, settings)
+            result = register_session(args.fixed_image, args.moving_image,
+                                      labels[args.fixed_labels], labels[args.moving_labels],
+                                      settings)
     except RuntimeError as err:  # ITK refused the images: the session is flagged, not lost
         result = not_registered(f"registration could not run: {_itk_reason(err)}")
     result.write(args.out_tfm, args.out_json)

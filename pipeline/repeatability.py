@@ -49,7 +49,7 @@ from typing import Any, ClassVar, Final, Literal, Protocol
 import numpy as np
 
 from . import uncertainty as unc
-from .io_utils import read_tsv, write_tsv_atomic
+from .io_utils import read_tsv, tsv_float, write_tsv_atomic
 from .labels import STRUCTURES
 from .longitudinal import Thresholds, Visit, assess, swelling_change
 from .phantom import PhantomSpec, SessionSpec, generate
@@ -125,10 +125,6 @@ def read_pairs(path: str | Path) -> list[PairRecord]:
     return [PairRecord.from_row(r) for r in read_tsv(path)]
 
 
-def _number(text: str) -> float | None:
-    return None if text in ("", "n/a") else float(text)
-
-
 def pairs_from_results(subject_dir: str | Path, case: str, source: str, region: str = ""
                        ) -> list[PairRecord]:
     """The pairs of a workflow result: every later session against the baseline, per side
@@ -152,7 +148,7 @@ def pairs_from_results(subject_dir: str | Path, case: str, source: str, region: 
     volumes: dict[tuple[str, str, str], float | None] = {}
     roles: dict[str, str] = {}
     for r in read_tsv(subject_dir / "volumes.tsv"):
-        volumes[(r["study_date"], r["side"], r["structure"])] = _number(r["volume_ml"])
+        volumes[(r["study_date"], r["side"], r["structure"])] = tsv_float(r["volume_ml"])
         roles[r["side"]] = r["role"]
 
     def drivers(s: Mapping[str, Any], side: str, structure: str) -> unc.Drivers | None:
