@@ -1,4 +1,4 @@
-# limbtrack: longitudinal limb volumetry on serial MRI (see README.md and DESIGN.md).
+# limbtrack: longitudinal limb volumetry on serial MRI (see README.md and docs/design.md).
 # Wiring only: every step is a thin call into the importable package `pipeline/`.
 import json
 import sys
@@ -81,7 +81,7 @@ onerror:
     # the failed ones with the reason from their logs.
     if config["subjects_sheet"]:
         shell(
-            f"{PYTHON} -m pipeline.cohort --subject-dirs "
+            f"{PYTHON} -m pipeline.report.cohort --subject-dirs "
             + " ".join(f"{RESULTS}/{s}" for s in sorted(SUBJECTS))
             + f" --out-html {RESULTS}/cohort.html --out-tsv {RESULTS}/cohort.tsv || true"
         )

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.evaluation import (
+from pipeline.validation.evaluation import (
     ANATOMY_SUITE,
     SUITE,
     TARGETS,

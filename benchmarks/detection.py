@@ -29,9 +29,9 @@ from typing import Any
 
 import SimpleITK as sitk
 
-from pipeline.evaluation import Case, format_table, run_case
 from pipeline.extent import volumes_in_extent
-from pipeline.io_utils import read_tsv, tsv_float
+from pipeline.io.files import read_tsv, tsv_float
+from pipeline.validation.evaluation import Case, format_table, run_case
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -57,7 +57,7 @@ CSA_IMAGE_BYTES, CSA_SERIES_BYTES = 6812, 52132
 def _phantom(out: Path, slices: int, matrix: tuple[int, int], pixel_mm: float,
              slice_mm: float) -> Path:
     """One phantom study (T1w + STIR series) under ``out/dicom``; pixel content is irrelevant."""
-    from pipeline.phantom import PhantomSpec, SessionSpec, generate
+    from pipeline.validation.phantom import PhantomSpec, SessionSpec, generate
 
     if not (out / "truth.json").exists():
         spec = PhantomSpec(subject="bench", sessions=(SessionSpec(0, 0.1, 4.0, 0.3),),
@@ -205,21 +205,21 @@ for root, dirs, files in os.walk(folder):
 print(json.dumps({"work_s": time.perf_counter() - t, "files": n, "bytes": nbytes}))
 """,
     "walk": """
-from pipeline.dicom_index import _walk
+from pipeline.io.dicom_index import _walk
 t = time.perf_counter()
 n = len(_walk(Path(sys.argv[1])))
 print(json.dumps({"work_s": time.perf_counter() - t, "files": n}))
 """,
     "index": """
 import importlib.util, inspect
-if len(sys.argv) > 3:  # a baseline copy of pipeline/dicom_index.py
+if len(sys.argv) > 3:  # a baseline copy of pipeline/io/dicom_index.py
     spec = importlib.util.spec_from_file_location("dicom_index_baseline", sys.argv[3])
     module = importlib.util.module_from_spec(spec)
     sys.modules["dicom_index_baseline"] = module
     spec.loader.exec_module(module)
     index_folder = module.index_folder
 else:
-    from pipeline.dicom_index import index_folder
+    from pipeline.io.dicom_index import index_folder
 kwargs = {}
 if sys.argv[2] != "auto":
     if "workers" not in inspect.signature(index_folder).parameters:
@@ -231,7 +231,7 @@ print(json.dumps({"work_s": time.perf_counter() - t, "files": r.n_files_seen,
                   "series": len(r.series), "problems": len(r.problems)}))
 """,
     "read_series": """
-from pipeline.convert import read_series, write_volume
+from pipeline.io.convert import read_series, write_volume
 files = sorted(p for p in Path(sys.argv[1]).iterdir() if p.is_file())
 level = sys.argv[3]
 t = time.perf_counter()
@@ -506,8 +506,8 @@ def profile_table(fn: Any, title: str, top: int = 12) -> str:
 def profile_section(corpus: Path, series_dir: Path, n_profile: int) -> str:
     import inspect
 
-    from pipeline import dicom_index
-    from pipeline.convert import read_series
+    from pipeline.io import dicom_index
+    from pipeline.io.convert import read_series
 
     subset = corpus / "P0000"
     # a slice of the corpus, as its own folder tree of symlink-free copies would cost disk;
@@ -546,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--profile-files", type=int, default=2000,
                    help="files of the corpus profiled with cProfile")
     p.add_argument("--baseline", type=Path, default=None,
-                   help="a copy of an older pipeline/dicom_index.py to time side by side")
+                   help="a copy of an older pipeline/io/dicom_index.py to time side by side")
     p.add_argument("--convert-baseline", type=Path, default=None,
                    help="a folder holding an older copy of the `pipeline` package: its "
                         "read_series / write_volume are timed side by side (\"before:\" rows)")

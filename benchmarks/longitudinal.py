@@ -20,9 +20,9 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from pipeline.evaluation import format_table
 from pipeline.extent import volumes_in_extent
-from pipeline.io_utils import read_tsv
+from pipeline.io.files import read_tsv
+from pipeline.validation.evaluation import format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 # name: (expected pattern, confirmation, per-session states after the baseline,

@@ -5,7 +5,7 @@ Prints two tables against the targets of issue 12 (not a timed test):
 - real invariants: the healthy legs of ``../shared/realdata/legs`` scanned twice on one day
   with another anatomical contrast (and grid): bone left vs right, lesion, same-day limb and
   bone agreement, registration bone Dice, QC flags and label;
-- hybrid cases (:data:`pipeline.hybrid.HYBRID_SUITE`): inserted lesion, edema, swelling.
+- hybrid cases (:data:`pipeline.validation.hybrid.HYBRID_SUITE`): inserted lesion, edema, swelling.
 
     python benchmarks/realdata_legs.py                  # everything (about 20 min on 2 cores)
     python benchmarks/realdata_legs.py --only invariants --cases thigh_same,calf_same
@@ -19,9 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline import hybrid
-from pipeline.evaluation import format_table
-from pipeline.realdata_eval import (
+from pipeline.validation import hybrid
+from pipeline.validation.evaluation import format_table
+from pipeline.validation.realdata_eval import (
     HYBRID_TARGETS,
     INVARIANT_CASES,
     REAL_TARGETS,

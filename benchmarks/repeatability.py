@@ -1,6 +1,6 @@
 """Scan-rescan repeatability study: run it, fit the uncertainty model, report it.
 
-Runs every case of :mod:`pipeline.repeatability` (phantom subjects, hybrid real-anatomy
+Runs every case of :mod:`pipeline.validation.repeatability` (phantom subjects, hybrid real-anatomy
 subjects and real same-day rescans, all without true change) through the command-line
 contract, collects the scan-rescan pairs, fits :func:`pipeline.uncertainty.fit` and writes the
 model the workflow reads (``pipeline/data/repeatability.json``) with its provenance. Prints,
@@ -34,11 +34,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import repeatability as rp
 from pipeline import uncertainty as unc
-from pipeline.evaluation import format_table
-from pipeline.io_utils import write_json_atomic, write_text_atomic
+from pipeline.io.files import write_json_atomic, write_text_atomic
 from pipeline.labels import STRUCTURES
+from pipeline.validation import repeatability as rp
+from pipeline.validation.evaluation import format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "results" / "repeatability_study"
@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rp.write_pairs(pairs_path, records)
     else:
         try:
-            from pipeline import hybrid
+            from pipeline.validation import hybrid
 
             hybrid.realdata_dir(args.realdata)
             realdata_ok = True
@@ -288,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     n_pairs = rp.pairs_per_structure(records)
     provenance: dict[str, Any] = {
-        "study": "scan-rescan repeatability without true change (pipeline/repeatability.py, "
+        "study": "scan-rescan repeatability without true change "
+                 "(pipeline/validation/repeatability.py, "
                  "benchmarks/repeatability.py)",
         "date": study.get("date", today),
         "git_revision": study.get("git_revision", revision),

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline import phantom
+from pipeline.validation import phantom
 
 
 def make_images(work: Path, n: int, slices: int) -> tuple[Path, Path]:

@@ -14,17 +14,18 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from pipeline import __version__
 
 COMMANDS = {
-    "phantom": ("pipeline.phantom", "write a serial bilateral thigh MRI phantom with ground truth"),
-    "index": ("pipeline.dicom_index", "index a DICOM folder and select series per study"),
-    "convert": ("pipeline.convert", "convert a session's series to NIfTI + JSON sidecars"),
+    "phantom": ("pipeline.validation.phantom",
+                "write a serial bilateral thigh MRI phantom with ground truth"),
+    "index": ("pipeline.io.dicom_index", "index a DICOM folder and select series per study"),
+    "convert": ("pipeline.io.convert", "convert a session's series to NIfTI + JSON sidecars"),
     "segment": ("pipeline.segment", "segment one session into a label map"),
     "measure": ("pipeline.measure", "volumes per session, side and structure"),
     "longitudinal": ("pipeline.longitudinal", "asymmetry, change, response pattern, summary"),
-    "report": ("pipeline.report", "the self-contained HTML report of a subject"),
-    "research": ("pipeline.research", "de-identified export with shifted dates"),
+    "report": ("pipeline.report.build", "the self-contained HTML report of a subject"),
+    "research": ("pipeline.export.research", "de-identified export with shifted dates"),
 }
 
 

@@ -2,7 +2,7 @@
 
 Serial studies cover different lengths of the thighs (table position, field of view, slice
 count). Volumes are only comparable over the range covered by *every* session and *both*
-limbs (DESIGN.md), so this module maps each session's covered slab into baseline space and
+limbs (docs/design.md), so this module maps each session's covered slab into baseline space and
 intersects them, then counts each session's labels inside that range.
 
 Conventions
@@ -28,8 +28,8 @@ import numpy as np
 import SimpleITK as sitk
 from numpy.typing import NDArray
 
-from .io_utils import mm3_to_ml
-from .labels import SIDES, STRUCTURES, structure_labels
+from pipeline.io.files import mm3_to_ml
+from pipeline.labels import SIDES, STRUCTURES, structure_labels
 
 
 class HasTransform(Protocol):
@@ -358,7 +358,7 @@ def volumes_in_extent(
 
     Returns
     -------
-    ``volumes_ml[side][structure]`` for both sides and every structure of DESIGN.md.
+    ``volumes_ml[side][structure]`` for both sides and every structure of docs/design.md.
     """
     img = read_label_map(label_map)
     geo = Geometry.of(img)

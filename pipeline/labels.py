@@ -1,4 +1,4 @@
-"""The label map of DESIGN.md: one value per side and tissue class, and the structures.
+"""The label map of docs/design.md: one value per side and tissue class, and the structures.
 
 A label map holds one integer per voxel on the fluid-sensitive series' grid:
 

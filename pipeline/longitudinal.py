@@ -1,6 +1,6 @@
 """Longitudinal analysis: asymmetry, change from baseline, response pattern, clinical events.
 
-Definitions (DESIGN.md):
+Definitions (docs/design.md):
 
 * ``asymmetry_pct = 100 * (affected / contralateral - 1)``; not available when the
   contralateral volume is 0 or the limb is missing;
@@ -22,11 +22,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from . import qc as qc_mod
-from . import uncertainty as unc
-from .io_utils import read_tsv, sha256_file, tsv_float, write_json_atomic, write_tsv_atomic
-from .labels import STRUCTURES
+from pipeline import __version__
+from pipeline import qc as qc_mod
+from pipeline import uncertainty as unc
+from pipeline.io.files import read_tsv, sha256_file, tsv_float, write_json_atomic, write_tsv_atomic
+from pipeline.labels import STRUCTURES
 
 LONGITUDINAL_COLUMNS = (
     "subject",
@@ -50,7 +50,7 @@ LONGITUDINAL_COLUMNS = (
     "session",
 )
 CLASSES = ("pseudo-progression", "progression", "response", "stable", "indeterminate")
-#: Per-session states of the flare timeline (DESIGN.md "Confirmation").
+#: Per-session states of the flare timeline (docs/design.md "Confirmation").
 STATES = ("baseline", "no change", "unconfirmed flare", "confirmed flare", "resolved",
           "not assessable")
 CONFIRMATION = ("confirmed", "unconfirmed", "not applicable")
@@ -318,7 +318,7 @@ class Assessment:
 
 
 def assess(v: Visit, base: Visit, t: Thresholds) -> Assessment:
-    """The flare criteria of DESIGN.md at `v`: a criterion counts only when its change exceeds
+    """The flare criteria of docs/design.md at `v`: a criterion counts only when its change exceeds
     both its clinical threshold and its MDC95."""
     flares: list[str] = []
     within: list[str] = []
@@ -379,7 +379,7 @@ def _qc_note(v: Visit) -> str:
 
 @dataclass(frozen=True)
 class SessionState:
-    """A session's place in the flare timeline (DESIGN.md "Confirmation")."""
+    """A session's place in the flare timeline (docs/design.md "Confirmation")."""
 
     study_date: str
     day: int
@@ -462,7 +462,7 @@ def session_states(visits: Sequence[Visit], t: Thresholds | None = None
 
 
 def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
-    """Response pattern of DESIGN.md, on what passed QC, beyond measurement error.
+    """Response pattern of docs/design.md, on what passed QC, beyond measurement error.
 
     * ``pseudo-progression``: a flare after baseline, and the last session resolved;
     * ``progression``: the last session still flares against baseline, confirmed by an earlier
@@ -751,7 +751,7 @@ def build_summary(
     thresholds: Thresholds,
     settings: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """summary.json content (DESIGN.md output contract plus provenance)."""
+    """summary.json content (docs/design.md output contract plus provenance)."""
     base = visits[baseline_index(visits)] if visits else None
     warnings: list[str] = []
     by_label = {s["session"]: s for s in sessions_index.get("sessions", [])}

@@ -21,8 +21,8 @@ import numpy as np
 import SimpleITK as sitk
 from numpy.typing import NDArray
 
-from . import qc as qc_mod
-from .extent import (
+from pipeline import qc as qc_mod
+from pipeline.extent import (
     FieldOfView,
     Geometry,
     as_transform,
@@ -31,9 +31,9 @@ from .extent import (
     read_label_map,
     volumes_in_extent,
 )
-from .io_utils import mm3_to_ml, write_json_atomic, write_tsv_atomic
-from .labels import SIDES, STRUCTURES, other_side, structure_labels
-from .profiles import (
+from pipeline.io.files import mm3_to_ml, write_json_atomic, write_tsv_atomic
+from pipeline.labels import SIDES, STRUCTURES, other_side, structure_labels
+from pipeline.profiles import (
     CIRCUMFERENCE_COLUMNS,
     CSA_COLUMNS,
     circumference_profile,
@@ -41,8 +41,8 @@ from .profiles import (
     find_landmarks,
     write_profile_tsv,
 )
-from .qc import QCFlag
-from .uncertainty import Drivers, RepeatabilityModel, ci95
+from pipeline.qc import QCFlag
+from pipeline.uncertainty import Drivers, RepeatabilityModel, ci95
 
 #: Common-extent edges within this distance (mm) of the baseline's edges snap to them.
 SNAP_MM = 1.0
@@ -185,7 +185,7 @@ def volume_rows(
     subject: str, sessions: Sequence[SessionVolumes], affected_side: str,
     model: RepeatabilityModel | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows of volumes.tsv (DESIGN.md output contract); ``volume_ml_ci95`` is the half-width
+    """Rows of volumes.tsv (docs/design.md output contract); ``volume_ml_ci95`` is the half-width
     of the 95 % interval from the repeatability model (default: the packaged one)."""
     model = model or RepeatabilityModel.load()
     rows = []

@@ -24,7 +24,7 @@ import SimpleITK as sitk
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from .register import single_threaded_itk
+from pipeline.register import single_threaded_itk
 
 FloatArray = NDArray[np.float32]
 BoolArray = NDArray[np.bool_]

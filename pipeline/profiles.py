@@ -52,7 +52,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 from skimage import measure
 
-from .extent import (
+from pipeline.extent import (
     Geometry,
     LabelMapLike,
     TransformLike,
@@ -62,7 +62,7 @@ from .extent import (
     sides_present,
     to_baseline,
 )
-from .io_utils import write_tsv_atomic
+from pipeline.io.files import write_tsv_atomic
 
 CSA_COLUMNS = (
     "session",

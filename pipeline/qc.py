@@ -41,7 +41,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from .labels import SIDES, STRUCTURES
+from pipeline.labels import SIDES, STRUCTURES
 
 Severity = Literal["exclude", "warn"]
 

@@ -69,7 +69,7 @@ import numpy as np
 import SimpleITK as sitk
 from numpy.typing import NDArray
 
-from .extent import (
+from pipeline.extent import (
     Geometry,
     LabelMapLike,
     affine_of,
@@ -78,8 +78,8 @@ from .extent import (
     side_mask,
     sides_present,
 )
-from .io_utils import atomic_path, write_json_atomic
-from .labels import SIDES
+from pipeline.io.files import atomic_path, write_json_atomic
+from pipeline.labels import SIDES
 
 
 @dataclass(frozen=True)

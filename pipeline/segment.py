@@ -38,11 +38,11 @@ from numpy.typing import NDArray
 from scipy import ndimage
 from skimage import filters, measure, morphology, segmentation
 
-from . import __version__
-from . import qc as qc_mod
-from .io_utils import atomic_path, write_json_atomic
-from .labels import BONE, EDEMA, LESION, SIDE_OFFSET, SOFT_TISSUE
-from .mirror import MirroredReference, mirrored_references
+from pipeline import __version__
+from pipeline import qc as qc_mod
+from pipeline.io.files import atomic_path, write_json_atomic
+from pipeline.labels import BONE, EDEMA, LESION, SIDE_OFFSET, SOFT_TISSUE
+from pipeline.mirror import MirroredReference, mirrored_references
 
 BoolArray = NDArray[np.bool_]
 _DISK1 = ndimage.generate_binary_structure(2, 1)

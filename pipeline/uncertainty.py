@@ -1,6 +1,7 @@
 """Measurement uncertainty of every volume, and the smallest change the method can detect.
 
-The model (DESIGN.md "Uncertainty") is measured, not assumed: :mod:`pipeline.repeatability`
+The model (docs/design.md "Uncertainty") is measured, not assumed:
+:mod:`pipeline.validation.repeatability`
 images the same anatomy again (new noise, repositioning, other slice positions and thickness,
 other bias field), measures both with the whole workflow and fits, per structure, the
 standard deviation of one measurement as a function of what drives it::

@@ -15,15 +15,15 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .io_utils import is_within, read_tsv, walk_entries
-from .nifti_input import SHEET_COLUMNS, is_sessions_sheet
+from pipeline.io.files import is_within, read_tsv, walk_entries
+from pipeline.io.nifti_input import SHEET_COLUMNS, is_sessions_sheet
 
 SUBJECT_RE = re.compile(r"[A-Za-z0-9]+")
 DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 SIDES = ("left", "right", "auto")
 REQUIRED_COLUMNS = ("subject", "input_dir", "day0", "affected_side")
 #: Files at the top of a study folder that are not part of the DICOM export (the DICOM index
-#: leaves them out too: pipeline.dicom_index.COMPANION_FILES).
+#: leaves them out too: pipeline.io.dicom_index.COMPANION_FILES).
 COMPANION_FILES = ("events.tsv",)
 
 
@@ -71,9 +71,9 @@ def index_args(subject: dict[str, str], out_dir: str, series: dict[str, str],
     ``show_phi`` (the table of patients of a refused folder then shows IDs and names)."""
     q = shlex.quote
     if is_sessions_sheet(subject["input_dir"]):
-        return (f"pipeline.nifti_input index --sheet {q(subject['input_dir'])} "
+        return (f"pipeline.io.nifti_input index --sheet {q(subject['input_dir'])} "
                 f"--subject {q(subject['subject'])} --out-dir {q(out_dir)}")
-    args = f"pipeline.dicom_index --input-dir {q(subject['input_dir'])} --out-dir {q(out_dir)}"
+    args = f"pipeline.io.dicom_index --input-dir {q(subject['input_dir'])} --out-dir {q(out_dir)}"
     for flag, key in (("--anatomical-regex", "anatomical_regex"),
                       ("--fluid-regex", "fluid_regex")):
         if series.get(key):
@@ -88,8 +88,8 @@ def index_args(subject: dict[str, str], out_dir: str, series: dict[str, str],
 def convert_module(subject: dict[str, str]) -> str:
     """Module (and subcommand) converting one session of a subject's input."""
     if is_sessions_sheet(subject["input_dir"]):
-        return "pipeline.nifti_input convert"
-    return "pipeline.convert"
+        return "pipeline.io.nifti_input convert"
+    return "pipeline.io.convert"
 
 
 def default_events(input_dir: str) -> str:
@@ -187,7 +187,7 @@ def _check_events(subject: Mapping[str, str], where: str) -> None:
     """The events file of a subject can be read (ConfigError naming file and line if not)."""
     if not subject["events"]:
         return
-    from .longitudinal import read_events  # lazily: only when there is an events file
+    from pipeline.longitudinal import read_events  # lazily: only when there is an events file
 
     try:
         read_events(subject["events"], subject["day0"], warnings=[])
@@ -200,7 +200,7 @@ def _check_events(subject: Mapping[str, str], where: str) -> None:
 
 def _walk_stats(top: Path, skip: set[str]) -> Iterator[str]:
     """One line per entry under `top` (relative path, size, mtime in ns), in the DICOM
-    index's walk order (:func:`pipeline.io_utils.walk_entries`), but for the relative paths
+    index's walk order (:func:`pipeline.io.files.walk_entries`), but for the relative paths
     in `skip`. No file is opened."""
     root = os.fspath(top)
     cut = len(root.rstrip(os.sep)) + 1

@@ -124,7 +124,7 @@ def subject_dir_param(wildcards):
 def export_inputs(wildcards):
     """Per-session exports the config asks for (DICOM SEG/SR only for DICOM input)."""
     files = {"tables": session_files(f"{SESSION_STEM}_dseg.ctbl")(wildcards)}
-    dicom_input = convert_module(SUBJECTS[wildcards.subject]) == "pipeline.convert"
+    dicom_input = convert_module(SUBJECTS[wildcards.subject]) == "pipeline.io.convert"
     if config["export"]["dicom"] and dicom_input:
         files["seg"] = session_files(f"{SESSION_STEM}_seg.dcm")(wildcards)
         files["sr"] = session_files(f"{SESSION_STEM}_sr.dcm")(wildcards)

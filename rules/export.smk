@@ -21,7 +21,7 @@ rule export_tables:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{params.python} -m pipeline.export --subject-dir {params.subject_dir:q}"
+        "{params.python} -m pipeline.export.session --subject-dir {params.subject_dir:q}"
         " --subject {wildcards.subject} --session {wildcards.session} > {log:q} 2>&1"
 
 
@@ -46,7 +46,7 @@ rule export_dicom:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{params.python} -m pipeline.export --subject-dir {params.subject_dir:q}"
+        "{params.python} -m pipeline.export.session --subject-dir {params.subject_dir:q}"
         " --subject {wildcards.subject} --session {wildcards.session} --dicom --no-tables"
         " > {log:q} 2>&1"
 
@@ -69,7 +69,7 @@ rule export:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{params.python} -m pipeline.export --subject-dir {params.subject_dir:q} --dataset"
+        "{params.python} -m pipeline.export.session --subject-dir {params.subject_dir:q} --dataset"
         " > {log:q} 2>&1"
 
 
@@ -94,5 +94,5 @@ rule research_export:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{params.python} -m pipeline.research --subject-dir {params.subject_dir:q}"
+        "{params.python} -m pipeline.export.research --subject-dir {params.subject_dir:q}"
         " --subject {wildcards.subject} --out-dir {output:q} > {log:q} 2>&1"

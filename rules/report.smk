@@ -19,7 +19,7 @@ rule report:
     output:
         report(
             f"{SUBJECT_DIR}/report.html",
-            caption="../report/report.rst",
+            caption="../pipeline/report/captions/report.rst",
             category="Subject report",
         ),
     params:
@@ -37,7 +37,7 @@ rule report:
         mem_mb=3000,
         runtime=10,
     shell:
-        "{params.python} -m pipeline.report --subject-dir {params.subject_dir:q} --out {output:q}"
+        "{params.python} -m pipeline.report.build --subject-dir {params.subject_dir:q} --out {output:q}"
         " > {log:q} 2>&1"
 
 
@@ -47,7 +47,7 @@ rule cohort:
         longitudinal=expand(f"{SUBJECT_DIR}/longitudinal.tsv", subject=sorted(SUBJECTS)),
         reports=expand(f"{SUBJECT_DIR}/report.html", subject=sorted(SUBJECTS)),
     output:
-        html=report(f"{RESULTS}/cohort.html", caption="../report/cohort.rst", category="Cohort"),
+        html=report(f"{RESULTS}/cohort.html", caption="../pipeline/report/captions/cohort.rst", category="Cohort"),
         tsv=f"{RESULTS}/cohort.tsv",
     params:
         python=PYTHON,
@@ -61,5 +61,5 @@ rule cohort:
         mem_mb=500,
         runtime=5,
     shell:
-        "{params.python} -m pipeline.cohort --subject-dirs {params.subject_dirs:q}"
+        "{params.python} -m pipeline.report.cohort --subject-dirs {params.subject_dirs:q}"
         " --out-html {output.html:q} --out-tsv {output.tsv:q} > {log:q} 2>&1"

@@ -8,7 +8,7 @@ import pytest
 from demo_case import run_demo
 from phantom_cases import small_spec
 
-from pipeline import phantom
+from pipeline.validation import phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 REALDATA = ROOT.parent / "shared" / "realdata"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline import phantom
+from pipeline.validation import phantom
 
 
 def small_spec(**kw: object) -> phantom.PhantomSpec:

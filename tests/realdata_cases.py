@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 
-from pipeline.convert import SeriesError, Volume, read_volumes
+from pipeline.io.convert import SeriesError, Volume, read_volumes
 
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 #: Largest accepted difference of any affine element (mm; rotation terms are unitless).

@@ -1,0 +1,2 @@
+"""Reading the input: DICOM scan, series selection, frames, conversion, NIfTI sheets,
+file helpers."""

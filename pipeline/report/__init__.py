@@ -1,0 +1,1 @@
+"""The HTML report and the cohort table: slicing, figures, overlays, context, templates."""

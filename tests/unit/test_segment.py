@@ -1,0 +1,148 @@
+"""Segmentation: analytic shapes, sides from geometry, and a small phantom against its truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from phantom_cases import small_spec
+
+from pipeline import segment
+from pipeline.labels import STRUCTURES, structure_labels
+from pipeline.validation import phantom
+
+
+def _disk(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def test_body_mask_places_the_edge_at_half_partial_volume() -> None:
+    """A uniform disk with partial-volume edges: the mask area equals the true area."""
+    ss = 8
+    fine = _disk((96 * ss, 96 * ss), (48 * ss, 48 * ss), 30.3 * ss).astype(float)
+    frac = fine.reshape(96, ss, 96, ss).mean(axis=(1, 3))
+    rng = np.random.default_rng(0)
+    img = np.stack([1000 * frac + rng.normal(0, 10, frac.shape) for _ in range(3)])
+    body, _ = segment.body_mask(np.abs(img).astype(np.float32), edge_fraction=0.5)
+    assert body[1].sum() == pytest.approx(frac.sum(), rel=0.01)
+
+
+def test_split_touching_separates_two_limbs_by_the_waist() -> None:
+    a = _disk((80, 140), (40, 40), 30)
+    b = _disk((80, 140), (40, 96), 28)
+    both = a | b
+    parts = segment.split_touching(both)
+    assert parts is not None
+    left_part, right_part = sorted(parts, key=lambda p: np.nonzero(p)[1].mean())
+    assert left_part.sum() == pytest.approx(a.sum(), rel=0.05)
+    assert right_part.sum() == pytest.approx(b.sum(), rel=0.05)
+    assert segment.split_touching(a) is None  # one limb: no waist, no split
+
+
+def test_bone_ring_found_despite_a_septum_touching_it() -> None:
+    muscle = 330.0
+    img = np.full((1, 80, 80), muscle, np.float32)
+    ring = _disk((80, 80), (40, 40), 10) & ~_disk((80, 80), (40, 40), 8)
+    img[0][_disk((80, 80), (40, 40), 8)] = 950.0  # fatty marrow
+    img[0][ring] = 10.0  # cortex
+    img[0, 40, 50:75] = 20.0  # a septum from the cortex to the fascia
+    limb = np.zeros_like(img, bool)
+    limb[0][_disk((80, 80), (40, 40), 38)] = True
+    bone = segment.bone_mask(img, limb, muscle, pixel_mm=1.0)
+    true_area = _disk((80, 80), (40, 40), 10).sum()
+    assert bone.sum() == pytest.approx(true_area, rel=0.08)
+    assert not bone[0, 40, 60:].any()  # the septum is not bone
+
+
+def _segment_phantom(tmp_path: Path, spec: phantom.PhantomSpec) -> tuple[dict, np.ndarray,
+                                                                          segment.SegmentResult]:
+    rendered = phantom.render_session(spec, spec.sessions[0])
+    images = phantom.synthesize(spec, rendered, np.random.default_rng(1))
+    volumes, labels = phantom.truth_of(spec, rendered)
+    for name, key in (("t1", "T1w"), ("fluid", "STIR")):
+        sitk.WriteImage(phantom.to_sitk(images[key].astype(np.float32), rendered["grid"]),
+                        str(tmp_path / f"{name}.nii.gz"))
+    result = segment.segment_session(tmp_path / "t1.nii.gz", tmp_path / "fluid.nii.gz")
+    return volumes, labels, result
+
+
+@pytest.mark.parametrize(("position", "affected"), [("HFS", "left"), ("FFS", "right"),
+                                                    ("HFP", "left")])
+def test_phantom_volumes_and_sides(tmp_path: Path, position: str, affected: str) -> None:
+    spec = small_spec(position=position, affected_side=affected, n_slices=10,
+                      sessions=(phantom.SessionSpec(day=0, swelling=0.1, lesion_ml=3.0,
+                                                    edema=0.5),))
+    truth, true_labels, result = _segment_phantom(tmp_path, spec)
+    labels = sitk.GetArrayFromImage(result.labels)
+    assert labels.shape == true_labels.shape  # on the fluid grid, in its own orientation
+    voxel_ml = spec.pixel_mm**2 * spec.slice_mm / 1000
+    for side in ("left", "right"):
+        measured = {s: np.isin(labels, structure_labels(side, s)).sum() * voxel_ml
+                    for s in STRUCTURES}
+        assert measured["limb"] == pytest.approx(truth[side]["limb"], rel=0.03)
+        assert measured["bone"] == pytest.approx(truth[side]["bone"], rel=0.08)
+        if side == affected:
+            assert measured["marrow_lesion"] == pytest.approx(
+                truth[side]["marrow_lesion"], rel=0.2)
+            assert measured["edema"] == pytest.approx(truth[side]["edema"], rel=0.25)
+        else:
+            assert measured["marrow_lesion"] < 0.5
+            assert measured["edema"] < 3.0
+    # sides agree voxel by voxel with the truth (which was built in patient coordinates)
+    left_true = np.isin(true_labels, [5, 6, 7, 8])
+    left_seg = np.isin(labels, [5, 6, 7, 8])
+    assert 2 * (left_true & left_seg).sum() / (left_true.sum() + left_seg.sum()) > 0.97
+
+
+def test_single_limb_in_the_field_of_view(tmp_path: Path) -> None:
+    spec = small_spec(sides=("left",), n_slices=6,
+                      sessions=(phantom.SessionSpec(day=0, lesion_ml=2.0, edema=0.3),))
+    truth, _, result = _segment_phantom(tmp_path, spec)
+    labels = sitk.GetArrayFromImage(result.labels)
+    assert not np.isin(labels, [1, 2, 3, 4]).any()
+    voxel_ml = spec.pixel_mm**2 * spec.slice_mm / 1000
+    assert np.isin(labels, [5, 6, 7, 8]).sum() * voxel_ml == pytest.approx(
+        truth["left"]["limb"], rel=0.03)
+    assert result.qc["sides_present"] == ["left"]
+    assert any("only 1 limb" in w for w in result.qc["warnings"])
+
+
+def test_t1_on_another_grid_is_resampled(tmp_path: Path) -> None:
+    spec = small_spec(n_slices=6, sessions=(phantom.SessionSpec(day=0),))
+    rendered = phantom.render_session(spec, spec.sessions[0])
+    images = phantom.synthesize(spec, rendered, np.random.default_rng(1))
+    fluid = phantom.to_sitk(images["STIR"].astype(np.float32), rendered["grid"])
+    t1 = phantom.to_sitk(images["T1w"].astype(np.float32), rendered["grid"])
+    t1_flipped = sitk.Flip(t1, [True, False, False])  # same anatomy, other storage order
+    sitk.WriteImage(fluid, str(tmp_path / "fluid.nii.gz"))
+    sitk.WriteImage(t1_flipped, str(tmp_path / "t1.nii.gz"))
+    result = segment.segment_session(tmp_path / "t1.nii.gz", tmp_path / "fluid.nii.gz")
+    sitk.WriteImage(t1, str(tmp_path / "t1_same.nii.gz"))
+    same = segment.segment_session(tmp_path / "t1_same.nii.gz", tmp_path / "fluid.nii.gz")
+    a = sitk.GetArrayFromImage(result.labels)
+    b = sitk.GetArrayFromImage(same.labels)
+    assert (a == b).mean() > 0.999
+
+
+def test_main_writes_label_map_and_qc(tmp_path: Path) -> None:
+    spec = small_spec(n_slices=4, sessions=(phantom.SessionSpec(day=0),))
+    rendered = phantom.render_session(spec, spec.sessions[0])
+    images = phantom.synthesize(spec, rendered, np.random.default_rng(1))
+    for name, key in (("t1", "T1w"), ("fluid", "STIR")):
+        sitk.WriteImage(phantom.to_sitk(images[key].astype(np.float32), rendered["grid"]),
+                        str(tmp_path / f"{name}.nii.gz"))
+    rc = segment.main(["--t1", str(tmp_path / "t1.nii.gz"), "--fluid",
+                       str(tmp_path / "fluid.nii.gz"), "--out", str(tmp_path / "dseg.nii.gz"),
+                       "--qc", str(tmp_path / "qc.json"), "--settings-json",
+                       json.dumps({"n4_shrink": 2})])
+    assert rc == 0
+    lab = sitk.ReadImage(str(tmp_path / "dseg.nii.gz"))
+    assert lab.GetPixelID() == sitk.sitkUInt8
+    qc = json.loads((tmp_path / "qc.json").read_text())
+    assert qc["settings"]["n4_shrink"] == 2
+    with pytest.raises(ValueError, match="unknown segment settings"):
+        segment.settings_from_json('{"n4_shrnk": 2}')
