@@ -30,7 +30,7 @@ from typing import Any
 import SimpleITK as sitk
 
 from pipeline.extent import volumes_in_extent
-from pipeline.io.files import read_tsv, tsv_float
+from pipeline.io.files import finite_float, read_tsv
 from pipeline.validation.evaluation import Case, format_table, run_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,12 +95,12 @@ def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
             return 100.0 * (true[(d, side, "soft_tissue")] / true[(d, other, "soft_tissue")] - 1)
 
         entries = [("swelling (asymmetry pp)", asym(date) - asym(base),
-                    tsv_float(soft["asymmetry_change_pp"]),
-                    tsv_float(soft["asymmetry_change_pp_ci95"]))]
+                    finite_float(soft["asymmetry_change_pp"]),
+                    finite_float(soft["asymmetry_change_pp_ci95"]))]
         for structure in ("limb", "marrow_lesion", "edema"):
             now, then = long[(date, structure)], long[(base, structure)]
-            m, m0 = tsv_float(now["affected_ml"]), tsv_float(then["affected_ml"])
-            c, c0 = tsv_float(now["affected_ml_ci95"]), tsv_float(then["affected_ml_ci95"])
+            m, m0 = finite_float(now["affected_ml"]), finite_float(then["affected_ml"])
+            c, c0 = finite_float(now["affected_ml_ci95"]), finite_float(then["affected_ml_ci95"])
             entries.append((f"{structure} (mL)",
                             true[(date, side, structure)] - true[(base, side, structure)],
                             None if m is None or m0 is None else m - m0,

@@ -25,7 +25,14 @@ from typing import Any
 from pipeline import __version__
 from pipeline import qc as qc_mod
 from pipeline import uncertainty as unc
-from pipeline.io.files import read_tsv, sha256_file, tsv_float, write_json_atomic, write_tsv_atomic
+from pipeline.baseline import baseline_position
+from pipeline.io.files import (
+    finite_float,
+    read_tsv,
+    sha256_file,
+    write_json_atomic,
+    write_tsv_atomic,
+)
 from pipeline.labels import STRUCTURES
 
 LONGITUDINAL_COLUMNS = (
@@ -150,8 +157,8 @@ def visits_from_rows(rows: Sequence[Mapping[str, str]]) -> list[Visit]:
             by_date[key] = Visit(r["study_date"], int(r["day"]), {}, {},
                                  session=r.get("session") or "")
         v = by_date[key]
-        value = tsv_float(r["volume_ml"])
-        sd = unc.sd_from_ci95(tsv_float(r.get("volume_ml_ci95")))
+        value = finite_float(r["volume_ml"])
+        sd = unc.sd_from_ci95(finite_float(r.get("volume_ml_ci95")))
         if r["role"] == "affected":
             v.affected_ml[r["structure"]] = value
             v.affected_sd_ml[r["structure"]] = sd
@@ -165,9 +172,8 @@ def visits_from_rows(rows: Sequence[Mapping[str, str]]) -> list[Visit]:
 
 
 def baseline_index(visits: Sequence[Visit]) -> int:
-    """Index of the last visit on or before day 0, else of the first visit."""
-    before = [i for i, v in enumerate(visits) if v.day <= 0]
-    return before[-1] if before else 0
+    """Index of the baseline visit (:func:`pipeline.baseline.baseline_position`)."""
+    return baseline_position([v.day for v in visits])
 
 
 def _pct(new: float | None, old: float | None) -> float | None:

@@ -97,10 +97,17 @@ def write_tsv_atomic(
                 writer.writerow([_format_cell(row.get(c)) for c in columns])
 
 
-def tsv_float(text: str | None) -> float | None:
-    """A number written by :func:`write_tsv_atomic` read back; ``n/a``, empty or absent is
-    None (the inverse of its None -> 'n/a')."""
-    return None if text in (None, "", "n/a") else float(text)  # type: ignore[arg-type]
+def finite_float(value: Any) -> float | None:
+    """The one reader of a number from a table cell, a JSON value or a DICOM element: a finite
+    float, else None (absent, empty, ``n/a`` as :func:`write_tsv_atomic` writes None, text that
+    is not a number, NaN, infinity). Never 0 for what is not there."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
 
 
 def _format_cell(value: Any) -> str:

@@ -51,7 +51,7 @@ from typing import Any, ClassVar, Final, Literal, Protocol
 import numpy as np
 
 from pipeline import uncertainty as unc
-from pipeline.io.files import read_tsv, tsv_float, write_tsv_atomic
+from pipeline.io.files import finite_float, read_tsv, write_tsv_atomic
 from pipeline.labels import STRUCTURES
 from pipeline.longitudinal import Thresholds, Visit, assess, swelling_change
 from pipeline.validation.phantom import PhantomSpec, SessionSpec, generate
@@ -150,7 +150,7 @@ def pairs_from_results(subject_dir: str | Path, case: str, source: str, region: 
     volumes: dict[tuple[str, str, str], float | None] = {}
     roles: dict[str, str] = {}
     for r in read_tsv(subject_dir / "volumes.tsv"):
-        volumes[(r["study_date"], r["side"], r["structure"])] = tsv_float(r["volume_ml"])
+        volumes[(r["study_date"], r["side"], r["structure"])] = finite_float(r["volume_ml"])
         roles[r["side"]] = r["role"]
 
     def drivers(s: Mapping[str, Any], side: str, structure: str) -> unc.Drivers | None:
