@@ -524,6 +524,29 @@ def _limb_labels(ip: FloatArray, affine: NDArray[np.float64]) -> NDArray[np.uint
     return out
 
 
+def _keep_main_marrow(tissue: NDArray[np.uint8], limb: NDArray[np.uint8],
+                      aff: NDArray[np.float64], px_mm2: float) -> None:
+    """Main marrow, in place: per limb, the largest 3-D connected sets of cavities (femur,
+    tibia; gaps along z bridged) stay marrow, the other cavities become bone."""
+    for side in (RIGHT, LEFT):
+        cav = (tissue == MARROW) & (limb == side)
+        if not cav.any():
+            continue
+        # bridge gaps of up to ~40 mm along z where a cortex was not closed
+        gap = max(1, round(20.0 / _spacing_mm(aff)[2]))
+        wide = ndimage.binary_dilation(cav, np.ones((3, 3, 1), bool), iterations=2)
+        bridged = ndimage.binary_closing(wide, np.ones((1, 1, 2 * gap + 1), bool)) | wide
+        lab3, n3 = ndimage.label(bridged)
+        keep = np.zeros(n3 + 1, dtype=bool)
+        for i in range(1, n3 + 1):
+            per_slice = (cav & (lab3 == i)).sum(axis=(0, 1))
+            keep[i] = float(np.median(per_slice[per_slice > 0])) * px_mm2 >= MAIN_MARROW_MM2
+        if not keep.any():
+            sizes = ndimage.sum_labels(cav, lab3, np.arange(1, n3 + 1))
+            keep[int(np.argmax(sizes)) + 1] = True
+        tissue[cav & ~keep[lab3]] = BONE
+
+
 def find_anatomy(source: Source) -> Anatomy:
     """Limbs, bone, marrow cavity of the biggest bone, muscle and fat of a source.
 
@@ -589,24 +612,7 @@ def find_anatomy(source: Source) -> Anatomy:
         t = np.where(bone, BONE, t)
         t = np.where(cavities, MARROW, t)
         tissue[:, :, k] = t.astype(np.uint8)
-    # main marrow: per limb, the largest 3-D connected set of cavities (femur / tibia)
-    for side in (RIGHT, LEFT):
-        cav = (tissue == MARROW) & (limb == side)
-        if not cav.any():
-            continue
-        # bridge gaps of up to ~40 mm along z where a cortex was not closed
-        gap = max(1, round(20.0 / _spacing_mm(aff)[2]))
-        wide = ndimage.binary_dilation(cav, np.ones((3, 3, 1), bool), iterations=2)
-        bridged = ndimage.binary_closing(wide, np.ones((1, 1, 2 * gap + 1), bool)) | wide
-        lab3, n3 = ndimage.label(bridged)
-        keep = np.zeros(n3 + 1, dtype=bool)
-        for i in range(1, n3 + 1):
-            per_slice = (cav & (lab3 == i)).sum(axis=(0, 1))
-            keep[i] = float(np.median(per_slice[per_slice > 0])) * px_mm2 >= MAIN_MARROW_MM2
-        if not keep.any():
-            sizes = ndimage.sum_labels(cav, lab3, np.arange(1, n3 + 1))
-            keep[int(np.argmax(sizes)) + 1] = True
-        tissue[cav & ~keep[lab3]] = BONE
+    _keep_main_marrow(tissue, limb, aff, px_mm2)
     return Anatomy(limb, tissue, t1_muscle)
 
 
@@ -1140,8 +1146,80 @@ def make_case(
     if len({s.day for s in sessions}) != len(sessions):
         raise ValueError("two sessions on one day")
     side = SIDE_CODE[affected_side]
-    root = realdata_dir(realdata)
-    src, anat = _source_and_anatomy(region, str(root), crop_slices)
+    src, anat = _source_and_anatomy(region, str(realdata_dir(realdata)), crop_slices)
+    base = _case_base(src, anat, side, seed, fluid, t1_fat_gain)
+    start = dt.date.fromisoformat(day0)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sheet_rows: list[tuple[str, str, str, str]] = []
+    truth_sessions: list[dict[str, Any]] = []
+    for ses in sorted(sessions, key=lambda s: s.day):
+        entry = _write_hybrid_session(ses, base, src, anat, side, start, out_dir)
+        sheet_rows += [(subject, entry["study_date"], "anatomical", entry["t1"]),
+                       (subject, entry["study_date"], "fluid", entry["fluid"])]
+        truth_sessions.append(entry)
+    with open(out_dir / "sessions.tsv", "w", encoding="utf-8") as fh:
+        fh.write("subject\tstudy_date\trole\tpath\n")
+        fh.writelines("\t".join(r) + "\n" for r in sheet_rows)
+    truth: dict[str, Any] = {
+        "case": name, "subject": subject, "day0": day0, "region": region,
+        "affected_side": affected_side, "fluid": fluid, "t1_fat_gain": t1_fat_gain,
+        "seed": seed, "crop_slices": list(crop_slices) if crop_slices else None,
+        "source_files": list(src.files),
+        "source_grid": {"shape": list(src.in_phase.shape),
+                        "affine": np.round(src.affine, 6).tolist()},
+        "affected_soft_tissue_ml": round(base.affected_ml, 3),
+        "contralateral_soft_tissue_ml": round(base.contra_ml, 3),
+        "sessions": truth_sessions,
+        "expected_pattern": expected_pattern(truth_sessions),
+        "expected_flags": [] if fluid == "water" else ["fluid_not_fat_suppressed"],
+        "exactness": TRUTH_EXACTNESS,
+    }
+    with open(out_dir / "truth.json", "w", encoding="utf-8") as fh:
+        json.dump(truth, fh, indent=1)
+    return truth
+
+
+#: How exact each truth value of a hybrid session is (written into ``truth.json``).
+TRUTH_EXACTNESS: Final = {
+    "lesion_ml, edema_ml": "exact: changed voxels x voxel volume on the source grid "
+    "(physical volume; unchanged by a session's repositioning)",
+    "lesion_mask_ml, edema_mask_ml": "the masks on the session's grid (linear "
+    "resampling of the 0/1 mask, >= 0.5); equal to the exact values when the session "
+    "keeps the source grid",
+    "swelling_ml": "voxels of the written swollen T1 at or above "
+    "swelling_outline_threshold (half the median tissue signal; holes filled, near "
+    "the affected limb) minus the same count on the unswollen T1, x voxel volume: "
+    "what a voxel-counting half-maximum segmentation finds; bone does not move",
+    "swelling_continuous_ml": "the same outline as a continuous iso-contour (linear "
+    f"interpolation, {SWELLING_SUPERSAMPLE}x{SWELLING_SUPERSAMPLE} supersampled in "
+    "plane): differs from swelling_ml by the voxel discretisation of the outline, "
+    "~1-3 % of the change. An outline delta_r mm further out gives ~2 delta_r / r "
+    "more (r: limb radius)",
+    "true_asymmetry_change_pp": "100 x swelling_ml / contralateral_soft_tissue_ml "
+    "(this module's limb minus bone masks of the source)",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class _CaseBase:
+    """What every session of a case starts from: the unchanged images on the source grid, their
+    muscle levels and noise, the change fields and the true soft-tissue volumes."""
+
+    t1: FloatArray
+    fluid: FloatArray
+    t1_muscle: FloatArray
+    fluid_muscle: FloatArray
+    noise: tuple[float, float]
+    fields: _Fields
+    spacing_mm: Any
+    voxel_ml: float
+    affected_ml: float
+    contra_ml: float
+
+
+def _case_base(src: Source, anat: Anatomy, side: int, seed: int, fluid: FluidKind,
+               t1_fat_gain: float) -> _CaseBase:
     aff = src.affine
     spacing = _spacing_mm(aff)
     vox_ml = voxel_volume_ml(aff)
@@ -1160,96 +1238,57 @@ def make_case(
     other_side = RIGHT if side == LEFT else LEFT
     contra_ml = float(((anat.limb == other_side) & (anat.tissue <= FAT)).sum()) * vox_ml
     affected_ml = float(((anat.limb == side) & (anat.tissue <= FAT)).sum()) * vox_ml
-    start = dt.date.fromisoformat(day0)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sheet_rows: list[tuple[str, str, str, str]] = []
-    truth_sessions: list[dict[str, Any]] = []
-    for ses in sorted(sessions, key=lambda s: s.day):
-        ses_name, date = _session_name(start, ses.day)
-        state = _State(t1_base.copy(), fluid_base.copy(), anat.limb.copy(), anat.tissue.copy(),
-                       t1_muscle.copy(), fluid_muscle.copy(), fields)
-        swelling_ml = 0.0
-        by_slice = np.zeros(src.in_phase.shape[2])
-        if ses.swelling_pct:
-            _apply_swelling(state, side, ses.swelling_pct, spacing)
-            by_slice = state.swelling_ml_by_slice
-            swelling_ml = float(by_slice.sum())
-        n_les = round(ses.lesion_ml / vox_ml)
-        lesion = _insert_lesion(state, side, n_les, noise)
-        n_ede = round(ses.edema_ml / vox_ml)
-        edema = _insert_edema(state, side, n_ede, noise, exclude=lesion)
-        t1_s, aff_s = _to_session(state.t1, aff, ses, label=False)
-        fl_s, _ = _to_session(state.fluid, aff, ses, label=False)
-        les_s, _ = _to_session(lesion.astype(np.uint8), aff, ses, label=True)
-        ede_s, _ = _to_session(edema.astype(np.uint8), aff, ses, label=True)
-        rel = {"t1": f"{ses_name}/t1.nii.gz", "fluid": f"{ses_name}/fluid.nii.gz",
-               "lesion_mask": f"truth/{ses_name}_lesion.nii.gz",
-               "edema_mask": f"truth/{ses_name}_edema.nii.gz"}
-        write_nifti(out_dir / rel["t1"], t1_s.astype(np.float32), aff_s)
-        write_nifti(out_dir / rel["fluid"], fl_s.astype(np.float32), aff_s)
-        write_nifti(out_dir / rel["lesion_mask"], les_s.astype(np.uint8), aff_s)
-        write_nifti(out_dir / rel["edema_mask"], ede_s.astype(np.uint8), aff_s)
-        sheet_rows += [(subject, date, "anatomical", rel["t1"]),
-                       (subject, date, "fluid", rel["fluid"])]
-        ses_vox_ml = voxel_volume_ml(aff_s)
-        z_world = aff[2, 2] * np.arange(by_slice.size) + aff[2, 3] + ses.table_shift_mm
-        truth_sessions.append({
-            "session": ses_name, "study_date": date, "day": ses.day,
-            "params": asdict(ses),
-            "lesion_ml": round(float(lesion.sum()) * vox_ml, 6),
-            "edema_ml": round(float(edema.sum()) * vox_ml, 6),
-            "edema_in_fat_ml": round(float((edema & (state.tissue == FAT)).sum()) * vox_ml, 6),
-            "lesion_mask_ml": round(float(les_s.sum()) * ses_vox_ml, 6),
-            "edema_mask_ml": round(float(ede_s.sum()) * ses_vox_ml, 6),
-            "swelling_ml": round(swelling_ml, 6),
-            "swelling_continuous_ml": round(state.swelling_continuous_ml, 6),
-            "swelling_pct": round(100.0 * swelling_ml / affected_ml, 4),
-            "swelling_strength": round(float(state.alpha), 6),
-            "swelling_outline_threshold": round(float(state.outline_threshold), 4),
-            "swelling_ml_by_slice": [[round(float(z), 3), round(float(v), 6)]
-                                     for z, v in zip(z_world, by_slice, strict=True) if v],
-            "true_asymmetry_change_pp": round(100.0 * swelling_ml / contra_ml, 6),
-            "grid": {"shape": list(t1_s.shape), "affine": np.round(aff_s, 6).tolist()},
-            **rel,
-        })
-    with open(out_dir / "sessions.tsv", "w", encoding="utf-8") as fh:
-        fh.write("subject\tstudy_date\trole\tpath\n")
-        fh.writelines("\t".join(r) + "\n" for r in sheet_rows)
-    truth: dict[str, Any] = {
-        "case": name, "subject": subject, "day0": day0, "region": region,
-        "affected_side": affected_side, "fluid": fluid, "t1_fat_gain": t1_fat_gain,
-        "seed": seed, "crop_slices": list(crop_slices) if crop_slices else None,
-        "source_files": list(src.files),
-        "source_grid": {"shape": list(src.in_phase.shape),
-                        "affine": np.round(aff, 6).tolist()},
-        "affected_soft_tissue_ml": round(affected_ml, 3),
-        "contralateral_soft_tissue_ml": round(contra_ml, 3),
-        "sessions": truth_sessions,
-        "expected_pattern": expected_pattern(truth_sessions),
-        "expected_flags": [] if fluid == "water" else ["fluid_not_fat_suppressed"],
-        "exactness": {
-            "lesion_ml, edema_ml": "exact: changed voxels x voxel volume on the source grid "
-            "(physical volume; unchanged by a session's repositioning)",
-            "lesion_mask_ml, edema_mask_ml": "the masks on the session's grid (linear "
-            "resampling of the 0/1 mask, >= 0.5); equal to the exact values when the session "
-            "keeps the source grid",
-            "swelling_ml": "voxels of the written swollen T1 at or above "
-            "swelling_outline_threshold (half the median tissue signal; holes filled, near "
-            "the affected limb) minus the same count on the unswollen T1, x voxel volume: "
-            "what a voxel-counting half-maximum segmentation finds; bone does not move",
-            "swelling_continuous_ml": "the same outline as a continuous iso-contour (linear "
-            f"interpolation, {SWELLING_SUPERSAMPLE}x{SWELLING_SUPERSAMPLE} supersampled in "
-            "plane): differs from swelling_ml by the voxel discretisation of the outline, "
-            "~1-3 % of the change. An outline delta_r mm further out gives ~2 delta_r / r "
-            "more (r: limb radius)",
-            "true_asymmetry_change_pp": "100 x swelling_ml / contralateral_soft_tissue_ml "
-            "(this module's limb minus bone masks of the source)",
-        },
+    return _CaseBase(t1_base, fluid_base, t1_muscle, fluid_muscle, noise, fields, spacing,
+                     vox_ml, affected_ml, contra_ml)
+
+
+def _write_hybrid_session(ses: HybridSession, base: _CaseBase, src: Source, anat: Anatomy,
+                          side: int, start: dt.date, out_dir: Path) -> dict[str, Any]:
+    """Insert session `ses`'s changes, write its images and truth masks; its truth entry."""
+    aff, vox_ml = src.affine, base.voxel_ml
+    ses_name, date = _session_name(start, ses.day)
+    state = _State(base.t1.copy(), base.fluid.copy(), anat.limb.copy(), anat.tissue.copy(),
+                   base.t1_muscle.copy(), base.fluid_muscle.copy(), base.fields)
+    swelling_ml = 0.0
+    by_slice = np.zeros(src.in_phase.shape[2])
+    if ses.swelling_pct:
+        _apply_swelling(state, side, ses.swelling_pct, base.spacing_mm)
+        by_slice = state.swelling_ml_by_slice
+        swelling_ml = float(by_slice.sum())
+    lesion = _insert_lesion(state, side, round(ses.lesion_ml / vox_ml), base.noise)
+    edema = _insert_edema(state, side, round(ses.edema_ml / vox_ml), base.noise, exclude=lesion)
+    t1_s, aff_s = _to_session(state.t1, aff, ses, label=False)
+    fl_s, _ = _to_session(state.fluid, aff, ses, label=False)
+    les_s, _ = _to_session(lesion.astype(np.uint8), aff, ses, label=True)
+    ede_s, _ = _to_session(edema.astype(np.uint8), aff, ses, label=True)
+    rel = {"t1": f"{ses_name}/t1.nii.gz", "fluid": f"{ses_name}/fluid.nii.gz",
+           "lesion_mask": f"truth/{ses_name}_lesion.nii.gz",
+           "edema_mask": f"truth/{ses_name}_edema.nii.gz"}
+    write_nifti(out_dir / rel["t1"], t1_s.astype(np.float32), aff_s)
+    write_nifti(out_dir / rel["fluid"], fl_s.astype(np.float32), aff_s)
+    write_nifti(out_dir / rel["lesion_mask"], les_s.astype(np.uint8), aff_s)
+    write_nifti(out_dir / rel["edema_mask"], ede_s.astype(np.uint8), aff_s)
+    ses_vox_ml = voxel_volume_ml(aff_s)
+    z_world = aff[2, 2] * np.arange(by_slice.size) + aff[2, 3] + ses.table_shift_mm
+    return {
+        "session": ses_name, "study_date": date, "day": ses.day,
+        "params": asdict(ses),
+        "lesion_ml": round(float(lesion.sum()) * vox_ml, 6),
+        "edema_ml": round(float(edema.sum()) * vox_ml, 6),
+        "edema_in_fat_ml": round(float((edema & (state.tissue == FAT)).sum()) * vox_ml, 6),
+        "lesion_mask_ml": round(float(les_s.sum()) * ses_vox_ml, 6),
+        "edema_mask_ml": round(float(ede_s.sum()) * ses_vox_ml, 6),
+        "swelling_ml": round(swelling_ml, 6),
+        "swelling_continuous_ml": round(state.swelling_continuous_ml, 6),
+        "swelling_pct": round(100.0 * swelling_ml / base.affected_ml, 4),
+        "swelling_strength": round(float(state.alpha), 6),
+        "swelling_outline_threshold": round(float(state.outline_threshold), 4),
+        "swelling_ml_by_slice": [[round(float(z), 3), round(float(v), 6)]
+                                 for z, v in zip(z_world, by_slice, strict=True) if v],
+        "true_asymmetry_change_pp": round(100.0 * swelling_ml / base.contra_ml, 6),
+        "grid": {"shape": list(t1_s.shape), "affine": np.round(aff_s, 6).tolist()},
+        **rel,
     }
-    with open(out_dir / "truth.json", "w", encoding="utf-8") as fh:
-        json.dump(truth, fh, indent=1)
-    return truth
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ all of them at their defaults the output is that of the original thigh phantom, 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime as dt
 import hashlib
@@ -1103,6 +1104,107 @@ def _instance_order(n: int, order: str) -> list[int]:
     return list(range(0, n, 2)) + list(range(1, n, 2))
 
 
+#: The two series every phantom study holds, as a scanner records them.
+SEQUENCES: dict[str, dict[str, Any]] = {
+    "T1w": dict(desc="T1 TSE AX", ss="SE", sv="SK\\SP", so="", tr=550.0, te=12.0, ti=None,
+                etl=3, proto="t1_tse_tra"),
+    "STIR": dict(desc="STIR AX", ss="SE\\IR", sv="SK\\SP\\MP", so="IR", tr=4200.0, te=45.0,
+                 ti=150.0, etl=11, proto="tir_tra_stir"),
+}
+_STUDY_DESCRIPTIONS = {"thigh": "MR THIGHS BILATERAL", "knee": "MR KNEES BILATERAL",
+                       "calf": "MR LOWER LEGS BILATERAL"}
+
+
+def _series_header(spec: PhantomSpec, study: dict[str, str], grid: Grid, kind: str) -> Any:
+    """The attributes every slice of a series shares: patient, study, sequence, geometry."""
+    from pydicom.dataset import Dataset
+
+    seq = SEQUENCES[kind]
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NORM"]
+    ds.SOPClassUID = MR_IMAGE_STORAGE
+    ds.StudyDate = study["date"]
+    ds.SeriesDate = study["date"]
+    ds.AcquisitionDate = study["date"]
+    ds.StudyTime = study["time"]
+    ds.SeriesTime = study["time"]
+    ds.AccessionNumber = study["accession"]
+    ds.Modality = "MR"
+    ds.Manufacturer = "limbtrack phantom"
+    ds.InstitutionName = "Phantom Hospital"
+    ds.StudyDescription = _STUDY_DESCRIPTIONS[spec.region]
+    ds.SeriesDescription = seq["desc"]
+    ds.ProtocolName = seq["proto"]
+    ds.PatientName = f"PHANTOM^{spec.subject.upper()}"
+    ds.PatientID = f"PH{spec.seed:06d}"
+    ds.PatientBirthDate = "20140115"
+    ds.PatientSex = "M"
+    ds.PatientAge = "010Y"
+    ds.BodyPartExamined = "KNEE" if spec.region == "knee" else "LEG"
+    ds.ScanningSequence = seq["ss"]
+    ds.SequenceVariant = seq["sv"]
+    ds.ScanOptions = seq["so"]
+    ds.MRAcquisitionType = "2D"
+    ds.SliceThickness = f"{grid.slice_mm:.6g}"
+    ds.SpacingBetweenSlices = f"{grid.slice_mm:.6g}"
+    ds.RepetitionTime = seq["tr"]
+    ds.EchoTime = seq["te"]
+    if seq["ti"] is not None:
+        ds.InversionTime = seq["ti"]
+    ds.EchoNumbers = 1
+    ds.EchoTrainLength = seq["etl"]
+    ds.MagneticFieldStrength = 1.5
+    ds.PatientPosition = spec.position
+    return ds
+
+
+def _slice_dataset(
+    header: Any, pixels: NDArray[np.uint16], grid: Grid, kind: str, k: int,
+    ids: dict[str, Any],
+) -> Any:
+    """Slice `k` of a series: the shared `header` plus the slice's identity, position and
+    pixels (``ids``: study_uid, series_uid, frame_uid, study_id, series_number, instance)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian
+
+    nz, ny, nx = grid.shape_zyx
+    sop_uid = _uid(ids["series_uid"], k)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(MR_IMAGE_STORAGE)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.8.498.1")
+    ds = copy.deepcopy(header)
+    ds.file_meta = meta
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = ids["study_uid"]
+    ds.SeriesInstanceUID = ids["series_uid"]
+    ds.StudyID = ids["study_id"]
+    ds.SeriesNumber = ids["series_number"]
+    ds.AcquisitionNumber = 1
+    ds.InstanceNumber = ids["instance"]
+    pos = grid.slice_origin(k)
+    ds.ImagePositionPatient = [f"{v:.6f}" for v in pos]
+    ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*grid.row_dir, *grid.col_dir)]
+    ds.FrameOfReferenceUID = ids["frame_uid"]
+    ds.PositionReferenceIndicator = ""
+    ds.SliceLocation = f"{float(np.dot(pos, grid.normal)):.6f}"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ny
+    ds.Columns = nx
+    ds.PixelSpacing = [f"{grid.pixel_mm:.6g}", f"{grid.pixel_mm:.6g}"]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = 600 if kind == "T1w" else 400
+    ds.WindowWidth = 1200 if kind == "T1w" else 800
+    ds.PixelData = np.ascontiguousarray(pixels[k]).tobytes()
+    return ds
+
+
 def write_series(
     out_dir: Path,
     pixels: NDArray[np.uint16],
@@ -1114,112 +1216,77 @@ def write_series(
     kind: str,
 ) -> list[Path]:
     """Write one axial series as MR Image Storage files, one per slice, named by instance."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import UID, ExplicitVRLittleEndian
-
     series_uid = _uid(spec.seed, study["uid"], series_number)
-    frame_uid = _uid(spec.seed, study["uid"], "frame")
+    ids: dict[str, Any] = {"study_uid": study["uid"], "series_uid": series_uid,
+                           "frame_uid": _uid(spec.seed, study["uid"], "frame"),
+                           "study_id": study["id"], "series_number": series_number}
     out_dir.mkdir(parents=True, exist_ok=True)
-    seq = {
-        "T1w": dict(
-            desc="T1 TSE AX",
-            ss="SE",
-            sv="SK\\SP",
-            so="",
-            tr=550.0,
-            te=12.0,
-            ti=None,
-            etl=3,
-            proto="t1_tse_tra",
-        ),
-        "STIR": dict(
-            desc="STIR AX",
-            ss="SE\\IR",
-            sv="SK\\SP\\MP",
-            so="IR",
-            tr=4200.0,
-            te=45.0,
-            ti=150.0,
-            etl=11,
-            proto="tir_tra_stir",
-        ),
-    }[kind]
-    nz, ny, nx = grid.shape_zyx
+    header = _series_header(spec, study, grid, kind)
     paths = []
-    for inst, k in enumerate(_instance_order(nz, spec.slice_order), start=1):
-        sop_uid = _uid(series_uid, k)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = UID(MR_IMAGE_STORAGE)
-        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.8.498.1")
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NORM"]
-        ds.SOPClassUID = MR_IMAGE_STORAGE
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyDate = study["date"]
-        ds.SeriesDate = study["date"]
-        ds.AcquisitionDate = study["date"]
-        ds.StudyTime = study["time"]
-        ds.SeriesTime = study["time"]
-        ds.AccessionNumber = study["accession"]
-        ds.Modality = "MR"
-        ds.Manufacturer = "limbtrack phantom"
-        ds.InstitutionName = "Phantom Hospital"
-        ds.StudyDescription = {"thigh": "MR THIGHS BILATERAL", "knee": "MR KNEES BILATERAL",
-                               "calf": "MR LOWER LEGS BILATERAL"}[spec.region]
-        ds.SeriesDescription = seq["desc"]
-        ds.ProtocolName = seq["proto"]
-        ds.PatientName = f"PHANTOM^{spec.subject.upper()}"
-        ds.PatientID = f"PH{spec.seed:06d}"
-        ds.PatientBirthDate = "20140115"
-        ds.PatientSex = "M"
-        ds.PatientAge = "010Y"
-        ds.BodyPartExamined = "KNEE" if spec.region == "knee" else "LEG"
-        ds.ScanningSequence = seq["ss"]
-        ds.SequenceVariant = seq["sv"]
-        ds.ScanOptions = seq["so"]
-        ds.MRAcquisitionType = "2D"
-        ds.SliceThickness = f"{grid.slice_mm:.6g}"
-        ds.SpacingBetweenSlices = f"{grid.slice_mm:.6g}"
-        ds.RepetitionTime = seq["tr"]
-        ds.EchoTime = seq["te"]
-        if seq["ti"] is not None:
-            ds.InversionTime = seq["ti"]
-        ds.EchoNumbers = 1
-        ds.EchoTrainLength = seq["etl"]
-        ds.MagneticFieldStrength = 1.5
-        ds.PatientPosition = spec.position
-        ds.StudyInstanceUID = study["uid"]
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = study["id"]
-        ds.SeriesNumber = series_number
-        ds.AcquisitionNumber = 1
-        ds.InstanceNumber = inst
-        pos = grid.slice_origin(k)
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in pos]
-        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*grid.row_dir, *grid.col_dir)]
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.SliceLocation = f"{float(np.dot(pos, grid.normal)):.6f}"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = ny
-        ds.Columns = nx
-        ds.PixelSpacing = [f"{grid.pixel_mm:.6g}", f"{grid.pixel_mm:.6g}"]
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.WindowCenter = 600 if kind == "T1w" else 400
-        ds.WindowWidth = 1200 if kind == "T1w" else 800
-        ds.PixelData = np.ascontiguousarray(pixels[k]).tobytes()
+    for inst, k in enumerate(_instance_order(grid.shape_zyx[0], spec.slice_order), start=1):
+        ds = _slice_dataset(header, pixels, grid, kind, k, {**ids, "instance": inst})
         path = out_dir / f"IM{inst:05d}"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def _study_of(spec: PhantomSpec, sess: SessionSpec, n: int, date: dt.date) -> dict[str, str]:
+    """The DICOM study identity of session `n` (1-based) on `date`."""
+    return {
+        "uid": _uid(spec.seed, spec.subject, "study", sess.day),
+        "date": date.strftime("%Y%m%d"),
+        "time": f"{9 + n % 8:02d}{(13 * n) % 60:02d}00",
+        "accession": f"A{spec.seed:04d}{n:03d}",
+        "id": str(n),
+    }
+
+
+def _asymmetry_pct(spec: PhantomSpec, volumes: dict[str, dict[str, float]]) -> float | None:
+    """True soft-tissue asymmetry (%) of a bilateral phantom; None with one limb."""
+    if set(spec.sides) != {"left", "right"}:
+        return None
+    other = "right" if spec.affected_side == "left" else "left"
+    asym = 100.0 * (volumes[spec.affected_side]["soft_tissue"] / volumes[other]["soft_tissue"] - 1)
+    return round(asym, 3)
+
+
+def _generate_session(
+    spec: PhantomSpec, fields: Any, n: int, sess: SessionSpec, out_dir: Path
+) -> dict[str, Any]:
+    """Render, write (two series and the true label map) and describe session `n`."""
+    import nibabel as nib
+
+    legacy = is_legacy(spec)
+    rng = np.random.default_rng([spec.seed, n])
+    rendered = render_session(spec, sess, fields)
+    images = synthesize(spec, rendered, rng)
+    volumes, labels = truth_of(spec, rendered)
+    # What the scanner records: the table moved the patient, so the anatomy's DICOM
+    # coordinates move by the shift while the field of view stays at the isocentre.
+    grid: Grid = dataclasses.replace(
+        rendered["grid"], origin=rendered["grid"].origin + [0.0, 0.0, sess.table_shift_mm])
+    date = dt.date.fromisoformat(spec.day0) + dt.timedelta(days=sess.day)
+    study = _study_of(spec, sess, n, date)
+    study_dir = out_dir / "dicom" / f"ST{n:04d}"
+    for number, kind in ((3, "T1w"), (4, "STIR")):
+        write_series(study_dir / f"SE{number:04d}", images[kind], grid, spec=spec, study=study,
+                     series_number=number, kind=kind)
+    label_path = out_dir / "truth" / f"ses-{study['date']}_truth_dseg.nii.gz"
+    label_path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.transpose(labels, (2, 1, 0)), _affine_ras(grid)), label_path)
+    entry: dict[str, Any] = {
+        "session": study["date"],
+        "study_date": date.isoformat(),
+        "day": sess.day,
+        "params": _session_json(sess, legacy),
+        "volumes_ml": volumes,
+        "soft_tissue_asymmetry_pct": _asymmetry_pct(spec, volumes),
+        "label_map": str(label_path.relative_to(out_dir)),
+    }
+    if not legacy:
+        entry.update(_extra_truth(spec, rendered, volumes))
+    return entry
 
 
 def generate(spec: PhantomSpec, out_dir: Path) -> dict[str, Any]:
@@ -1228,70 +1295,10 @@ def generate(spec: PhantomSpec, out_dir: Path) -> dict[str, Any]:
     Layout: ``out_dir/dicom/STnnnn/SEnnnn/IMnnnnn`` (a PACS-like export without extensions),
     ``out_dir/truth/ses-YYYYMMDD_truth_dseg.nii.gz`` and ``out_dir/truth.json``.
     """
-    import nibabel as nib
-
     out_dir = Path(out_dir)
     fields = _fields(spec)
-    legacy = is_legacy(spec)
-    day0 = dt.date.fromisoformat(spec.day0)
-    sessions_truth = []
-    for n, sess in enumerate(spec.sessions, start=1):
-        rng = np.random.default_rng([spec.seed, n])
-        rendered = render_session(spec, sess, fields)
-        images = synthesize(spec, rendered, rng)
-        volumes, labels = truth_of(spec, rendered)
-        # What the scanner records: the table moved the patient, so the anatomy's DICOM
-        # coordinates move by the shift while the field of view stays at the isocentre.
-        grid: Grid = dataclasses.replace(
-            rendered["grid"], origin=rendered["grid"].origin + [0.0, 0.0, sess.table_shift_mm])
-        date = day0 + dt.timedelta(days=sess.day)
-        study = {
-            "uid": _uid(spec.seed, spec.subject, "study", sess.day),
-            "date": date.strftime("%Y%m%d"),
-            "time": f"{9 + n % 8:02d}{(13 * n) % 60:02d}00",
-            "accession": f"A{spec.seed:04d}{n:03d}",
-            "id": str(n),
-        }
-        study_dir = out_dir / "dicom" / f"ST{n:04d}"
-        write_series(
-            study_dir / "SE0003",
-            images["T1w"],
-            grid,
-            spec=spec,
-            study=study,
-            series_number=3,
-            kind="T1w",
-        )
-        write_series(
-            study_dir / "SE0004",
-            images["STIR"],
-            grid,
-            spec=spec,
-            study=study,
-            series_number=4,
-            kind="STIR",
-        )
-        label_path = out_dir / "truth" / f"ses-{study['date']}_truth_dseg.nii.gz"
-        label_path.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(np.transpose(labels, (2, 1, 0)), _affine_ras(grid)), label_path)
-        asym = None
-        if set(spec.sides) == {"left", "right"}:
-            other = "right" if spec.affected_side == "left" else "left"
-            asym = 100.0 * (
-                volumes[spec.affected_side]["soft_tissue"] / volumes[other]["soft_tissue"] - 1
-            )
-        entry: dict[str, Any] = {
-            "session": study["date"],
-            "study_date": date.isoformat(),
-            "day": sess.day,
-            "params": _session_json(sess, legacy),
-            "volumes_ml": volumes,
-            "soft_tissue_asymmetry_pct": None if asym is None else round(asym, 3),
-            "label_map": str(label_path.relative_to(out_dir)),
-        }
-        if not legacy:
-            entry.update(_extra_truth(spec, rendered, volumes))
-        sessions_truth.append(entry)
+    sessions_truth = [_generate_session(spec, fields, n, sess, out_dir)
+                      for n, sess in enumerate(spec.sessions, start=1)]
     truth: dict[str, Any] = {
         "subject": spec.subject,
         "day0": spec.day0,
@@ -1304,7 +1311,7 @@ def generate(spec: PhantomSpec, out_dir: Path) -> dict[str, Any]:
         f"fractions ({spec.supersample_xy}x{spec.supersample_xy}x{spec.supersample_z} samples "
         "per voxel). Label maps are the majority tissue class per voxel.",
     }
-    if not legacy:
+    if not is_legacy(spec):
         truth["note"] += (
             " Per session: fov_clipped_sides (limbs reaching an in-plane image edge), "
             "volumes_ml_unclipped (before in-plane clipping of the field of view), "
