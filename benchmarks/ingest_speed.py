@@ -5,7 +5,7 @@ Builds (once, cached under ``--work``) a PACS-like corpus of >= 10 000 DICOM fil
 tables (issue 3, part 6). Usage::
 
     python benchmarks/ingest_speed.py [--work DIR] [--replicas 130] [--repeat 3] [--cold]
-        [--only index,convert,profile] [--baseline OLD_dicom_index.py]
+        [--only index,convert,profile] [--baseline OLD_MODULE.py]
         [--convert-baseline DIR_WITH_OLD_pipeline_PACKAGE]
 
 Corpus: one phantom study (T1 + STIR, 40 slices of 256x256) replicated with fresh Study, Series
@@ -205,21 +205,21 @@ for root, dirs, files in os.walk(folder):
 print(json.dumps({"work_s": time.perf_counter() - t, "files": n, "bytes": nbytes}))
 """,
     "walk": """
-from pipeline.io.dicom_index import _walk
+from pipeline.io.scan import _walk
 t = time.perf_counter()
 n = len(_walk(Path(sys.argv[1])))
 print(json.dumps({"work_s": time.perf_counter() - t, "files": n}))
 """,
     "index": """
 import importlib.util, inspect
-if len(sys.argv) > 3:  # a baseline copy of pipeline/io/dicom_index.py
+if len(sys.argv) > 3:  # a baseline copy of the module defining index_folder
     spec = importlib.util.spec_from_file_location("dicom_index_baseline", sys.argv[3])
     module = importlib.util.module_from_spec(spec)
     sys.modules["dicom_index_baseline"] = module
     spec.loader.exec_module(module)
     index_folder = module.index_folder
 else:
-    from pipeline.io.dicom_index import index_folder
+    from pipeline.io.scan import index_folder
 kwargs = {}
 if sys.argv[2] != "auto":
     if "workers" not in inspect.signature(index_folder).parameters:
@@ -506,7 +506,7 @@ def profile_table(fn: Any, title: str, top: int = 12) -> str:
 def profile_section(corpus: Path, series_dir: Path, n_profile: int) -> str:
     import inspect
 
-    from pipeline.io import dicom_index
+    from pipeline.io import scan
     from pipeline.io.convert import read_series
 
     subset = corpus / "P0000"
@@ -516,12 +516,12 @@ def profile_section(corpus: Path, series_dir: Path, n_profile: int) -> str:
     per_dir = len(files_under(subset))
     take = dirs[:max(1, n_profile // max(1, per_dir))]
     kwargs: dict[str, Any] = {}
-    if "workers" in inspect.signature(dicom_index.index_folder).parameters:
+    if "workers" in inspect.signature(scan.index_folder).parameters:
         kwargs["workers"] = 1  # in-process, so the profile sees the parsing
 
     def run_index() -> None:
         for d in take:
-            dicom_index.index_folder(d, **kwargs)
+            scan.index_folder(d, **kwargs)
 
     files = files_under(series_dir)
     parts = [
@@ -546,7 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--profile-files", type=int, default=2000,
                    help="files of the corpus profiled with cProfile")
     p.add_argument("--baseline", type=Path, default=None,
-                   help="a copy of an older pipeline/io/dicom_index.py to time side by side")
+                   help="a copy of an older module defining index_folder (pipeline/io/scan.py, "
+                        "before issue 14 pipeline/io/dicom_index.py) to time side by side")
     p.add_argument("--convert-baseline", type=Path, default=None,
                    help="a folder holding an older copy of the `pipeline` package: its "
                         "read_series / write_volume are timed side by side (\"before:\" rows)")

@@ -68,18 +68,19 @@ import SimpleITK as sitk
 from isal import igzip_threaded
 
 from pipeline.io import dicom_frames
+from pipeline.io.classify import classify_sequence
 from pipeline.io.dicom_frames import FrameError, FrameInfo, VolumeGroup
-from pipeline.io.dicom_index import (
-    FileHeader,
-    PatientIdentity,
-    classify_sequence,
-    float_or_none,
-    index_folder,
-    int_or_none,
-    parse_dicom_date,
-    series_agreement,
+from pipeline.io.dicom_values import int_or_none, parse_dicom_date
+from pipeline.io.files import (
+    atomic_path,
+    finite_float,
+    is_within,
+    write_json_atomic,
+    write_tsv_atomic,
 )
-from pipeline.io.files import atomic_path, is_within, write_json_atomic, write_tsv_atomic
+from pipeline.io.identity import PatientIdentity
+from pipeline.io.records import FileHeader
+from pipeline.io.scan import index_folder, series_agreement
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ SHEAR_TOLERANCE = dicom_frames.SHEAR_TOLERANCE
 DUPLICATE_TOLERANCE_MM = dicom_frames.DUPLICATE_TOLERANCE_MM
 #: Orientation cosines that differ by more than this between files are inconsistent.
 ORIENTATION_TOLERANCE = dicom_frames.ORIENTATION_TOLERANCE
-MIN_SLICES = 3
+#: Fewest distinct slice positions that make a volume.
+MIN_SLICES = dicom_frames.MIN_SLICES
 DECODER_HINT = ("install a decoder for it (pip install pylibjpeg pylibjpeg-libjpeg "
                 "pylibjpeg-openjpeg) or export the series uncompressed")
 #: Pixel data bigger than this stays on disk while headers are read (read later by offset).
@@ -335,18 +337,35 @@ def _assemble(series: _Series, group: VolumeGroup,
     assert iop0 is not None
     row, col, normal = _orthonormal_axes(iop0)
     warnings: list[str] = []
-
     slices = [_Slice(f, np.asarray(f.position, dtype=float),
                      float(np.dot(np.asarray(f.position, dtype=float), normal)))
               for f in frames]
     slices.sort(key=lambda s: (s.proj_mm, str(s.path), s.frame.frame))
+    kept = _drop_duplicates(series, slices, warnings)
+    step_mm = _slice_step_mm(kept, normal)
+    image = _stacked_image(series, frames, kept)
+    spacing_rc = frames[0].pixel_spacing_mm
+    assert spacing_rc is not None
+    # PixelSpacing is (between rows, between columns); SimpleITK spacing is (x=column, y=row, z)
+    image.SetSpacing((spacing_rc[1], spacing_rc[0], step_mm))
+    image.SetOrigin(tuple(float(v) for v in kept[0].position))
+    image.SetDirection(tuple(float(v) for v in np.column_stack([row, col, normal]).ravel()))
+
+    ds = series.datasets[kept[0].path]
+    sidecar = _sidecar(ds, group, kept, step_mm, spacing_rc, warnings, n_files)
+    return image, sidecar
+
+
+def _drop_duplicates(series: _Series, slices: list[_Slice],
+                     warnings: list[str]) -> list[_Slice]:
+    """The slices (sorted along the normal) with identical repeats at one position dropped
+    (each noted in `warnings`); two different images at one position refuse the series."""
 
     def pixels(item: _Slice) -> np.ndarray:
         if item.pixels is None:
             item.pixels = series.values(item.frame)
         return item.pixels
 
-    # duplicates: same position along the normal
     kept: list[_Slice] = [slices[0]]
     for item in slices[1:]:
         previous = kept[-1]
@@ -366,19 +385,29 @@ def _assemble(series: _Series, group: VolumeGroup,
                                      f"{previous.path}: the series holds several echoes, phases "
                                      "or repeats that no header tag tells apart; export a "
                                      "single volume or pick another series")
+    return kept
+
+
+def _slice_step_mm(kept: list[_Slice], normal: np.ndarray) -> float:
+    """The median step between slices along the normal, mm; a series with too few slices or
+    an irregular stack is refused."""
     if len(kept) < MIN_SLICES:
         raise SeriesError(kept[0].path, f"only {len(kept)} slice(s); a volume needs at least "
                                         f"{MIN_SLICES}; choose a series with more slices")
-
     projections = np.array([s.proj_mm for s in kept])
     irregular = dicom_frames.stack_problem(np.array([s.position for s in kept]), normal,
                                            [s.name for s in kept])
     if irregular is not None:
         raise SeriesError(kept[irregular[0]].path, irregular[1])
-    step_mm = float(np.median(np.diff(projections)))
+    return float(np.median(np.diff(projections)))
 
-    # assembled slice by slice in the image's own float32 buffer: no float64 volume, no
-    # numpy -> SimpleITK copy (peak memory ~ one float32 volume)
+
+def _stacked_image(series: _Series, frames: list[FrameInfo], kept: list[_Slice]) -> sitk.Image:
+    """The kept slices as a float32 image (geometry not yet set).
+
+    Assembled slice by slice in the image's own float32 buffer: no float64 volume, no
+    numpy -> SimpleITK copy (peak memory ~ one float32 volume).
+    """
     assert frames[0].rows is not None and frames[0].columns is not None
     n_cols, n_rows = int(frames[0].columns or 0), int(frames[0].rows or 0)
     if not (0 < n_rows <= MAX_MATRIX and 0 < n_cols <= MAX_MATRIX):
@@ -396,16 +425,7 @@ def _assemble(series: _Series, group: VolumeGroup,
                 series.fill(item.frame, volume[k])
     finally:
         del volume
-    spacing_rc = frames[0].pixel_spacing_mm
-    assert spacing_rc is not None
-    # PixelSpacing is (between rows, between columns); SimpleITK spacing is (x=column, y=row, z)
-    image.SetSpacing((spacing_rc[1], spacing_rc[0], step_mm))
-    image.SetOrigin(tuple(float(v) for v in kept[0].position))
-    image.SetDirection(tuple(float(v) for v in np.column_stack([row, col, normal]).ravel()))
-
-    ds = series.datasets[kept[0].path]
-    sidecar = _sidecar(ds, group, kept, step_mm, spacing_rc, warnings, n_files)
-    return image, sidecar
+    return image
 
 
 def _sidecar(ds: pydicom.Dataset, group: VolumeGroup, kept: list[_Slice], step_mm: float,
@@ -420,10 +440,10 @@ def _sidecar(ds: pydicom.Dataset, group: VolumeGroup, kept: list[_Slice], step_m
 
     frame = kept[0].frame
     assert frame.orientation is not None
-    thickness = float_or_none(ds.get("SliceThickness"))
+    thickness = finite_float(ds.get("SliceThickness"))
     if thickness is None:
-        thickness = float_or_none(dicom_frames.shared_value(ds, "PixelMeasuresSequence",
-                                                            "SliceThickness"))
+        thickness = finite_float(dicom_frames.shared_value(ds, "PixelMeasuresSequence",
+                                                           "SliceThickness"))
     attrs = group.attrs
     return {
         "SeriesInstanceUID": text("SeriesInstanceUID"),
@@ -435,15 +455,15 @@ def _sidecar(ds: pydicom.Dataset, group: VolumeGroup, kept: list[_Slice], step_m
         "SequenceClass": classify_sequence(header),
         "VolumeLabel": group.label,
         "EchoNumber": attrs.get("EchoNumber"),
-        "EchoTime": float_or_none(header.get("EchoTime")),
-        "RepetitionTime": float_or_none(header.get("RepetitionTime")),
-        "InversionTime": float_or_none(header.get("InversionTime")),
+        "EchoTime": finite_float(header.get("EchoTime")),
+        "RepetitionTime": finite_float(header.get("RepetitionTime")),
+        "InversionTime": finite_float(header.get("InversionTime")),
         "ImageType": attrs.get("ImageType") or None,
         "DiffusionBValue": attrs.get("DiffusionBValue"),
         "DiffusionGradientOrientation": attrs.get("DiffusionGradientOrientation"),
         "TemporalPosition": attrs.get("TemporalPosition"),
         "Repetition": attrs.get("Repetition"),
-        "MagneticFieldStrength": float_or_none(ds.get("MagneticFieldStrength")),
+        "MagneticFieldStrength": finite_float(ds.get("MagneticFieldStrength")),
         "Manufacturer": text("Manufacturer"),
         "ManufacturerModelName": text("ManufacturerModelName"),
         "PatientPosition": text("PatientPosition"),
@@ -812,6 +832,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns 0 on success; 2 when a session series is refused or the arguments are wrong;
     in folder mode 1 when no volume at all could be written.
     """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.sessions_json is not None:
+        return _session_mode(parser, args)
+    return _folder_mode(parser, args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line of the converter (session mode and folder mode)."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.io.convert",
         description="Convert DICOM to NIfTI: a session's anatomical and fluid-sensitive series "
@@ -828,25 +858,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, help="session mode: output folder")
     parser.add_argument("--compression-level", type=int, default=1, choices=range(0, 10),
                         metavar="0-9", help="gzip level of the NIfTI files (default 1)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return parser
 
-    if args.sessions_json is not None:
-        if args.input_dir is not None:
-            parser.error("give either --sessions-json ... or DIR OUT, not both")
-        for name in ("session", "subject", "out_dir"):
-            if getattr(args, name) is None:
-                parser.error(f"--sessions-json needs --{name.replace('_', '-')}")
-        try:
-            written = convert_session(args.sessions_json, args.session, args.subject,
-                                      args.out_dir)
-        except SeriesError as err:
-            print(f"ERROR {err.path}: {err.message}", file=sys.stderr)
-            return 2
-        for path in written:
-            log.info("wrote %s", path)
-        return 0
 
+def _session_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Convert the two series of one session of a sessions.json."""
+    if args.input_dir is not None:
+        parser.error("give either --sessions-json ... or DIR OUT, not both")
+    for name in ("session", "subject", "out_dir"):
+        if getattr(args, name) is None:
+            parser.error(f"--sessions-json needs --{name.replace('_', '-')}")
+    try:
+        written = convert_session(args.sessions_json, args.session, args.subject,
+                                  args.out_dir)
+    except SeriesError as err:
+        print(f"ERROR {err.path}: {err.message}", file=sys.stderr)
+        return 2
+    for path in written:
+        log.info("wrote %s", path)
+    return 0
+
+
+def _folder_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Convert every volume of a DICOM folder."""
     if args.input_dir is None or args.output_dir is None:
         parser.error("give DIR OUT (convert every volume of a folder) or --sessions-json ...")
     if not args.input_dir.is_dir():

@@ -40,6 +40,9 @@ import numpy as np
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from pipeline.io.dicom_values import floats_or_none, int_or_none
+from pipeline.io.files import finite_float
+
 #: Fewest distinct slice positions that make a volume.
 MIN_SLICES = 3
 #: Positions closer than this (mm, each LPS coordinate) count as the same slice position.
@@ -143,40 +146,24 @@ class VolumeGroup:
 
 
 # --------------------------------------------------------------------------------------------
-# small parsers (kept local: dicom_index imports this module)
+# small parsers (numbers: pipeline.io.files.finite_float; DICOM values: dicom_values)
 # --------------------------------------------------------------------------------------------
 
-def _floats(value: Any, n: int) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    values = value if isinstance(value, Iterable) and not isinstance(value, (str, bytes)) \
-        else [value]
-    try:
-        items = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        return None
-    if len(items) != n or not all(math.isfinite(v) for v in items):
-        return None
-    return items
+def _first(value: Any) -> Any:
+    """The first value of a multi-valued element (None when it has none), else `value`."""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return value[0] if len(value) else None
+    return value
 
 
 def _float(value: Any) -> float | None:
-    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
-        value = value[0] if len(value) else None
-    try:
-        result = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return result if math.isfinite(result) else None
+    """A number (the first one of a multi-valued element) as a finite float, else None."""
+    return finite_float(_first(value))
 
 
 def _int(value: Any) -> int | None:
-    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
-        value = value[0] if len(value) else None
-    try:
-        return int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
+    """An integer (the first one of a multi-valued element) as int, else None."""
+    return int_or_none(_first(value))
 
 
 def tokens(value: Any) -> tuple[str, ...]:
@@ -231,12 +218,12 @@ def _b_value(ds: Any) -> float | None:
 
 
 def _gradient(ds: Any) -> tuple[float, ...] | None:
-    vector = _floats(ds.get("DiffusionGradientOrientation"), 3)
+    vector = floats_or_none(ds.get("DiffusionGradientOrientation"), 3)
     if vector is not None:
         return vector
     maker = str(ds.get("Manufacturer", "") or "").upper()
     if maker.startswith("SIEMENS"):
-        return _floats(_private(ds, 0x0019, 0x100E), 3)
+        return floats_or_none(_private(ds, 0x0019, 0x100E), 3)
     if maker.startswith("GE"):
         parts = [_private_number(_private(ds, 0x0019, e)) for e in (0x10BB, 0x10BC, 0x10BD)]
         if all(p is not None for p in parts):
@@ -270,9 +257,9 @@ def _mosaic_frames(path: Path, ds: Any) -> list[FrameInfo]:
                          "export the original files or convert with dcm2niix")
     grid = int(math.ceil(math.sqrt(n_tiles)))
     rows, columns = _int(ds.get("Rows")), _int(ds.get("Columns"))
-    iop = _floats(ds.get("ImageOrientationPatient"), 6)
-    ipp = _floats(ds.get("ImagePositionPatient"), 3)
-    spacing = _floats(ds.get("PixelSpacing"), 2)
+    iop = floats_or_none(ds.get("ImageOrientationPatient"), 6)
+    ipp = floats_or_none(ds.get("ImagePositionPatient"), 3)
+    spacing = floats_or_none(ds.get("PixelSpacing"), 2)
     step = _float(ds.get("SpacingBetweenSlices"))
     if rows is None or columns is None or rows % grid or columns % grid:
         raise FrameError(f"mosaic of {rows}x{columns} pixels cannot hold {n_tiles} tiles")
@@ -328,8 +315,8 @@ def _multiframe_frames(path: Path, ds: Any, n_frames: int) -> list[FrameInfo]:
         raise FrameError(f"multi-frame file with {n_frames} frames but "
                          f"{0 if per_frame is None else len(per_frame)} per-frame functional "
                          "groups: the frames cannot be placed; convert with dcm2niix")
-    top_iop = _floats(ds.get("ImageOrientationPatient"), 6)
-    top_spacing = _floats(ds.get("PixelSpacing"), 2)
+    top_iop = floats_or_none(ds.get("ImageOrientationPatient"), 6)
+    top_spacing = floats_or_none(ds.get("PixelSpacing"), 2)
     rows, columns = _int(ds.get("Rows")), _int(ds.get("Columns"))
     instance = _int(ds.get("InstanceNumber")) or 0
     frames = []
@@ -348,7 +335,7 @@ def _multiframe_frames(path: Path, ds: Any, n_frames: int) -> list[FrameInfo]:
         if diffusion is not None:
             direction = _group_item(diffusion, "DiffusionGradientDirectionSequence")
             if direction is not None:
-                gradient = _floats(direction.get("DiffusionGradientOrientation"), 3)
+                gradient = floats_or_none(direction.get("DiffusionGradientOrientation"), 3)
         frame_type = tokens(value("MRImageFrameTypeSequence", "FrameType")) \
             or tokens(ds.get("ImageType"))
         dims = tuple(int(v) for v in (content.get("DimensionIndexValues") or [])) \
@@ -358,11 +345,11 @@ def _multiframe_frames(path: Path, ds: Any, n_frames: int) -> list[FrameInfo]:
         stack = content.get("StackID") if content is not None else None
         frames.append(FrameInfo(
             path=path, frame=i, kind="multiframe",
-            orientation=_floats(value("PlaneOrientationSequence", "ImageOrientationPatient"),
-                                6) or top_iop,
-            position=_floats(value("PlanePositionSequence", "ImagePositionPatient"), 3),
-            pixel_spacing_mm=_floats(value("PixelMeasuresSequence", "PixelSpacing"), 2)
-            or top_spacing,
+            orientation=floats_or_none(
+                value("PlaneOrientationSequence", "ImageOrientationPatient"), 6) or top_iop,
+            position=floats_or_none(value("PlanePositionSequence", "ImagePositionPatient"), 3),
+            pixel_spacing_mm=floats_or_none(
+                value("PixelMeasuresSequence", "PixelSpacing"), 2) or top_spacing,
             rows=rows, columns=columns,
             slope=_float(value("PixelValueTransformationSequence", "RescaleSlope",
                                ds.get("RescaleSlope"))),
@@ -398,9 +385,9 @@ def frames_of(path: Path, ds: Any) -> tuple[FrameInfo, ...]:
     if _is_mosaic(ds) and "Rows" in ds:
         return tuple(_mosaic_frames(Path(path), ds))
     return (FrameInfo(path=Path(path), frame=0, kind="single",
-                      orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-                      position=_floats(ds.get("ImagePositionPatient"), 3),
-                      pixel_spacing_mm=_floats(ds.get("PixelSpacing"), 2),
+                      orientation=floats_or_none(ds.get("ImageOrientationPatient"), 6),
+                      position=floats_or_none(ds.get("ImagePositionPatient"), 3),
+                      pixel_spacing_mm=floats_or_none(ds.get("PixelSpacing"), 2),
                       rows=_int(ds.get("Rows")), columns=_int(ds.get("Columns")),
                       **_common_attrs(ds)),)
 
@@ -644,10 +631,31 @@ def split_volumes(frames: Sequence[FrameInfo]) -> list[VolumeGroup]:
     keys = [_position_key(f) for f in frames]
     if any(k is None for k in keys) or len(set(keys)) == len(keys):
         return [VolumeGroup("", tuple(frames), _attrs_of(frames))]
+    fields, use_echo_number = _volume_fields(frames)
+    varying, groups = _partition(frames, fields)
+    group_keys = list(groups)
+    labels = _volume_labels(group_keys, varying, use_echo_number)
 
-    # fields that tell volumes apart, in priority order; a field is used only when it
-    # splits the groups made by the fields before it (a TE that differs only between the
-    # magnitude and the field map adds nothing to the image type)
+    def sort_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
+        # acquisition order of the volume's first frame
+        return min(f.order for f in groups[key])
+
+    result: list[VolumeGroup] = []
+    for key in sorted(group_keys, key=sort_key):
+        base = "_".join(labels[key][n] for n in _ENTITY_ORDER if n in labels[key])
+        result.extend(_repetitions(base, groups[key]))
+    if len(result) == 1:
+        result = [VolumeGroup("", result[0].frames, result[0].attrs)]
+    return result
+
+
+#: The fields that tell volumes apart, in BIDS order (echo before part) for labels.
+_ENTITY_ORDER = ("echo", "part", "bval", "dir", "t", "stack")
+
+
+def _volume_fields(frames: Sequence[FrameInfo]) -> tuple[dict[str, list[Any]], bool]:
+    """The value of each field that may tell volumes apart, per frame, in priority order;
+    and whether echoes are told apart by EchoNumbers (else by the echo time)."""
     echo = [f.echo_number for f in frames]
     use_echo_number = len(set(echo)) > 1 and None not in echo
     fields: dict[str, list[Any]] = {
@@ -659,6 +667,16 @@ def split_volumes(frames: Sequence[FrameInfo]) -> list[VolumeGroup]:
         "t": [f.temporal for f in frames],
         "stack": [f.stack for f in frames],
     }
+    return fields, use_echo_number
+
+
+def _partition(frames: Sequence[FrameInfo], fields: dict[str, list[Any]]
+               ) -> tuple[list[str], dict[tuple[Any, ...], list[FrameInfo]]]:
+    """The fields that split the frames, and the frames grouped by their values of them.
+
+    A field is used only when it splits the groups made by the fields before it (a TE that
+    differs only between the magnitude and the field map adds nothing to the image type).
+    """
     varying: list[str] = []
     partition: list[tuple[Any, ...]] = [() for _ in frames]
     for name, values in fields.items():
@@ -669,10 +687,12 @@ def split_volumes(frames: Sequence[FrameInfo]) -> list[VolumeGroup]:
     groups: dict[tuple[Any, ...], list[FrameInfo]] = defaultdict(list)
     for key, frame in zip(partition, frames, strict=True):
         groups[key].append(frame)
+    return varying, groups
 
-    # label entities per varying field, written in BIDS order (echo before part)
-    group_keys = list(groups)
-    entity_order = ["echo", "part", "bval", "dir", "t", "stack"]
+
+def _volume_labels(group_keys: Sequence[tuple[Any, ...]], varying: Sequence[str],
+                   use_echo_number: bool) -> dict[tuple[Any, ...], dict[str, str]]:
+    """The label entities (``echo-2``, ``part-water``, ...) of each group, per varying field."""
     labels: dict[tuple[Any, ...], dict[str, str]] = {k: {} for k in group_keys}
     for j, name in enumerate(varying):
         values = [k[j] for k in group_keys]
@@ -689,30 +709,25 @@ def split_volumes(frames: Sequence[FrameInfo]) -> list[VolumeGroup]:
             texts = ["none" if v is None else str(v) for v in values]
         for key, text in zip(group_keys, texts, strict=True):
             labels[key][name] = f"{name}-{text}"
+    return labels
 
-    def sort_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
-        # acquisition order of the volume's first frame
-        return min(f.order for f in groups[key])
 
-    result: list[VolumeGroup] = []
-    for key in sorted(group_keys, key=sort_key):
-        members = groups[key]
-        by_position: dict[Any, list[FrameInfo]] = defaultdict(list)
-        for frame in members:
-            by_position[_position_key(frame)].append(frame)
-        counts = {len(v) for v in by_position.values()}
-        base = "_".join(labels[key][n] for n in entity_order if n in labels[key])
-        if len(by_position) >= MIN_SLICES and len(counts) == 1 and counts.pop() > 1:
-            per_position = [sorted(v, key=lambda f: f.order) for v in by_position.values()]
-            for rep in range(len(per_position[0])):
-                chosen = [v[rep] for v in per_position]
-                label = "_".join(x for x in (base, f"rep-{rep + 1}") if x)
-                attrs = _attrs_of(chosen) | {"Repetition": rep + 1}
-                result.append(VolumeGroup(label, tuple(chosen), attrs))
-        else:
-            result.append(VolumeGroup(base, tuple(members), _attrs_of(members)))
-    if len(result) == 1:
-        result = [VolumeGroup("", result[0].frames, result[0].attrs)]
+def _repetitions(base: str, members: Sequence[FrameInfo]) -> list[VolumeGroup]:
+    """The volume(s) of one group labelled `base`: one per repetition when it holds the same
+    number (>= 2) of frames at each of at least :data:`MIN_SLICES` positions, else one."""
+    by_position: dict[Any, list[FrameInfo]] = defaultdict(list)
+    for frame in members:
+        by_position[_position_key(frame)].append(frame)
+    counts = {len(v) for v in by_position.values()}
+    if not (len(by_position) >= MIN_SLICES and len(counts) == 1 and counts.pop() > 1):
+        return [VolumeGroup(base, tuple(members), _attrs_of(members))]
+    per_position = [sorted(v, key=lambda f: f.order) for v in by_position.values()]
+    result = []
+    for rep in range(len(per_position[0])):
+        chosen = [v[rep] for v in per_position]
+        label = "_".join(x for x in (base, f"rep-{rep + 1}") if x)
+        attrs = _attrs_of(chosen) | {"Repetition": rep + 1}
+        result.append(VolumeGroup(label, tuple(chosen), attrs))
     return result
 
 
@@ -774,25 +789,48 @@ def stored_pixels(path: Path, ds: pydicom.Dataset) -> np.ndarray:
     # keep_deferred: a deferred element stays on disk (get_item would otherwise read the
     # whole block into the dataset, where it would stay for as long as the header is kept)
     raw = ds.get_item("PixelData", keep_deferred=True)
-    offset = getattr(raw, "value_tell", None)
-    length = getattr(raw, "length", None)
-    expected = rows * columns * n_frames * bits_allocated // 8
     if syntax in _FAST_SYNTAXES and bits_allocated in (8, 16):
         dtype = np.dtype(("<i" if signed and bits_stored == bits_allocated else "<u")
                          + str(bits_allocated // 8))
-        count = rows * columns * n_frames
-        value = getattr(raw, "value", None)
-        array = None
-        if isinstance(value, (bytes, bytearray)) and len(value) >= expected:
-            array = np.frombuffer(value, dtype=dtype, count=count)
-        elif value is None and offset is not None and length is not None \
-                and length >= expected:
-            # deferred element: read the pixel block straight from the file
-            array = np.fromfile(path, dtype=dtype, count=count, offset=int(offset))
-        if array is not None and array.size == count:
-            array = array.reshape(n_frames, rows, columns)
+        array = _uncompressed_pixels(path, raw, (n_frames, rows, columns), dtype)
+        if array is not None:
             return _fix_bits(array, bits_stored, signed) if bits_stored < bits_allocated \
                 else array
+    array = _decoded_pixels(ds, syntax)
+    if array.ndim == 2:
+        array = array[np.newaxis]
+    if array.shape != (n_frames, rows, columns):
+        raise FrameError(f"pixel array of shape {array.shape} does not match {n_frames} "
+                         f"frame(s) of {rows} x {columns} (colour image?)")
+    if array.dtype.kind in "ui" and bits_stored < array.dtype.itemsize * 8:
+        array = _fix_bits(array, bits_stored, signed)
+    return array
+
+
+def _uncompressed_pixels(path: Path, raw: Any, shape: tuple[int, int, int],
+                         dtype: np.dtype[Any]) -> np.ndarray | None:
+    """Uncompressed little-endian pixel data of shape `shape` (frames, rows, columns), from
+    the element's bytes or, for a deferred element, straight from the file; None when the
+    element holds too few bytes (then pydicom decodes it)."""
+    offset = getattr(raw, "value_tell", None)
+    length = getattr(raw, "length", None)
+    count = shape[0] * shape[1] * shape[2]
+    expected = count * dtype.itemsize
+    value = getattr(raw, "value", None)
+    array = None
+    if isinstance(value, (bytes, bytearray)) and len(value) >= expected:
+        array = np.frombuffer(value, dtype=dtype, count=count)
+    elif value is None and offset is not None and length is not None \
+            and length >= expected:
+        # deferred element: read the pixel block straight from the file
+        array = np.fromfile(path, dtype=dtype, count=count, offset=int(offset))
+    if array is not None and array.size == count:
+        return array.reshape(shape)
+    return None
+
+
+def _decoded_pixels(ds: pydicom.Dataset, syntax: Any) -> np.ndarray:
+    """The pixel data as pydicom and its installed decoders read it (not cached on `ds`)."""
     try:
         array = ds.pixel_array
     except Exception as err:  # noqa: BLE001 - decoder errors come in many types
@@ -806,13 +844,6 @@ def stored_pixels(path: Path, ds: pydicom.Dataset) -> np.ndarray:
         # pydicom caches the decoded array on the dataset, which the caller keeps for its
         # header; the caller keeps what it needs of the returned array itself
         ds._pixel_array = None
-    if array.ndim == 2:
-        array = array[np.newaxis]
-    if array.shape != (n_frames, rows, columns):
-        raise FrameError(f"pixel array of shape {array.shape} does not match {n_frames} "
-                         f"frame(s) of {rows} x {columns} (colour image?)")
-    if array.dtype.kind in "ui" and bits_stored < array.dtype.itemsize * 8:
-        array = _fix_bits(array, bits_stored, signed)
     return array
 
 

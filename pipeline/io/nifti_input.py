@@ -227,6 +227,18 @@ def index_sheet(sheet: Path, subject: str) -> dict[str, Any]:
     problems and refused dates, in the shapes the DICOM index writes."""
     rows, problems = read_sheet(sheet, subject)
     n_rows = len(rows) + len(problems)  # every row of the subject, usable or not
+    index_rows, by_date, why_not = _inspect_rows(rows, problems)
+    sessions, refused, pair_problem = _pair_sessions(by_date, why_not, problems)
+    _settle_status(index_rows, sessions, pair_problem)
+    return {"sessions": sessions, "refused": refused, "index_rows": index_rows,
+            "problems": problems, "n_rows": n_rows}
+
+
+def _inspect_rows(rows: list[dict[str, Any]], problems: list[dict[str, str]]) -> tuple[
+        list[dict[str, Any]], dict[str, dict[str, Any]], dict[tuple[str, str], str]]:
+    """Each sheet row's image inspected: its index row (status 'used' or 'refused', role
+    kept under ``_role``), the usable images by date and role, and why each refused image
+    was refused (by date and role). Unreadable images go to `problems`."""
     index_rows: list[dict[str, Any]] = []
     by_date: dict[str, dict[str, Any]] = {}
     why_not: dict[tuple[str, str], str] = {}  # (date, role) -> why its image was refused
@@ -259,6 +271,14 @@ def index_sheet(sheet: Path, subject: str) -> dict[str, Any]:
             "slice_spacing_mm": zooms[2], "status": status, "reason": reason,
             "_role": r["role"],
         })
+    return index_rows, by_date, why_not
+
+
+def _pair_sessions(by_date: dict[str, dict[str, Any]], why_not: dict[tuple[str, str], str],
+                   problems: list[dict[str, str]]) -> tuple[
+        list[dict[str, Any]], list[dict[str, Any]], dict[str, str]]:
+    """A session per date with a usable anatomical and fluid image that are two images of
+    one place; refused dates with the reason; the reason per date whose pair was refused."""
     sessions, refused = [], []
     pair_problem: dict[str, str] = {}
     for date in sorted(by_date):
@@ -282,6 +302,13 @@ def index_sheet(sheet: Path, subject: str) -> dict[str, Any]:
         sessions.append({"session": date.replace("-", ""), "study_date": date,
                          "study_uid": "", "anatomical": entry["anatomical"],
                          "fluid": entry["fluid"]})
+    return sessions, refused, pair_problem
+
+
+def _settle_status(index_rows: list[dict[str, Any]], sessions: list[dict[str, Any]],
+                   pair_problem: dict[str, str]) -> None:
+    """Final status of each usable index row: used by its session, refused with its pair, or
+    skipped (the other role's image is missing); the ``_role`` helper key is removed."""
     used = {s["study_date"] for s in sessions}
     for r in index_rows:
         if r["status"] == "used":
@@ -293,8 +320,6 @@ def index_sheet(sheet: Path, subject: str) -> dict[str, Any]:
                 r["status"] = "skipped"
                 r["reason"] = "session not used: image missing for the other role"
         r.pop("_role", None)
-    return {"sessions": sessions, "refused": refused, "index_rows": index_rows,
-            "problems": problems, "n_rows": n_rows}
 
 
 def write_index(sheet: Path, subject: str, out_dir: Path) -> int:

@@ -123,8 +123,10 @@ from pydicom.uid import (
 
 from pipeline.io import convert, dicom_index
 from pipeline.io.convert import SeriesError, read_series, read_volumes
-from pipeline.io.dicom_index import index_folder, select_sessions
 from pipeline.io.files import read_tsv
+from pipeline.io.records import IndexResult, SeriesRecord
+from pipeline.io.scan import index_folder
+from pipeline.io.selection import select_sessions
 from pipeline.validation import phantom
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,13 +149,13 @@ def good_study(root: Path, study_uid: str | None = None, **kw: object) -> str:
     return study_uid
 
 
-def one_session(result: dicom_index.IndexResult) -> dict:
+def one_session(result: IndexResult) -> dict:
     sessions, refused = select_sessions(result.series)
     assert len(sessions) == 1, refused
     return sessions[0]
 
 
-def problem_of(result: dicom_index.IndexResult, rel: str) -> str:
+def problem_of(result: IndexResult, rel: str) -> str:
     found = {p.path: p.problem for p in result.problems}
     assert rel in found, (rel, found)
     return found[rel]
@@ -623,6 +625,7 @@ def run_workflow(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.workflow
 @pytest.mark.slow
 def test_cohort_unusable_subject_others_finish(tmp_path: Path) -> None:
     good = tmp_path / "good"
@@ -827,7 +830,7 @@ def test_symbolic_link_that_cannot_be_followed_is_a_problem_row(tmp_path: Path,
     one_session(index_folder(root))
 
 
-def _intrude(t1: dicom_index.SeriesRecord, stir_file: Path, target: Path,
+def _intrude(t1: SeriesRecord, stir_file: Path, target: Path,
              position_z: float | None) -> None:
     """Copy a STIR slice into the T1 series (its SeriesInstanceUID, a new SOP UID)."""
     shutil.copy(stir_file, target)

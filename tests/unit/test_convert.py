@@ -15,7 +15,7 @@ from dicom_factory import PATIENT_TAGS, edit_file, ramp_pixels, rotation, write_
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit
 
-from pipeline.io import convert, dicom_index
+from pipeline.io import convert, dicom_index, scan
 from pipeline.io.convert import SeriesError, read_series, write_volume
 
 REALDATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "realdata"
@@ -261,7 +261,7 @@ def test_main_refusal_leaves_no_partial_outputs(tmp_path: Path,
     positions = np.array([[0.0, 0.0, z] for z in (0.0, 2.0, 4.0, 8.0, 10.0)])
     gap = write_series(tmp_path / "gap", ramp_pixels(5), sequence="STIR", positions=positions,
                        seed=3)
-    result = dicom_index.index_folder(tmp_path / "gap")
+    result = scan.index_folder(tmp_path / "gap")
     assert result.series[0].status == "refused"
     assert "non-uniform slice spacing" in result.series[0].reason
     assert "a missing slice?" in result.series[0].reason
@@ -286,7 +286,7 @@ def test_main_refusal_leaves_no_partial_outputs(tmp_path: Path,
                                   "hitachi/anatomical/001"])
 def test_real_series_matches_reference_geometry(tmp_path: Path, case: str) -> None:
     folder = D2N / case
-    index = dicom_index.index_folder(folder)
+    index = scan.index_folder(folder)
     assert len(index.series) == 1 and index.series[0].status != "refused"
     image, sidecar = read_series(list(index.series[0].files))
     out = tmp_path / "vol.nii.gz"

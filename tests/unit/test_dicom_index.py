@@ -20,20 +20,21 @@ from dicom_factory import (
     write_series,
     write_structured_report,
 )
+from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
 
-from pipeline.io import dicom_index
-from pipeline.io.dicom_index import (
-    INDEX_COLUMNS,
-    SeriesRecord,
-    classify_sequence,
-    index_folder,
-    orientation_label,
+from pipeline.io import dicom_frames, dicom_index, headers, scan
+from pipeline.io.classify import classify_sequence, orientation_label
+from pipeline.io.dicom_values import (
+    floats_or_none,
+    int_or_none,
     parse_dicom_date,
     parse_dicom_time,
-    select_sessions,
 )
-from pipeline.io.files import read_tsv, sha256_file
+from pipeline.io.files import finite_float, read_tsv, sha256_file
+from pipeline.io.records import INDEX_COLUMNS, SeriesRecord
+from pipeline.io.scan import index_folder
+from pipeline.io.selection import select_sessions
 
 REALDATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "realdata"
 
@@ -68,6 +69,26 @@ def test_parse_dicom_date(value: Any, expected: str | None) -> None:
 ])
 def test_parse_dicom_time(value: str, expected: str | None) -> None:
     assert parse_dicom_time(value) == expected
+
+
+@pytest.mark.parametrize(("value", "n", "expected"), [
+    (MultiValue(float, ["1", "0", "0"]), 3, (1.0, 0.0, 0.0)), ([0.5, 2], 2, (0.5, 2.0)),
+    ("2.5", 1, (2.5,)), (b"2.5", 1, (2.5,)),  # one value, not its characters or bytes
+    ([1, 2], 3, None), ([1, "x", 3], 3, None), ([1, float("nan")], 2, None),
+    ([1, "inf"], 2, None), (None, 2, None), ([], 0, ()),
+])
+def test_floats_or_none(value: Any, n: int, expected: tuple[float, ...] | None) -> None:
+    assert floats_or_none(value, n) == expected
+
+
+def test_frame_number_readers_take_the_first_value() -> None:
+    """dicom_frames reads a multi-valued number by its first value (finite_float, int_or_none
+    underneath); a plain number reader (finite_float) refuses a multi-valued one."""
+    assert dicom_frames._float(MultiValue(float, ["12.5", "30"])) == 12.5
+    assert dicom_frames._float([]) is None and dicom_frames._float("nan") is None
+    assert dicom_frames._int(MultiValue(int, ["2", "3"])) == 2 and dicom_frames._int("x") is None
+    assert finite_float(MultiValue(float, ["12.5", "30"])) is None
+    assert int_or_none("7") == 7 and int_or_none(None) is None
 
 
 @pytest.mark.parametrize(("iop", "expected"), [
@@ -418,7 +439,7 @@ def _walk_reference(root: Path) -> list[Path]:
         dirs.sort()
         for name in sorted(files):
             path = Path(folder) / name
-            if Path(folder) == root and name in dicom_index.COMPANION_FILES:
+            if Path(folder) == root and name in scan.COMPANION_FILES:
                 continue
             if path.is_file():
                 paths.append(path)
@@ -433,7 +454,7 @@ def test_walk_order_and_links(export: dict[str, Any], tmp_path: Path) -> None:
     (root / "link_to_A").symlink_to(root / "A", target_is_directory=True)
     (root / "B" / "link_to_file").symlink_to(export["series"]["t1"].files[0])
     (root / "B" / "broken_link").symlink_to(tmp_path / "missing")
-    walked = dicom_index._walk(root)
+    walked = scan._walk(root)
     assert walked == _walk_reference(root)
     names = [p.relative_to(root).as_posix() for p in walked]
     assert "events.tsv" not in names and "A/events.tsv" in names
@@ -451,8 +472,8 @@ def test_parallel_index_equals_serial(export: dict[str, Any], monkeypatch: pytes
     assert any("same SOPInstanceUID" in p.problem for p in serial.problems)
     assert index_folder(root, workers=2) == serial
     assert index_folder(root, workers=3) == serial
-    monkeypatch.setattr(dicom_index, "PARALLEL_MIN_FILES", 1)  # the default picks processes
-    assert dicom_index._n_workers(5, None) >= 1
+    monkeypatch.setattr(scan, "PARALLEL_MIN_FILES", 1)  # the default picks processes
+    assert scan._n_workers(5, None) >= 1
     assert index_folder(root) == serial
 
 
@@ -461,10 +482,10 @@ def test_header_longer_than_prefix_read_from_file(export: dict[str, Any],
     root: Path = export["root"]
     expected = index_folder(root, workers=1)
     for prefix in (200, 1000, 4096):  # part of the file meta, part of the data set
-        monkeypatch.setattr(dicom_index, "HEADER_PREFIX_BYTES", prefix)
+        monkeypatch.setattr(headers, "HEADER_PREFIX_BYTES", prefix)
         assert index_folder(root, workers=1) == expected
     path = export["series"]["t1"].files[0]
-    ds = dicom_index._read_header(path)
+    ds = headers.read_header(path)
     assert ds.filename == str(path) and ds.SOPInstanceUID
 
 

@@ -9,7 +9,7 @@ favour the header, where the parser works.
 
 Only the documented outcomes may occur:
 
-- :func:`pipeline.io.dicom_index.index_folder`: returns; every file is either in a series or in
+- :func:`pipeline.io.scan.index_folder`: returns; every file is either in a series or in
   the problems list with a reason (never another exception);
 - :func:`pipeline.io.convert.read_series` on the mutated file with the rest of its series: a
   :class:`SeriesError` naming a file of the series, or an image with sane geometry (finite
@@ -50,7 +50,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from phantom_cases import small_spec
 
-from pipeline.io import dicom_index
+from pipeline.io import scan, selection
 from pipeline.io.convert import SeriesError, read_series
 from pipeline.validation import phantom
 
@@ -280,8 +280,8 @@ def test_fuzz_index(seeds: list[Seed], tmp_path: Path, case: st.DataObject) -> N
     path = _write(folder, "mutated", data)
     with warnings.catch_warnings(), alarm(HANG_SECONDS):
         warnings.simplefilter("ignore")
-        result = dicom_index.index_folder(folder, workers=1)
-        dicom_index.select_sessions(result.series)
+        result = scan.index_folder(folder, workers=1)
+        selection.select_sessions(result.series)
     TALLY["index: in a series" if result.series else "index: problem row"] += 1
     assert result.n_files_seen == 1
     in_series = [f for r in result.series for f in r.files]

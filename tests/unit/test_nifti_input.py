@@ -82,6 +82,8 @@ def _run(*config: str) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_workflow_from_a_sheet_equals_the_dicom_route(small_phantom: Path,
                                                       tmp_path: Path) -> None:
     """The same images as NIfTI (stored in another voxel order) give the same volumes."""

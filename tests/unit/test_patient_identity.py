@@ -20,20 +20,20 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from pipeline.io import dicom_index
-from pipeline.io.dicom_index import (
+from pipeline.io.files import read_tsv
+from pipeline.io.identity import (
     FINGERPRINT_ROUNDS,
     FINGERPRINT_SALT,
     PatientIdentity,
-    SeriesRecord,
-    choose_patient,
     group_patients,
-    index_folder,
     normalise_birth_date,
     normalise_patient_id,
     normalise_patient_name,
     patient_fingerprint,
 )
-from pipeline.io.files import read_tsv
+from pipeline.io.records import SeriesRecord
+from pipeline.io.scan import index_folder
+from pipeline.io.selection import choose_patient
 
 JANE = {"PatientID": "SECRET-ID-4711", "PatientName": "Doe^Jane", "PatientBirthDate": "20140101"}
 JOHN = {"PatientID": "OTHER-99", "PatientName": "Roe^Richard", "PatientBirthDate": "20120303"}
@@ -65,7 +65,7 @@ def run_index(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any]]:
 
 
 def all_output_text(out: Path) -> str:
-    return "".join(p.read_text() for p in out.iterdir())
+    return "".join(p.read_text() for p in sorted(out.rglob("*")) if p.is_file())
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from dicom_factory import (
 )
 from pydicom.uid import RLELossless, generate_uid
 
-from pipeline.io import convert, dicom_frames, dicom_index
+from pipeline.io import convert, dicom_frames, dicom_index, scan, selection
 from pipeline.io.convert import SeriesError, read_series, read_volumes, write_volume
 
 
@@ -73,14 +73,14 @@ def _dixon_study(tmp_path: Path) -> tuple[str, list]:
 
 def test_dixon_series_lists_volumes_and_water_is_selected(tmp_path: Path) -> None:
     _, infos = _dixon_study(tmp_path / "in")
-    result = dicom_index.index_folder(tmp_path / "in")
+    result = scan.index_folder(tmp_path / "in")
     dixon = next(r for r in result.series if r.series_number == 9)
     assert dixon.status != "refused"
     assert {v.label: v.sequence_class for v in dixon.volumes} == {
         "part-water": "dixon_water", "part-fat": "dixon_fat", "part-in": "dixon_in",
         "part-opp": "dixon_opp"}
     assert "part-water=dixon_water" in dixon.as_row()["volumes"]
-    sessions, refused = dicom_index.select_sessions(result.series)
+    sessions, refused = selection.select_sessions(result.series)
     assert not refused
     assert sessions[0]["fluid"]["volume"] == "part-water"
     assert sessions[0]["fluid"]["series_uid"] == infos[0].series_uid
