@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline import __version__
 from pipeline import qc as qc_mod
@@ -34,6 +34,7 @@ from pipeline.io.files import (
     write_tsv_atomic,
 )
 from pipeline.labels import STRUCTURES
+from pipeline.settings import ConfigSection
 
 LONGITUDINAL_COLUMNS = (
     "subject",
@@ -65,20 +66,24 @@ EVENT_CATEGORIES = ("infusion", "CRS grade", "drug", "other")
 
 
 @dataclass(frozen=True)
-class Thresholds:
-    """Response-pattern thresholds (config ``response:``). pp = percentage points."""
+class Thresholds(ConfigSection):
+    """Response-pattern thresholds of the config section ``response:`` (pp = percentage
+    points). Defaults: config/config.yaml, the one place they are written (:meth:`default`
+    reads them); meanings and units: config/schema.yaml."""
 
-    flare_asymmetry_pp: float = 5.0
-    flare_lesion_ratio: float = 1.2
-    flare_lesion_min_ml: float = 1.0
-    flare_edema_ratio: float = 1.2
-    flare_edema_min_ml: float = 10.0
-    resolved_asymmetry_pp: float = 2.0
-    response_lesion_min_ml: float = 1.0
-    response_lesion_ratio: float = 0.7
-    response_asymmetry_pp: float = 5.0
-    confirmation_min_interval_days: int = 4
-    crs_window_days: int = 14
+    SECTION: ClassVar[str] = "response"
+
+    flare_asymmetry_pp: float
+    flare_lesion_ratio: float
+    flare_lesion_min_ml: float
+    flare_edema_ratio: float
+    flare_edema_min_ml: float
+    resolved_asymmetry_pp: float
+    response_lesion_min_ml: float
+    response_lesion_ratio: float
+    response_asymmetry_pp: float
+    confirmation_min_interval_days: int
+    crs_window_days: int
 
 
 @dataclass
@@ -410,7 +415,7 @@ def session_states(visits: Sequence[Visit], t: Thresholds | None = None
     *no change* with a note. Confirmation: ``confirmed`` when any episode was confirmed,
     ``unconfirmed`` when flares were never confirmed, ``not applicable`` without a flare.
     """
-    t = t or Thresholds()
+    t = t or Thresholds.default()
     if not visits:
         return [], "not applicable"
     b = baseline_index(visits)
@@ -486,7 +491,7 @@ def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
     at the last session; otherwise, and when no session after the baseline is left, the
     pattern is ``indeterminate`` and the reasons say which flags removed what.
     """
-    t = t or Thresholds()
+    t = t or Thresholds.default()
     states, confirmation = session_states(visits, t)
     if len(visits) < 2:
         return Pattern("indeterminate", [f"{len(visits)} session(s): at least two are needed"],
@@ -533,6 +538,41 @@ def classify(visits: Sequence[Visit], t: Thresholds | None = None) -> Pattern:
         reasons.append(f"Flare at day {f['day']} ({f['state']}): " + "; ".join(criteria) + ".")
     pattern = _label(later, base, last, last_state, flares, reasons, t)
     return Pattern(pattern.classification, pattern.reasons, flares, states, confirmation)
+
+
+def describe_rules(t: Thresholds) -> list[str]:
+    """The rules of :func:`classify` in words, one sentence each, with the values of `t` as
+    :func:`assess`, :func:`session_states`, :func:`_label` and :func:`timing` apply them: the
+    report's Methods state them from here, never retyped."""
+    days = t.confirmation_min_interval_days
+    return [
+        "A session flares when a flare criterion is met against the baseline beyond its "
+        "measurement error (MDC95): soft-tissue asymmetry up by at least "
+        f"{t.flare_asymmetry_pp:g} pp (one limb in view: the affected soft tissue up by at "
+        f"least {t.flare_asymmetry_pp:g} %), the marrow lesion at least "
+        f"×{t.flare_lesion_ratio:g} its baseline volume and at least "
+        f"{t.flare_lesion_min_ml:g} mL larger, or edema at least ×{t.flare_edema_ratio:g} and "
+        f"at least {t.flare_edema_min_ml:g} mL larger.",
+        "The first flaring session of an episode is an unconfirmed flare; a later session at "
+        f"least {days} days after the episode's first flare that still flares is a confirmed "
+        "flare; a session with no flare criterion met ends the episode.",
+        "A session is back within the resolution criteria when soft-tissue asymmetry is at "
+        f"most {t.resolved_asymmetry_pp:g} pp above baseline and marrow lesion and edema are at "
+        "most their baseline volume, each or within its measurement error.",
+        "Pseudo-progression: a flare after the baseline, and the last session back within the "
+        "resolution criteria.",
+        "Progression: the last session still flares; confirmed when a flare of the same "
+        f"episode lies at least {days} days before it, else UNCONFIRMED (iRECIST iUPD).",
+        "Response: no flare at any session, and at the last session a marrow lesion of at "
+        f"least {t.response_lesion_min_ml:g} mL at baseline down to at most "
+        f"×{t.response_lesion_ratio:g} its baseline volume, or soft-tissue asymmetry at least "
+        f"{t.response_asymmetry_pp:g} pp below baseline, beyond measurement error.",
+        "Stable: none of these (a flare that is over without being back within the resolution "
+        "criteria included).",
+        "Indeterminate: fewer than two sessions, a baseline or no later session that passed "
+        "QC, or a criterion that cannot be judged at the last session.",
+        f"Sessions on days 1–{t.crs_window_days} after the infusion lie in the CRS window.",
+    ]
 
 
 def _label(later: Sequence[Visit], base: Visit, last: Visit, last_state: SessionState,
@@ -592,7 +632,7 @@ def _label(later: Sequence[Visit], base: Visit, last: Visit, last_state: Session
 def timing(day: int, events: Sequence[Mapping[str, Any]], t: Thresholds | None = None) -> str:
     """Where a session sits relative to day 0 (the infusion), the CRS window and the clinical
     events: the latest event on or before it and the next one after it."""
-    t = t or Thresholds()
+    t = t or Thresholds.default()
     if day < 0:
         where = f"day {day}: before the infusion"
     elif day == 0:
@@ -623,6 +663,23 @@ def qc_reasons(flags: Sequence[qc_mod.QCFlag]) -> list[str]:
             if f.severity == "exclude"]
 
 
+def _decode_events(path: str | Path) -> tuple[str, list[str]]:
+    """The events file's text: UTF-8 (with or without a byte-order mark), else Windows-1252,
+    else Latin-1 (which decodes any byte), with a note naming the file when not UTF-8."""
+    raw = Path(path).read_bytes()
+    text, encoding = "", ""
+    for encoding in ("utf-8-sig", "cp1252", "latin-1"):
+        try:
+            text = raw.decode(encoding)
+            break
+        except UnicodeDecodeError:
+            continue
+    if encoding == "utf-8-sig":
+        return text, []
+    return text, [f"{path}: not UTF-8; read as {encoding} (save it as UTF-8 to be sure "
+                  "of accented labels)"]
+
+
 def read_events(
     path: str | Path | None,
     day0: str,
@@ -650,19 +707,8 @@ def read_events(
 
     if not path:
         return []
-    notes: list[str] = []
     d0 = dt.date.fromisoformat(day0)
-    raw = Path(path).read_bytes()
-    text, encoding = "", ""
-    for encoding in ("utf-8-sig", "cp1252", "latin-1"):  # latin-1 decodes any byte
-        try:
-            text = raw.decode(encoding)
-            break
-        except UnicodeDecodeError:
-            continue
-    if encoding != "utf-8-sig":
-        notes.append(f"{path}: not UTF-8; read as {encoding} (save it as UTF-8 to be sure "
-                     "of accented labels)")
+    text, notes = _decode_events(path)
     span = [0, *(int(d) for d in (study_days or []))]
     lo, hi = min(span), max(span)
     margin = max(365, hi - lo)
@@ -744,6 +790,81 @@ def input_checksums(sessions_index: Mapping[str, Any]) -> dict[str, Any]:
     return {"n_files": len(files), "sha256_of_list": digest, "files": files}
 
 
+def _describe_series(entry: Mapping[str, Any], role: str) -> str:
+    e = entry.get(role, {})
+    return f"{e.get('description', '')} (series {e.get('series_number', '?')})"
+
+
+def _summary_sessions(
+    visits: Sequence[Visit],
+    side_info: Mapping[str, Any],
+    sessions_index: Mapping[str, Any],
+    session_files: Mapping[str, Mapping[str, str]],
+    qc: Mapping[str, Mapping[str, Any]],
+    flags: Sequence[qc_mod.QCFlag],
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """summary.json ``sessions`` and the sessions' own warnings, in session order."""
+    by_label = {s["session"]: s for s in sessions_index.get("sessions", [])}
+    extents = {s["session"]: s for s in side_info.get("sessions", [])}
+    visit_of = {v.key: v for v in visits}
+    sessions, warnings = [], []
+    for label, files in session_files.items():
+        entry = by_label.get(label, {})
+        ext = extents.get(label, {})
+        s_warn = [f"session {label}: {w}" for w in qc.get(label, {}).get("warnings", [])]
+        warnings.extend(s_warn)
+        visit = visit_of.get(label) or visit_of.get(str(entry.get("study_date")))
+        sessions.append(
+            {
+                "session": label,
+                "study_date": entry.get("study_date"),
+                "day": ext.get("day"),
+                "files": dict(files),
+                "anatomical_series": _describe_series(entry, "anatomical"),
+                "fluid_series": _describe_series(entry, "fluid"),
+                "z_range_mm": ext.get("z_range_mm"),
+                "n_slices": ext.get("n_slices"),
+                "warnings": s_warn,
+                "qc_codes": qc_mod.codes_for(flags, label),
+                "excluded": qc_mod.session_excluded(flags, label)
+                or bool(visit and visit.excluded),
+            }
+        )
+    return sessions, warnings
+
+
+def _registration_summary(side_info: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """summary.json ``registration``: per follow-up, the transform and its quality."""
+    return {
+        label: {
+            "translation_mm": reg.get("translation_mm"),
+            "rotation_deg": reg.get("rotation_deg"),
+            "quality": reg.get("quality"),
+            "poor": reg.get("poor", False),
+            "poor_reasons": reg.get("poor_reasons", []),
+            "initialisation": reg.get("initialisation"),
+        }
+        for label, reg in side_info.get("registration", {}).items()
+    }
+
+
+UNILATERAL_WARNING = ("one limb only in the field of view: asymmetry is not available; "
+                      "swelling is judged from the affected limb's change from baseline")
+
+
+def _subject_warnings(
+    side_info: Mapping[str, Any], sessions_index: Mapping[str, Any], unilateral: bool
+) -> list[str]:
+    """Warnings about the subject as a whole: measurement, one limb, index, refused studies."""
+    warnings = list(side_info.get("warnings", []))
+    if unilateral:
+        warnings.append(UNILATERAL_WARNING)
+    warnings.extend(str(w) for w in sessions_index.get("warnings", []))
+    for r in sessions_index.get("refused_studies", []):
+        warnings.append(f"study {r.get('study_date') or 'without date'} not used: {r['reason']}")
+    return warnings
+
+
 def build_summary(
     subject: str,
     day0: str,
@@ -759,57 +880,11 @@ def build_summary(
 ) -> dict[str, Any]:
     """summary.json content (docs/design.md output contract plus provenance)."""
     base = visits[baseline_index(visits)] if visits else None
-    warnings: list[str] = []
-    by_label = {s["session"]: s for s in sessions_index.get("sessions", [])}
-    extents = {s["session"]: s for s in side_info.get("sessions", [])}
     flags = qc_mod.flags_from_json(side_info.get("qc_flags", []))
-    visit_of = {v.key: v for v in visits}
-    sessions = []
-    for label, files in session_files.items():
-        entry = by_label.get(label, {})
-        ext = extents.get(label, {})
-        s_warn = [f"session {label}: {w}" for w in qc.get(label, {}).get("warnings", [])]
-        warnings.extend(s_warn)
-
-        def describe(role: str, entry: Mapping[str, Any] = entry) -> str:
-            e = entry.get(role, {})
-            return f"{e.get('description', '')} (series {e.get('series_number', '?')})"
-
-        sessions.append(
-            {
-                "session": label,
-                "study_date": entry.get("study_date"),
-                "day": ext.get("day"),
-                "files": dict(files),
-                "anatomical_series": describe("anatomical"),
-                "fluid_series": describe("fluid"),
-                "z_range_mm": ext.get("z_range_mm"),
-                "n_slices": ext.get("n_slices"),
-                "warnings": s_warn,
-                "qc_codes": qc_mod.codes_for(flags, label),
-                "excluded": qc_mod.session_excluded(flags, label)
-                or bool((visit := visit_of.get(label) or visit_of.get(
-                    str(entry.get("study_date")))) and visit.excluded),
-            }
-        )
-    warnings.extend(side_info.get("warnings", []))
-    registration = {}
-    for label, reg in side_info.get("registration", {}).items():
-        registration[label] = {
-            "translation_mm": reg.get("translation_mm"),
-            "rotation_deg": reg.get("rotation_deg"),
-            "quality": reg.get("quality"),
-            "poor": reg.get("poor", False),
-            "poor_reasons": reg.get("poor_reasons", []),
-            "initialisation": reg.get("initialisation"),
-        }
+    sessions, warnings = _summary_sessions(
+        visits, side_info, sessions_index, session_files, qc, flags)
     unilateral = bool(visits) and not any(v.contralateral_in_view for v in visits)
-    if unilateral:
-        warnings.append("one limb only in the field of view: asymmetry is not available; "
-                        "swelling is judged from the affected limb's change from baseline")
-    warnings.extend(str(w) for w in sessions_index.get("warnings", []))
-    for r in sessions_index.get("refused_studies", []):
-        warnings.append(f"study {r.get('study_date') or 'without date'} not used: {r['reason']}")
+    warnings += _subject_warnings(side_info, sessions_index, unilateral)
     return {
         "subject": subject,
         "affected_side": side_info["affected_side"],
@@ -831,7 +906,7 @@ def build_summary(
         "sessions": sessions,
         "extent_mm": side_info.get("extent", {}),
         "baseline_session": side_info.get("baseline_session"),
-        "registration": registration,
+        "registration": _registration_summary(side_info),
         "uncertainty_model": side_info.get("uncertainty_model", {}),
         "landmarks": side_info.get("landmarks", {}),
         "unilateral": unilateral,
@@ -860,7 +935,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out-summary", required=True, type=Path)
     args = p.parse_args(argv)
 
-    thresholds = Thresholds(**json.loads(args.thresholds_json))
+    thresholds = Thresholds.default(**json.loads(args.thresholds_json))
     visits = visits_from_rows(read_tsv(args.volumes))
     pattern = classify(visits, thresholds)
     side_info = json.loads(args.side_json.read_text(encoding="utf-8"))

@@ -38,6 +38,36 @@ SMOOTHING_MM: Final = 1.5
 #: Margin (mm) around the limb that the metric sees (the skin outline helps the fit).
 MARGIN_MM: Final = 10.0
 
+# The rigid fit of the mirrored limb (Mattes mutual information on the anatomical image, the
+# same method as the registration to baseline, :mod:`pipeline.register`, on one image).
+#: Joint-histogram bins of the metric.
+HISTOGRAM_BINS: Final = 32
+#: Fraction of the voxels the metric samples (at random, with a fixed seed: reproducible).
+SAMPLING_FRACTION: Final = 0.05
+SEED: Final = 20240301
+#: Regular-step gradient descent: first step (mm), smallest step (mm: far below a voxel),
+#: iteration cap per level and step relaxation.
+LEARNING_RATE_MM: Final = 2.0
+MIN_STEP_MM: Final = 0.05
+MAX_ITERATIONS: Final = 150
+RELAXATION: Final = 0.5
+#: Two levels: shrunk by 2 (smoothed by one pixel) then full resolution.
+SHRINK_FACTORS: Final = (2, 1)
+#: Fewer slices than this, or slices thicker than this many pixels, do not determine a tilt
+#: out of the axial plane: the fit is then a rotation about z and an in-plane shift.
+MIN_SLICES_FOR_3D: Final = 3
+MAX_SLICE_TO_PIXEL_FOR_3D: Final = 4.0
+#: Optimizer weights of the Euler parameters (rotations x, y, z; shifts x, y, z) for that
+#: in-plane fit.
+IN_PLANE_WEIGHTS: Final = (0.0, 0.0, 1.0, 1.0, 1.0, 0.0)
+#: The margin grows in-plane only (3 x 3 per slice): the limbs' cranio-caudal extent is the
+#: image's.
+_PLANE: Final = np.ones((1, 3, 3), bool)
+#: Resampled masks (0 or 1, nearest neighbour) are read back above this.
+_MASK_LEVEL: Final = 0.5
+#: Value of a resampled voxel outside the contralateral image (below any signal).
+_OUTSIDE: Final = -1.0
+
 
 @dataclass(frozen=True)
 class MirroredReference:
@@ -73,10 +103,9 @@ def _fit(t1: FloatArray, limb: BoolArray, contra_limb: BoolArray,
     matching point of the flipped image."""
     pixel_mm = float(np.sqrt(spacing_zyx_mm[1] * spacing_zyx_mm[2]))
     margin = max(1, int(round(MARGIN_MM / pixel_mm)))
-    plane = np.ones((1, 3, 3), bool)
-    fixed_mask = ndimage.binary_dilation(limb, plane, iterations=margin)
+    fixed_mask = ndimage.binary_dilation(limb, _PLANE, iterations=margin)
     flip_limb = contra_limb[:, :, ::-1]
-    moving_mask = ndimage.binary_dilation(flip_limb, plane, iterations=margin)
+    moving_mask = ndimage.binary_dilation(flip_limb, _PLANE, iterations=margin)
     fixed = _image(np.where(fixed_mask, t1, 0.0), spacing_zyx_mm)
     moving = _image(np.where(moving_mask, t1[:, :, ::-1], 0.0), spacing_zyx_mm)
     # start from the limbs' centroids: fixed point p maps to moving point p + shift
@@ -85,20 +114,22 @@ def _fit(t1: FloatArray, limb: BoolArray, contra_limb: BoolArray,
     tr.SetCenter(tuple(c_fixed))
     tr.SetTranslation(tuple(_centroid_mm(flip_limb, spacing_zyx_mm) - c_fixed))
     reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(32)
+    reg.SetMetricAsMattesMutualInformation(HISTOGRAM_BINS)
     reg.SetNumberOfThreads(1)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.05, seed)
+    reg.SetMetricSamplingPercentage(SAMPLING_FRACTION, seed)
     mask_img = sitk.Cast(_image(fixed_mask.astype(np.float32), spacing_zyx_mm), sitk.sitkUInt8)
     reg.SetMetricFixedMask(mask_img)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0, minStep=0.05, numberOfIterations=150, relaxationFactor=0.5)
+        learningRate=LEARNING_RATE_MM, minStep=MIN_STEP_MM, numberOfIterations=MAX_ITERATIONS,
+        relaxationFactor=RELAXATION)
     reg.SetOptimizerScalesFromPhysicalShift()
-    in_plane = len(t1) < 3 or spacing_zyx_mm[0] > 4 * pixel_mm
+    in_plane = (len(t1) < MIN_SLICES_FOR_3D
+                or spacing_zyx_mm[0] > MAX_SLICE_TO_PIXEL_FOR_3D * pixel_mm)
     if in_plane:  # few or thick slices: rotation about z and in-plane shift only
-        reg.SetOptimizerWeights([0.0, 0.0, 1.0, 1.0, 1.0, 0.0])
-    reg.SetShrinkFactorsPerLevel([2, 1])
+        reg.SetOptimizerWeights(list(IN_PLANE_WEIGHTS))
+    reg.SetShrinkFactorsPerLevel(list(SHRINK_FACTORS))
     reg.SetSmoothingSigmasPerLevel([pixel_mm, 0.0])
     reg.SetInitialTransform(tr, inPlace=True)
     with single_threaded_itk():  # reproducible to the last digit
@@ -138,12 +169,13 @@ def _carry(tr: sitk.Transform, fluid: FloatArray, limb: BoolArray, bone: BoolArr
 
     def carry(array: NDArray[np.floating], interp: int) -> NDArray[np.float32]:
         img = _image(array, spacing_zyx_mm)
-        out = sitk.Resample(img, reference, tr, interp, -1.0, sitk.sitkFloat32)
+        out = sitk.Resample(img, reference, tr, interp, _OUTSIDE, sitk.sitkFloat32)
         return sitk.GetArrayFromImage(out)
 
     ref = carry(fluid[:, :, ::-1], sitk.sitkLinear)
-    covered = carry(contra_limb[:, :, ::-1].astype(np.float32), sitk.sitkNearestNeighbor) > 0.5
-    moved_bone = carry(contra_bone[:, :, ::-1].astype(np.float32), sitk.sitkNearestNeighbor) > 0.5
+    nearest = sitk.sitkNearestNeighbor
+    covered = carry(contra_limb[:, :, ::-1].astype(np.float32), nearest) > _MASK_LEVEL
+    moved_bone = carry(contra_bone[:, :, ::-1].astype(np.float32), nearest) > _MASK_LEVEL
     n = int(bone.sum()) + int(moved_bone.sum())
     bone_dice = 0.0 if n == 0 else 2.0 * float((bone & moved_bone).sum()) / n
     radius = max(1, int(round(NEIGHBOURHOOD_MM / pixel_mm)))
@@ -165,7 +197,7 @@ def mirrored_references(
     limbs: tuple[BoolArray, BoolArray],
     bones: tuple[BoolArray, BoolArray],
     spacing_zyx_mm: tuple[float, float, float],
-    seed: int = 20240301,
+    seed: int = SEED,
 ) -> tuple[MirroredReference, MirroredReference] | None:
     """Each of two limbs' mirrored reference from the other, from one rigid fit.
 

@@ -168,25 +168,53 @@ def describe(flag: QCFlag) -> str:
 # --------------------------------------------------------------------------- image checks
 # Pure functions on arrays of shape (Z, Y, X) in the segmentation's LPS-ordered frame (axis 0
 # runs inferior to superior). Each returns what it saw; the flags are made from it below.
+# The thresholds a user tunes are settings (config/config.yaml, segment:); these are fixed.
+
+#: A slice's signal level: this percentile of the limb's column band, its brightest tissue
+#: short of a few hot voxels.
+SLICE_SIGNAL_PERCENTILE: Final = 99.0
+#: A series' typical level: this percentile of its slices' levels (the coil's sensitive
+#: middle, not pulled down by the void slices being looked for).
+TYPICAL_LEVEL_PERCENTILE: Final = 75.0
+#: The in-plane image edge is this many voxels wide: scanners and converters often pad the
+#: matrix with a row or column of zeros, and a limb that close to the edge has no air around
+#: it anyway.
+EDGE_PX: Final = 2
+#: Subcutaneous fat: from this depth (mm) inside the skin (past the skin itself) ...
+RING_OUTER_DEPTH_MM: Final = 1.5
+#: ... to this depth (mm), thinner than the subcutaneous fat of a limb.
+RING_INNER_DEPTH_MM: Final = 5.0
+#: The ring is at least one voxel deep and one voxel wide whatever the pixel size.
+RING_MIN_OUTER_PX: Final = 1
+RING_MIN_INNER_PX: Final = 2
+#: Deep tissue (mostly muscle): more than this (mm; at least DEEP_MIN_PX voxels) inside the
+#: skin, past any subcutaneous fat ...
+DEEP_TISSUE_DEPTH_MM: Final = 15.0
+DEEP_MIN_PX: Final = 3
+#: ... and this many voxels away from bone (cortex and its partial volume).
+BONE_CLEARANCE_PX: Final = 2
+#: In-plane 3 x 3 neighbourhood: depths are measured within each slice.
+_PLANE: Final = np.ones((1, 3, 3), bool)
 
 
 def slice_signal(image: NDArray[np.floating[Any]], band: NDArray[np.bool_]) -> NDArray[np.float64]:
-    """Per slice, the 99th percentile of `image` inside `band` (a column band of one limb,
-    the same in every slice): a robust "brightest tissue" level that does not need the limb
-    outline, which is exactly what fails on a slice without signal."""
+    """Per slice, a high percentile (:data:`SLICE_SIGNAL_PERCENTILE`) of `image` inside
+    `band` (a column band of one limb, the same in every slice): a robust "brightest tissue"
+    level that does not need the limb outline, which is exactly what fails on a slice without
+    signal."""
     out = np.zeros(image.shape[0])
     for k in range(image.shape[0]):
         vals = image[k][band[k]]
-        out[k] = float(np.percentile(vals, 99)) if vals.size else 0.0
+        out[k] = float(np.percentile(vals, SLICE_SIGNAL_PERCENTILE)) if vals.size else 0.0
     return out
 
 
 def void_slices(levels: Sequence[NDArray[np.float64]], fraction: float) -> list[int]:
     """Slices whose signal (any of `levels`, one per image) is below `fraction` of that
-    image's typical level (the 75th percentile over slices: the coil's sensitive middle)."""
+    image's typical level (:data:`TYPICAL_LEVEL_PERCENTILE` over slices)."""
     bad: set[int] = set()
     for lv in levels:
-        ref = float(np.percentile(lv, 75))
+        ref = float(np.percentile(lv, TYPICAL_LEVEL_PERCENTILE))
         if ref > 0:
             bad.update(int(k) for k in np.nonzero(lv < fraction * ref)[0])
     return sorted(bad)
@@ -231,12 +259,12 @@ def border_contact_slices(limb: NDArray[np.bool_], pixel_mm: float,
     """Slices where `limb` runs along the in-plane edge of the image for at least
     `min_contact_mm` (a limb cut by the field of view).
 
-    The edge is the outer two voxels: scanners and converters often pad the matrix with a
-    row or column of zeros, and a limb that close to the edge has no air around it anyway.
+    The edge is the outer :data:`EDGE_PX` voxels; the contact length is the voxels of the
+    limb on it over the edge's width.
     """
     edge = np.zeros(limb.shape[1:], bool)
-    edge[:2, :] = edge[-2:, :] = edge[:, :2] = edge[:, -2:] = True
-    contact = (limb & edge[None]).sum(axis=(1, 2)) * pixel_mm / 2
+    edge[:EDGE_PX, :] = edge[-EDGE_PX:, :] = edge[:, :EDGE_PX] = edge[:, -EDGE_PX:] = True
+    contact = (limb & edge[None]).sum(axis=(1, 2)) * pixel_mm / EDGE_PX
     return [int(k) for k in np.nonzero(contact >= min_contact_mm)[0]]
 
 
@@ -251,20 +279,23 @@ def fov_flag(side: str, slices: Sequence[int], n_slices: int) -> QCFlag | None:
 
 
 def subcutaneous_ring(limb: NDArray[np.bool_], pixel_mm: float) -> NDArray[np.bool_]:
-    """Voxels 1.5 to 5 mm inside the skin of `limb`, per slice: mostly subcutaneous fat,
-    whatever the contrast (its location, not its signal, defines it)."""
-    plane = np.ones((1, 3, 3), bool)
-    outer = ndimage.binary_erosion(limb, plane, iterations=max(1, round(1.5 / pixel_mm)))
-    inner = ndimage.binary_erosion(limb, plane, iterations=max(2, round(5.0 / pixel_mm)))
+    """Voxels 1.5 to 5 mm (:data:`RING_OUTER_DEPTH_MM`, :data:`RING_INNER_DEPTH_MM`) inside
+    the skin of `limb`, per slice: mostly subcutaneous fat, whatever the contrast (its
+    location, not its signal, defines it)."""
+    outer_px = max(RING_MIN_OUTER_PX, round(RING_OUTER_DEPTH_MM / pixel_mm))
+    inner_px = max(RING_MIN_INNER_PX, round(RING_INNER_DEPTH_MM / pixel_mm))
+    outer = ndimage.binary_erosion(limb, _PLANE, iterations=outer_px)
+    inner = ndimage.binary_erosion(limb, _PLANE, iterations=inner_px)
     return outer & ~inner
 
 
 def deep_tissue(limb: NDArray[np.bool_], bone: NDArray[np.bool_],
                 pixel_mm: float) -> NDArray[np.bool_]:
-    """Voxels more than 15 mm inside the skin and away from bone: mostly muscle."""
-    plane = np.ones((1, 3, 3), bool)
-    deep = ndimage.binary_erosion(limb, plane, iterations=max(3, round(15.0 / pixel_mm)))
-    return deep & ~ndimage.binary_dilation(bone, plane, iterations=2)
+    """Voxels more than 15 mm (:data:`DEEP_TISSUE_DEPTH_MM`) inside the skin and away from
+    bone: mostly muscle."""
+    depth_px = max(DEEP_MIN_PX, round(DEEP_TISSUE_DEPTH_MM / pixel_mm))
+    deep = ndimage.binary_erosion(limb, _PLANE, iterations=depth_px)
+    return deep & ~ndimage.binary_dilation(bone, _PLANE, iterations=BONE_CLEARANCE_PX)
 
 
 def contrast_ratio(image: NDArray[np.floating[Any]], region: NDArray[np.bool_],

@@ -78,6 +78,7 @@ from pipeline.extent import (
     side_mask,
     sides_present,
 )
+from pipeline.geometry import same_grid
 from pipeline.io.files import atomic_path, write_json_atomic
 from pipeline.labels import SIDES
 
@@ -234,6 +235,27 @@ def read_transform(tfm_path: str | Path) -> sitk.Transform:
 
 
 @dataclass(frozen=True)
+class Initialisation:
+    """Where the optimiser starts: a rigid transform (baseline -> session), how it was found,
+    and the cranio-caudal offset of the femoral area profiles (mm; None when not usable)."""
+
+    transform: sitk.Euler3DTransform
+    how: str
+    z_offset_mm: float | None
+
+
+@dataclass(frozen=True)
+class OptimisedFit:
+    """What the optimiser returned: the transform, the final metric value (None when no
+    optimisation ran), the iterations over all levels and the last stop condition."""
+
+    transform: sitk.Euler3DTransform
+    metric_value: float | None
+    iterations: int
+    stop_condition: str
+
+
+@dataclass(frozen=True)
 class _BoneSummary:
     z_mm: NDArray[np.float64]  # layer centre z, ascending
     area_mm2: NDArray[np.float64]  # bone area, both sides summed, same order
@@ -321,12 +343,12 @@ def bone_initial_transform(
     fixed_labels: LabelMapLike,
     moving_labels: LabelMapLike,
     settings: RegistrationSettings | None = None,
-) -> tuple[sitk.Euler3DTransform, str, float | None] | None:
+) -> Initialisation | None:
     """Rigid transform (baseline -> session) from the bones of both label maps.
 
-    Returns ``(transform, how, z_offset_mm)`` where ``z_offset_mm`` is the cranio-caudal offset
-    from the femoral area profiles (None when they were not usable), or None when either map
-    has no bone label. See the module docstring for the method.
+    Returns the initialisation, whose ``z_offset_mm`` is the cranio-caudal offset from the
+    femoral area profiles (None when they were not usable), or None when either map has no
+    bone label. See the module docstring for the method.
     """
     settings = settings or RegistrationSettings()
     fixed = _bone_summary(read_label_map(fixed_labels))
@@ -371,7 +393,7 @@ def bone_initial_transform(
     tr.SetCenter(tuple(float(v) for v in centre))
     tr.SetRotation(0.0, 0.0, angle)
     tr.SetTranslation(tuple(float(v) for v in t))
-    return tr, "; ".join(how), dz
+    return Initialisation(tr, "; ".join(how), dz)
 
 
 # --------------------------------------------------------------------------- registration
@@ -428,7 +450,7 @@ def _optimise(
     initial: sitk.Euler3DTransform,
     settings: RegistrationSettings,
     translation_only: bool = False,
-) -> tuple[sitk.Euler3DTransform, float, int, str]:
+) -> OptimisedFit:
     """Multi-resolution Mattes-MI rigid registration starting from `initial` (not modified).
 
     ``translation_only`` freezes the rotation (optimizer weights 0) at its initial value.
@@ -473,7 +495,7 @@ def _optimise(
         metric = float(reg.GetMetricValue())
         iterations += int(reg.GetOptimizerIteration())
         stop = reg.GetOptimizerStopConditionDescription()
-    return tr, metric, iterations, stop
+    return OptimisedFit(tr, metric, iterations, stop)
 
 
 def limb_region(
@@ -519,22 +541,126 @@ def limb_region(
 
 
 def _result(
-    tr: sitk.Euler3DTransform, tr0: sitk.Transform, metric: float | None, how: str, iterations: int,
-    stop: str, t0: float, quality: RegistrationQuality | None, reasons: list[str],
+    fit: OptimisedFit,
+    initial: sitk.Transform,
+    how: str,
+    t0: float,
+    quality: RegistrationQuality | None,
+    reasons: Sequence[str],
 ) -> RegistrationResult:
+    tr = fit.transform
     return RegistrationResult(
         parameters=tuple(float(v) for v in tr.GetParameters()),  # type: ignore[arg-type]
         center_mm=tuple(float(v) for v in tr.GetCenter()),  # type: ignore[arg-type]
-        metric_value=metric,
-        initial_parameters=tuple(float(v) for v in tr0.GetParameters()),  # type: ignore[arg-type]
+        metric_value=fit.metric_value,
+        initial_parameters=tuple(float(v) for v in initial.GetParameters()),  # type: ignore[arg-type]
         initialisation=how,
-        iterations=iterations,
-        stop_condition=stop,
+        iterations=fit.iterations,
+        stop_condition=fit.stop_condition,
         seconds=round(time.perf_counter() - t0, 3),
         quality=quality,
         poor=bool(reasons),
         poor_reasons=tuple(reasons),
     )
+
+
+@dataclass(frozen=True)
+class RegistrationCandidate:
+    """One metric region tried by :func:`register_session`, and how its fit scored.
+
+    ``worst_bone_dice`` is the worst side's bone Dice (-1 when no side has bone, 0 without
+    label maps); candidates rank by :attr:`rank`.
+    """
+
+    region: str
+    fit: OptimisedFit
+    quality: RegistrationQuality | None
+    poor_reasons: tuple[str, ...]
+    worst_bone_dice: float
+
+    @property
+    def rank(self) -> tuple[int, float]:
+        """Sort key: fewest quality problems first, then the best worst-side bone Dice."""
+        return (len(self.poor_reasons), -self.worst_bone_dice)
+
+
+def _initialisation(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_labels: LabelMapLike | None,
+    moving_labels: LabelMapLike | None,
+    settings: RegistrationSettings,
+) -> Initialisation:
+    """From the bones of both label maps, else the image centres aligned."""
+    init = (
+        bone_initial_transform(fixed_labels, moving_labels, settings)
+        if (fixed_labels is not None and moving_labels is not None)
+        else None
+    )
+    if init is not None:
+        return init
+    centred = sitk.CenteredTransformInitializer(
+        _as_float(fixed),
+        _as_float(moving),
+        sitk.Euler3DTransform(),
+        sitk.CenteredTransformInitializerFilter.GEOMETRY,
+    )
+    return Initialisation(sitk.Euler3DTransform(centred), "image centres (no bone labels)", None)
+
+
+def _metric_regions(
+    fixed: sitk.Image, fixed_labels: LabelMapLike | None, settings: RegistrationSettings
+) -> dict[str, sitk.Image]:
+    """The baseline image cropped to each limb to try (``settings.reference``), by name; the
+    whole image when there is none."""
+    regions: dict[str, sitk.Image] = {}
+    if fixed_labels is not None and settings.reference != "whole":
+        wanted = list(SIDES) if settings.reference == "auto" else [settings.reference]
+        for side in wanted:
+            roi = limb_region(fixed, fixed_labels, side, settings.limb_margin_mm)
+            if roi is not None:
+                regions[f"{side} limb"] = roi
+    return regions or {"whole image": fixed}
+
+
+def _candidate(
+    name: str,
+    region: sitk.Image,
+    moving: sitk.Image,
+    init: Initialisation,
+    label_maps: tuple[LabelMapLike, LabelMapLike] | None,
+    settings: RegistrationSettings,
+) -> RegistrationCandidate:
+    """The fit with the metric over `region`, and its quality against the label maps
+    (baseline, session) when there are some."""
+    fit = _optimise(region, moving, init.transform, settings)
+    quality, reasons = None, []
+    if label_maps is not None:
+        fixed_labels, moving_labels = label_maps
+        quality = registration_quality(fixed_labels, moving_labels, fit.transform)
+        if init.z_offset_mm is not None:
+            c = np.array(init.transform.GetCenter())
+            dz = float(fit.transform.TransformPoint(tuple(c))[2] - c[2])
+            quality = replace(quality, z_vs_bone_profile_mm=round(dz - init.z_offset_mm, 3))
+        reasons = poor_reasons(quality, settings, _slice_mm(fixed_labels, moving_labels))
+    worst = min((quality.bone_dice_by_side or {"-": -1.0}).values()) if quality else 0.0
+    return RegistrationCandidate(name, fit, quality, tuple(reasons), worst)
+
+
+def _choice(ranked: Sequence[RegistrationCandidate]) -> str:
+    """Which metric region was kept, and over which others (best first in `ranked`)."""
+    text = f"metric over the {ranked[0].region}"
+    if len(ranked) > 1:
+        text += (
+            " (chosen over "
+            + ", ".join(
+                f"the {c.region}: worst-side bone Dice {c.worst_bone_dice:.3f}, "
+                f"{len(c.poor_reasons)} problem(s)"
+                for c in ranked[1:]
+            )
+            + ")"
+        )
+    return text
 
 
 def register_session(
@@ -575,62 +701,20 @@ def register_session(
     t0 = time.perf_counter()
     fixed = read_label_map(fixed_image)
     moving = read_label_map(moving_image)
-    have_labels = fixed_labels is not None and moving_labels is not None
-    init = (
-        bone_initial_transform(fixed_labels, moving_labels, settings)
-        if (fixed_labels is not None and moving_labels is not None)
+    init = _initialisation(fixed, moving, fixed_labels, moving_labels, settings)
+    label_maps = (
+        (fixed_labels, moving_labels)
+        if fixed_labels is not None and moving_labels is not None
         else None
     )
-    if init is None:
-        tr0 = sitk.Euler3DTransform(
-            sitk.CenteredTransformInitializer(
-                _as_float(fixed),
-                _as_float(moving),
-                sitk.Euler3DTransform(),
-                sitk.CenteredTransformInitializerFilter.GEOMETRY,
-            )
-        )
-        how, dz_profile = "image centres (no bone labels)", None
-    else:
-        tr0, how, dz_profile = init
-    regions: list[tuple[str, sitk.Image]] = []
-    if fixed_labels is not None and settings.reference != "whole":
-        wanted = list(SIDES) if settings.reference == "auto" else [settings.reference]
-        for side in wanted:
-            roi = limb_region(fixed, fixed_labels, side, settings.limb_margin_mm)
-            if roi is not None:
-                regions.append((f"{side} limb", roi))
-    if not regions:
-        regions.append(("whole image", fixed))
-    candidates = []
-    for name, region in regions:
-        tr, metric, iterations, stop = _optimise(region, moving, tr0, settings)
-        quality, reasons = None, []
-        if have_labels:
-            assert fixed_labels is not None and moving_labels is not None
-            quality = registration_quality(fixed_labels, moving_labels, tr)
-            if dz_profile is not None:
-                c = np.array(tr0.GetCenter())
-                dz = float(tr.TransformPoint(tuple(c))[2] - c[2])
-                quality = replace(quality, z_vs_bone_profile_mm=round(dz - dz_profile, 3))
-            reasons = poor_reasons(quality, settings, _slice_mm(fixed_labels, moving_labels))
-        worst = min((quality.bone_dice_by_side or {"-": -1.0}).values()) if quality else 0.0
-        candidates.append(
-            ((len(reasons), -worst), name, tr, metric, iterations, stop, quality, reasons)
-        )
-    candidates.sort(key=lambda c: c[0])
-    _, name, tr, metric, iterations, stop, quality, reasons = candidates[0]
-    how += f"; metric over the {name}"
-    if len(candidates) > 1:
-        how += (
-            " (chosen over "
-            + ", ".join(
-                f"the {c[1]}: worst-side bone Dice {-c[0][1]:.3f}, {c[0][0]} problem(s)"
-                for c in candidates[1:]
-            )
-            + ")"
-        )
-    return _result(tr, tr0, metric, how, iterations, stop, t0, quality, reasons)
+    candidates = [
+        _candidate(name, region, moving, init, label_maps, settings)
+        for name, region in _metric_regions(fixed, fixed_labels, settings).items()
+    ]
+    ranked = sorted(candidates, key=lambda c: c.rank)
+    best = ranked[0]
+    how = f"{init.how}; {_choice(ranked)}"
+    return _result(best.fit, init.transform, how, t0, best.quality, best.poor_reasons)
 
 
 def poor_reasons(
@@ -753,16 +837,6 @@ def _in_plane_centroid_distance(
     return float(np.median(np.linalg.norm((pa - pb)[:, :2], axis=1)))
 
 
-def same_geometry(a: sitk.Image, b: sitk.Image, tol_mm: float = 1e-3) -> bool:
-    """True when two images share size, spacing, origin and direction (within `tol_mm`)."""
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol_mm)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol_mm)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
-    )
-
-
 def align_within_session(
     fixed_image: LabelMapLike,
     moving_image: LabelMapLike,
@@ -796,29 +870,27 @@ def align_within_session(
     centre = fixed.TransformContinuousIndexToPhysicalPoint(tuple((size - 1) / 2))
     tr0 = sitk.Euler3DTransform()
     tr0.SetCenter(centre)
-    if same_geometry(fixed, moving) and not force:
-        tr, metric, iterations, stop, how = tr0, None, 0, "not registered", "same grid"
+    if same_grid(fixed, moving) and not force:
+        fit, how = OptimisedFit(tr0, None, 0, "not registered"), "same grid"
     else:
-        tr, metric, iterations, stop = _optimise(
-            fixed, moving, tr0, settings, translation_only=not rotation
-        )
+        fit = _optimise(fixed, moving, tr0, settings, translation_only=not rotation)
         how = "identity (same session, scanner frame of reference); " + (
             "rigid" if rotation else "translation only"
         )
-    shift = float(np.linalg.norm(tr.GetTranslation()))
-    rot = max(abs(math.degrees(a)) for a in tr.GetParameters()[:3])
-    if metric is not None and shift < settings.min_within_session_shift_mm and rot < 0.5:
+    shift = float(np.linalg.norm(fit.transform.GetTranslation()))
+    rot = max(abs(math.degrees(a)) for a in fit.transform.GetParameters()[:3])
+    if fit.metric_value is not None and shift < settings.min_within_session_shift_mm and rot < 0.5:
         how += (
             f"; estimated motion {shift:.2f} mm is below "
             f"{settings.min_within_session_shift_mm:g} mm: identity kept"
         )
-        tr = tr0
+        fit = replace(fit, transform=tr0)
     reasons = []
     if shift > settings.max_within_session_shift_mm:
         reasons.append(f"series moved {shift:.1f} mm apart within the session")
     if rot > settings.max_within_session_rotation_deg:
         reasons.append(f"series rotated {rot:.1f} deg apart within the session")
-    return _result(tr, tr0, metric, how, iterations, stop, t0, None, reasons)
+    return _result(fit, tr0, how, t0, None, reasons)
 
 
 def _itk_reason(err: BaseException) -> str:
@@ -833,8 +905,8 @@ def not_registered(reason: str) -> RegistrationResult:
     with `reason` (it becomes the QC flag ``registration_failed``, nothing of the session is
     measured)."""
     identity = sitk.Euler3DTransform()
-    return _result(identity, identity, None, "not registered", 0, "", time.perf_counter(),
-                   None, [reason])
+    return _result(OptimisedFit(identity, None, 0, ""), identity, "not registered",
+                   time.perf_counter(), None, [reason])
 
 
 # --------------------------------------------------------------------------- command line

@@ -12,13 +12,17 @@ Method (each step's numbers go to the QC sidecar):
 2. Limbs: T1 half-maximum edge threshold between background and the tissue just inside the skin
    (unbiased under partial volume), holes filled per axial slice, components; two touching
    thighs are split by a two-seed watershed on the distance transform.
-3. Bone: the dark cortical ring on T1 (below half the muscle level), thin septa removed by an
-   opening, holes filled: cortex plus marrow cavity.
-4. Marrow lesion: marrow voxels whose fluid signal exceeds the contralateral marrow's 99th
-   percentile (seed), grown by hysteresis down to half-way between lesion and marrow, with T1 at
-   or below muscle-plus-partial-volume.
-5. Edema: soft tissue whose fluid signal exceeds the contralateral soft tissue's 99.5th
-   percentile (seed), grown by hysteresis to half-way between edema and muscle, specks removed.
+3. Bone (:mod:`pipeline.bone`): the dark cortical ring on T1 (below half the muscle level),
+   thin septa removed by an opening, holes filled: cortex plus marrow cavity.
+4. Marrow lesion: marrow voxels whose fluid signal exceeds a high percentile of the
+   contralateral marrow's (``lesion_seed_percentile``; seeds), with T1 at or below
+   muscle-plus-partial-volume, grown down to half-way between lesion and marrow.
+5. Edema: soft tissue whose fluid signal exceeds a high percentile of the contralateral soft
+   tissue's (``edema_seed_percentile``) or the same place of the mirrored contralateral limb
+   (seeds), grown by hysteresis toward muscle (``edema_grow_fraction``), specks removed.
+
+The settings (``segment:`` of config/config.yaml) are :class:`SegmentSettings`; the fixed
+numbers of the method are the module's constants, each with its reason.
 """
 
 from __future__ import annotations
@@ -27,51 +31,201 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import numpy as np
 import SimpleITK as sitk
 from numpy.typing import NDArray
 from scipy import ndimage
-from skimage import filters, measure, morphology, segmentation
+from skimage import filters, morphology, segmentation
 
 from pipeline import __version__
 from pipeline import qc as qc_mod
+from pipeline.bone import CORTEX_LEVELS, bone_mask
+from pipeline.geometry import orient_lps, resample_onto
 from pipeline.io.files import atomic_path, write_json_atomic
 from pipeline.labels import BONE, EDEMA, LESION, SIDE_OFFSET, SOFT_TISSUE
 from pipeline.mirror import MirroredReference, mirrored_references
+from pipeline.settings import ConfigSection
 
 BoolArray = NDArray[np.bool_]
-_DISK1 = ndimage.generate_binary_structure(2, 1)
 FloatArray = NDArray[np.float32]
+
+# The fixed numbers of the method, each with its reason; the ones a user tunes are settings
+# (SegmentSettings, config/config.yaml).
+
+#: In-plane 3 x 3 neighbourhood: slices are thick, so outlines are shaped slice by slice.
+_PLANE: Final = np.ones((1, 3, 3), bool)
+#: 3-D 26-neighbourhood (the lesion's partial-volume rim spreads across slices too).
+_CUBE: Final = np.ones((3, 3, 3), bool)
+
+# N4 bias field
+#: N4's shrunk image keeps at least this many pixels in-plane (a 96-pixel matrix is shrunk
+#: by 2 at most), so the B-spline mesh keeps several pixels per span.
+N4_MIN_PIXELS_PER_SHRINK: Final = 48
+#: Control points along z (the fewest): more let the field bend at the end slices, where it
+#: hid the thin metaphyseal cortex of the phantom's last slice.
+N4_CONTROL_POINTS_Z: Final = 4
+#: Slices are shrunk only when at least this many remain (as many as the control points).
+N4_MIN_SHRUNK_SLICES: Final = 4
+
+# Body outline (body_mask)
+#: Air fills at least this share (%) of a limb field of view: this percentile of T1 is the
+#: air level.
+AIR_PERCENTILE: Final = 30.0
+#: The brightest tissue (fat), short of the few hottest voxels.
+BRIGHT_PERCENTILE: Final = 99.5
+#: The rough outline (topology only): 12 % of the way from air to the brightest tissue, low
+#: enough that dark strands crossing the fat do not cut the limb.
+ROUGH_FRACTION: Final = 0.12
+#: Background is measured this many voxels beyond the rough outline, clear of its edge.
+BACKGROUND_GAP_PX: Final = 3
+#: The skin edge is refined within this many voxels on either side of the rough outline.
+EDGE_BAND_PX: Final = 2
+#: The first inner voxel layer is averaged over this window (voxels, in-plane): a local level
+#: that follows shading along the outline.
+INNER_LAYER_WINDOW_PX: Final = 7
+#: Below this fraction of the window on the layer, there is no layer nearby (the brightest
+#: level stands in).
+_MIN_LAYER_WEIGHT: Final = 1e-3
+
+# Two touching limbs (limb_masks, split_touching)
+#: A lone component at least this much wider (x) than tall (y) may be two limbs side by side
+#: (one limb is about round; two touching are about twice as wide as tall).
+TOUCHING_MIN_ASPECT: Final = 1.4
+#: Components narrower than this (columns) are not split: too small to hold two limbs.
+MIN_SPLIT_WIDTH_PX: Final = 10
+#: The waist is looked for in the middle of the component, this fraction of its width away
+#: from either end (the ends taper in every limb).
+WAIST_SEARCH_END_FRACTION: Final = 0.25
+#: A waist is two limbs when it is narrower than this fraction of the thinner side's widest
+#: column; a shallower dip is one limb's own shape.
+MAX_WAIST_RATIO: Final = 0.85
+#: A limb holds at least this volume (mm^3, 10 mL) in view; less is a fragment, not a limb:
+#: neither measured nor checked.
+MIN_LIMB_VOLUME_MM3: Final = 10_000.0
+
+# Tissue levels
+#: On T1 fat is the brightest tissue: its level is this percentile of the limb's signal.
+FAT_PERCENTILE: Final = 97.0
+#: Signal below this fraction of fat is air or cortex, left out of the muscle / fat split.
+TISSUE_MIN_REL_FAT: Final = 0.15
+#: Fewer soft-tissue values than this have no histogram mode: their median stands in.
+MIN_VALUES_FOR_MODE: Final = 10
+#: The fluid-signal histogram whose mode is muscle: bins, and Gaussian smoothing (bins) so
+#: that noise does not pick a spike.
+MODE_HISTOGRAM_BINS: Final = 128
+MODE_SMOOTHING_BINS: Final = 2.0
+#: Cortex, for the marrow cavity: T1 below the lowest cortex level of the bone search.
+CORTEX_MAX_REL_MUSCLE: Final = CORTEX_LEVELS[0]
+
+# Marrow lesion
+#: Seed level with the limb as its own reference: 1.3 x muscle on the fluid image (normal
+#: marrow, fatty or red, stays below it on STIR).
+LESION_SEED_MIN_REL_MUSCLE: Final = 1.3
+#: The seeds' partial-volume rim (voxels, 3-D) left out of the limb's own reference marrow.
+LESION_RIM_PX: Final = 2
+#: T1 separates lesion from marrow only where marrow is at least this much (fraction)
+#: brighter than the lesion (fatty marrow on a T1 spin echo); on gradient-echo images marrow
+#: sits near muscle, as the lesion does, and half-way between them cuts the lesion in two.
+MIN_MARROW_T1_CONTRAST: Final = 0.25
+#: Guards the T1 contrast against a reference marrow without signal.
+_MIN_MARROW_T1: Final = 1e-6
+
+# Edema
+#: Muscle-like T1: within this fraction of the muscle level (edematous muscle's T1 shifts a
+#: little; fat and fluid strands are far off).
+EDEMA_MUSCLE_LIKE_T1_TOLERANCE: Final = 0.4
+#: Fewer muscle-like voxels than this in the region: the whole region sets the level.
+MIN_MUSCLE_LIKE_VOXELS: Final = 20
+#: Rounds of growing and re-estimating the edematous-muscle level (it settles in three).
+EDEMA_LEVEL_ROUNDS: Final = 3
+#: Edema never grows below this multiple of muscle (normal muscle's noise and shading).
+EDEMA_GROW_MIN_REL_MUSCLE: Final = 1.2
+
+# Contrast checks (_contrast_checks)
+#: The anatomical image locates fat for the fluid check only when its fat ring is brighter
+#: than the deep tissue by this much; a proton-density-like image (a 5-degree Dixon in-phase
+#: echo: ring/deep 1.00-1.03) cannot tell fat from muscle by brightness.
+T1_LOCATES_FAT: Final = 1.08
+#: Muscle voxels for the fluid check: T1 within this fraction of the muscle level.
+CONTRAST_MUSCLE_T1_TOLERANCE: Final = 0.25
+#: Fat and muscle located by T1 need more than this many voxels each; fewer, and position
+#: (ring and deep tissue) locates them instead.
+MIN_LOCATED_VOXELS: Final = 50
+
+# Signal checks (_signal_and_fov_checks)
+#: A limb's signal is looked for in its columns widened by this margin (mm; at least
+#: MIN_COLUMN_MARGIN_PX voxels), so a slice whose outline failed is still seen.
+COLUMN_MARGIN_MM: Final = 10.0
+MIN_COLUMN_MARGIN_PX: Final = 2
+
+#: Decimals of the floating-point values of the QC sidecar (the statistics are not that
+#: precise, and rounding keeps the file stable across platforms).
+QC_DECIMALS: Final = 4
 
 
 @dataclass(frozen=True)
-class SegmentSettings:
-    """Tunable settings; defaults mirror config/config.yaml (segment: ...)."""
+class SegmentSettings(ConfigSection):
+    """The tunable settings of the config section ``segment:``.
 
-    n4_shrink: int = 4
-    n4_iterations: tuple[int, ...] = (50, 40, 30)
-    n4_control_points: int = 8
-    min_limb_area_mm2: float = 400.0
-    edge_fraction: float = 0.25
-    lesion_seed_percentile: float = 99.0
-    lesion_t1_max_rel_muscle: float = 1.4
-    edema_seed_percentile: float = 99.5
-    edema_seed_min_rel_muscle: float = 1.45
-    min_lesion_component_mm3: float = 100.0
-    min_edema_component_mm3: float = 60.0
-    edema_grow_fraction: float = 0.4
-    edema_mirror_seed_ratio: float = 1.4
-    edema_mirror_grow_ratio: float = 1.2
-    edema_mirror_min_bone_dice: float = 0.5
-    signal_void_fraction: float = 0.4
-    min_fov_contact_mm: float = 3.0
-    t1_like_min_fat_ratio: float = 0.93
-    fat_suppressed_max_fat_ratio: float = 0.7
+    Defaults: config/config.yaml, the one place they are written (:meth:`default` reads them);
+    meanings and units: config/schema.yaml.
+    """
+
+    SECTION: ClassVar[str] = "segment"
+
+    n4_shrink: int
+    n4_iterations: tuple[int, ...]
+    n4_control_points: int
+    min_limb_area_mm2: float
+    edge_fraction: float
+    lesion_seed_percentile: float
+    lesion_t1_max_rel_muscle: float
+    edema_seed_percentile: float
+    edema_seed_min_rel_muscle: float
+    min_lesion_component_mm3: float
+    min_edema_component_mm3: float
+    edema_grow_fraction: float
+    edema_mirror_seed_ratio: float
+    edema_mirror_grow_ratio: float
+    edema_mirror_min_bone_dice: float
+    signal_void_fraction: float
+    min_fov_contact_mm: float
+    t1_like_min_fat_ratio: float
+    fat_suppressed_max_fat_ratio: float
+
+
+@dataclass(frozen=True)
+class LimbTissues:
+    """One limb's masks (Z, Y, X) and its T1 tissue levels (image signal units).
+
+    ``marrow`` is the bone's cavity (bone away from its dark cortex); ``soft_tissue`` is the
+    limb less its bones.
+    """
+
+    limb: BoolArray
+    bone: BoolArray
+    marrow: BoolArray
+    soft_tissue: BoolArray
+    t1_muscle_level: float
+    t1_fat_level: float
+
+
+@dataclass(frozen=True)
+class SideFindings:
+    """What the fluid image shows in one limb: marrow lesion and edema masks (Z, Y, X), the
+    fluid muscle level they were measured against (image signal units), and each step's
+    numbers for the QC sidecar."""
+
+    lesion: BoolArray
+    edema: BoolArray
+    fluid_muscle_level: float
+    lesion_qc: dict[str, Any]
+    edema_qc: dict[str, Any]
 
 
 @dataclass
@@ -85,21 +239,6 @@ class SegmentResult:
 def read_image(path: str | Path) -> sitk.Image:
     """Read an image as float32 with its geometry."""
     return sitk.ReadImage(str(path), sitk.sitkFloat32)
-
-
-def resample_to(moving: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    """Resample `moving` onto `reference`'s grid through physical space (linear, 0 outside)."""
-    same = (
-        moving.GetSize() == reference.GetSize()
-        and np.allclose(moving.GetSpacing(), reference.GetSpacing(), atol=1e-4)
-        and np.allclose(moving.GetOrigin(), reference.GetOrigin(), atol=1e-3)
-        and np.allclose(moving.GetDirection(), reference.GetDirection(), atol=1e-5)
-    )
-    if same:
-        return moving
-    return sitk.Resample(
-        moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32
-    )
 
 
 class NoOverlapError(ValueError):
@@ -140,19 +279,18 @@ def n4_log_bias(image: sitk.Image, mask: sitk.Image, settings: SegmentSettings) 
     The B-spline mesh has ``n4_control_points`` in-plane: a field of view holding both legs
     is 400+ mm wide, and surface-coil shading varies within each leg (the default 4 points
     left the lateral quadriceps of a real thigh 25 % brighter than the rest). Along z the
-    mesh keeps 4 points (the fewest): more let the field bend at the end slices, where it
-    hid the thin metaphyseal cortex of the phantom's last slice.
+    mesh keeps :data:`N4_CONTROL_POINTS_Z`.
     """
     size = image.GetSize()
-    shrink = max(1, min(settings.n4_shrink, min(size[0], size[1]) // 48))
-    shrink_z = 1 if size[2] < 4 * shrink else shrink
+    shrink = max(1, min(settings.n4_shrink, min(size[0], size[1]) // N4_MIN_PIXELS_PER_SHRINK))
+    shrink_z = 1 if size[2] < N4_MIN_SHRUNK_SLICES * shrink else shrink
     factors = [shrink, shrink, shrink_z]
     small = sitk.Shrink(image, factors)
     small_mask = sitk.Shrink(mask, factors)
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
     corrector.SetMaximumNumberOfIterations(list(settings.n4_iterations))
     cp = settings.n4_control_points
-    corrector.SetNumberOfControlPoints([cp, cp, 4])
+    corrector.SetNumberOfControlPoints([cp, cp, N4_CONTROL_POINTS_Z])
     corrector.Execute(small, small_mask)
     return corrector.GetLogBiasFieldAsImage(image)
 
@@ -219,10 +357,11 @@ def limb_masks(
     return {"left": left, "right": right}
 
 
-def body_mask(t1: FloatArray, edge_fraction: float = 0.25) -> tuple[BoolArray, dict[str, float]]:
+def body_mask(t1: FloatArray, edge_fraction: float) -> tuple[BoolArray, dict[str, float]]:
     """Everything that is not air (Z, Y, X), with the skin edge placed at half maximum.
 
-    A low threshold (12 % of the way from air to the brightest tissue) with holes filled per
+    A low threshold (:data:`ROUGH_FRACTION` of the way from air to the brightest tissue) with
+    holes filled per
     slice gives the topology, robust to dark strands crossing the fat. The outer edge is then
     refined voxel by voxel: a voxel in the boundary band belongs to the limb when its signal is
     at least `edge_fraction` of the way from air to the tissue just inside it (mean of the first
@@ -232,28 +371,31 @@ def body_mask(t1: FloatArray, edge_fraction: float = 0.25) -> tuple[BoolArray, d
     of the way to the layer: 0.25 keeps the limb volume within 0.15 % for pixels of 0.9 to
     1.8 mm and slices of 4 to 6 mm on the phantom (skin 1.2 mm at half the fat signal).
     """
-    air = float(np.percentile(t1, 30))
-    hi = float(np.percentile(t1, 99.5))
-    rough = _fill_per_slice(t1 > air + 0.12 * (hi - air))
-    rough = ndimage.binary_opening(rough, structure=np.ones((1, 3, 3), bool))
-    outside = ~ndimage.binary_dilation(rough, structure=np.ones((1, 3, 3), bool), iterations=3)
+    air = float(np.percentile(t1, AIR_PERCENTILE))
+    hi = float(np.percentile(t1, BRIGHT_PERCENTILE))
+    rough_threshold = air + ROUGH_FRACTION * (hi - air)
+    rough = _fill_per_slice(t1 > rough_threshold)
+    rough = ndimage.binary_opening(rough, structure=_PLANE)
+    outside = ~ndimage.binary_dilation(rough, structure=_PLANE, iterations=BACKGROUND_GAP_PX)
     bg = float(np.mean(t1[outside])) if outside.any() else air
-    plane = np.ones((1, 3, 3), bool)
-    core = ndimage.binary_erosion(rough, structure=plane, iterations=2)
+    core = ndimage.binary_erosion(rough, structure=_PLANE, iterations=EDGE_BAND_PX)
     # The reference is the first voxel layer fully inside the skin edge: thin, dimmer skin
     # dominates it, as it dominates the partial-volume voxels on the edge.
-    layer = ndimage.binary_erosion(rough, structure=plane) & ~core
-    weight = ndimage.uniform_filter(layer.astype(np.float32), size=(1, 7, 7))
-    local = ndimage.uniform_filter(np.where(layer, t1, 0).astype(np.float32), size=(1, 7, 7))
-    inside_level = np.divide(local, weight, out=np.full_like(local, hi), where=weight > 1e-3)
-    band = ndimage.binary_dilation(rough, structure=plane, iterations=2) & ~core
+    layer = ndimage.binary_erosion(rough, structure=_PLANE) & ~core
+    window = (1, INNER_LAYER_WINDOW_PX, INNER_LAYER_WINDOW_PX)
+    weight = ndimage.uniform_filter(layer.astype(np.float32), size=window)
+    local = ndimage.uniform_filter(np.where(layer, t1, 0).astype(np.float32), size=window)
+    inside_level = np.divide(
+        local, weight, out=np.full_like(local, hi), where=weight > _MIN_LAYER_WEIGHT
+    )
+    band = ndimage.binary_dilation(rough, structure=_PLANE, iterations=EDGE_BAND_PX) & ~core
     edge = band & (t1 >= bg + edge_fraction * (inside_level - bg))
     body = _fill_per_slice(core | edge)
-    body = ndimage.binary_opening(body, structure=plane)
-    return body, {"background_level": bg, "rough_threshold": air + 0.12 * (hi - air)}
+    body = ndimage.binary_opening(body, structure=_PLANE)
+    return body, {"background_level": bg, "rough_threshold": rough_threshold}
 
 
-def _wide(mask2d: BoolArray, min_aspect: float = 1.4) -> bool:
+def _wide(mask2d: BoolArray, min_aspect: float = TOUCHING_MIN_ASPECT) -> bool:
     """True when the component is at least `min_aspect` times wider (x) than tall (y)."""
     rows = np.nonzero(mask2d.any(axis=1))[0]
     cols = np.nonzero(mask2d.any(axis=0))[0]
@@ -271,11 +413,13 @@ def split_touching(mask2d: BoolArray) -> tuple[BoolArray, BoolArray] | None:
     cols = np.nonzero(profile)[0]
     c0, c1 = int(cols[0]), int(cols[-1])
     width = c1 - c0
-    if width < 10:
+    if width < MIN_SPLIT_WIDTH_PX:
         return None
-    lo, hi = c0 + width // 4, c1 - width // 4
+    end = int(width * WAIST_SEARCH_END_FRACTION)
+    lo, hi = c0 + end, c1 - end
     waist = lo + int(np.argmin(profile[lo : hi + 1]))
-    if profile[waist] > 0.85 * min(profile[c0:waist].max(), profile[waist : c1 + 1].max()):
+    widest = min(profile[c0:waist].max(), profile[waist : c1 + 1].max())
+    if profile[waist] > MAX_WAIST_RATIO * widest:
         return None
     dist = ndimage.distance_transform_edt(mask2d)
     markers = np.zeros(mask2d.shape, dtype=np.int32)
@@ -290,183 +434,21 @@ def split_touching(mask2d: BoolArray) -> tuple[BoolArray, BoolArray] | None:
 def _muscle_level_t1(t1: FloatArray, limb: BoolArray) -> tuple[float, float]:
     """Muscle and fat T1 levels in a limb: the two classes of an Otsu split of tissue signal."""
     vals = t1[limb]
-    fat = float(np.percentile(vals, 97))
-    tissue = vals[vals > 0.15 * fat]
+    fat = float(np.percentile(vals, FAT_PERCENTILE))
+    tissue = vals[vals > TISSUE_MIN_REL_FAT * fat]
     split = filters.threshold_otsu(tissue)
     return float(np.median(tissue[tissue < split])), float(np.median(tissue[tissue >= split]))
 
 
-#: Threshold levels (x muscle T1) tried for the dark cortex, lowest first: partial volume lifts
-#: a thin (metaphyseal, child's) cortex above half the muscle level.
-CORTEX_LEVELS: Final = (0.5, 0.65, 0.8)
-#: Higher levels, for sections that can only continue a bone of the adjacent slice: at the
-#: knee the tibial plateau's and condyles' cortex is thin and partial-volumed up to muscle.
-FOLLOW_LEVELS: Final = (0.95, 1.1, 1.25)
-#: A bone's marrow cavity: at least this area (mm^2) of not-dark signal inside the cortex.
-#: Marrow is not required to be bright: on gradient-echo images it is near muscle.
-MIN_CAVITY_MM2: Final = 6.0
-#: Mean cortical thickness (dark area / outline length, mm) of a bone section found on its
-#: own; fascia enclosing a muscle compartment is one voxel thick (0.8-1.3 mm with partial
-#: volume). Thinner (metaphyseal) cortex is followed from the adjacent slice instead.
-MIN_CORTEX_MM: Final = 1.5
-#: Compactness of a bone section (area / convex hull area); a section found on its own is
-#: convex (real femur, tibia, fibula: 0.92-0.98), a bundle of vessels around a pocket is not.
-MIN_BONE_SOLIDITY: Final = 0.85
-MIN_RING_SOLIDITY: Final = 0.9
-#: A marrow cavity is at least this fraction of the section (fibula ~0.3, femur 0.3, tibia
-#: 0.6); three vessels touching in a triangle enclose far less.
-MIN_CAVITY_FRACTION: Final = 0.15
-#: Smallest bone section (mm^2): a child's fibula is ~30 mm^2.
-MIN_BONE_AREA_MM2: Final = 25.0
-#: Largest bone section as a fraction of the limb's (femoral condyles reach ~45 %).
-MAX_BONE_FRACTION: Final = 0.5
-#: A section continues a bone of the adjacent slice when they overlap by this fraction of the
-#: smaller one and it is at most this many times larger (bones change slowly along z).
-MIN_CONTINUATION_OVERLAP: Final = 0.5
-MAX_CONTINUATION_GROWTH: Final = 1.4
+def _half_way(a: Any, b: Any) -> Any:
+    """The level half-way between `a` and `b` (scalars or arrays): a signal above it is
+    closer to the brighter of the two."""
+    return 0.5 * (a + b)
 
 
-def bone_mask(t1: FloatArray, limb: BoolArray, muscle: float, pixel_mm: float) -> BoolArray:
-    """Every bone (cortex and marrow) of one limb, array of shape (Z, Y, X).
-
-    A bone section is a compact region enclosed by a dark cortex. Per slice, dark voxels (T1
-    below ``level x muscle``) away from the skin are hole-filled and opened (thin septa and
-    vessels touching the cortex go), and each compact component of plausible size is a
-    candidate; levels rise (:data:`CORTEX_LEVELS`, then :data:`FOLLOW_LEVELS` for followed
-    sections only) so that a cortex lifted by partial volume still closes, and a place keeps
-    the lowest level that finds it.
-
-    - **sections found on their own**: a marrow cavity inside a thick cortex
-      (:data:`MIN_CORTEX_MM`): femur, tibia, fibula, patella, several per slice;
-    - **followed sections**: other candidates (thin metaphyseal cortex, the distal fibula's
-      solid cortex, a cavity filled by a T1-dark lesion) are bone only where they continue a
-      bone section of an adjacent slice (overlap, similar size), followed slice by slice.
-      Flow voids (dark, no cavity) and fascia loops never start a bone;
-    - with three or more slices every bone section must continue into an adjacent slice:
-      bones are long.
-
-    Parameters
-    ----------
-    t1 : ndarray of shape (Z, Y, X)
-        Bias-corrected T1-like image.
-    limb : ndarray of bool, shape (Z, Y, X)
-        One limb.
-    muscle : float
-        Muscle T1 level of that limb.
-    pixel_mm : float
-        In-plane pixel size (mm).
-    """
-    # away from the skin's dark edge, but not so far that the shin's tibia (a few mm under
-    # the skin) is cut
-    inner = ndimage.binary_erosion(
-        limb, structure=np.ones((1, 3, 3), bool), iterations=max(1, int(round(2.0 / pixel_mm)))
-    )
-    found = np.zeros_like(limb)
-    weak: dict[int, list[BoolArray]] = {}
-    for k in range(limb.shape[0]):
-        limb_px = float(limb[k].sum())
-        if limb_px == 0:
-            continue
-        for level in CORTEX_LEVELS + FOLLOW_LEVELS:
-            dark = (t1[k] < level * muscle) & inner[k]
-            for comp, on_its_own in _bone_candidates(dark, pixel_mm, limb_px):
-                if (comp & found[k]).any():
-                    continue
-                if on_its_own and level in CORTEX_LEVELS:
-                    found[k] |= comp
-                else:  # candidates of every level compete in the following, lowest first
-                    weak.setdefault(k, []).append(comp)
-    bone = _follow_along_z(found, weak)
-    if bone.shape[0] >= 3:
-        bone = _continued_along_z(bone)
-    return bone
-
-
-def _sections(mask2d: BoolArray) -> list[BoolArray]:
-    lab, n = ndimage.label(mask2d)
-    return [lab == i for i in range(1, n + 1)]
-
-
-def _continues(section: BoolArray, neighbour: BoolArray) -> bool:
-    """True when `section` is a bone section of `neighbour` one slice on: overlapping it by
-    :data:`MIN_CONTINUATION_OVERLAP` of the smaller and of similar size (within a factor
-    :data:`MAX_CONTINUATION_GROWTH` either way; a fragment of a cortex is not a bone)."""
-    if not (section & neighbour).any():
-        return False
-    area = float(section.sum())
-    for other in _sections(neighbour):
-        inter = float((section & other).sum())
-        size = float(other.sum())
-        if inter >= MIN_CONTINUATION_OVERLAP * min(area, size) and (
-            size / MAX_CONTINUATION_GROWTH <= area <= MAX_CONTINUATION_GROWTH * size
-        ):
-            return True
-    return False
-
-
-def _follow_along_z(found: BoolArray, weak: dict[int, list[BoolArray]]) -> BoolArray:
-    """`found` plus the `weak` candidates that continue it slice by slice (both directions);
-    in a slice the first candidate (lowest level) that continues a bone wins its place."""
-    bone = found.copy()
-    pending = {k: list(c) for k, c in weak.items() if c}
-    changed = True
-    while changed and pending:
-        changed = False
-        for k in list(pending):
-            keep = []
-            for section in pending[k]:
-                if (section & bone[k]).any():
-                    continue  # its place is taken
-                neighbours = [bone[j] for j in (k - 1, k + 1) if 0 <= j < bone.shape[0]]
-                if any(_continues(section, nb) for nb in neighbours):
-                    bone[k] |= section
-                    changed = True
-                else:
-                    keep.append(section)
-            if keep:
-                pending[k] = keep
-            else:
-                del pending[k]
-    return bone
-
-
-_SLICE_CONNECTIVITY = np.zeros((3, 3, 3), bool)
-_SLICE_CONNECTIVITY[1] = ndimage.generate_binary_structure(2, 1)
-
-
-def _continued_along_z(bone: BoolArray) -> BoolArray:
-    """Bone sections (2-D components) that overlap bone in an adjacent slice."""
-    lab, _ = ndimage.label(bone, structure=_SLICE_CONNECTIVITY)
-    up = np.zeros_like(bone)
-    down = np.zeros_like(bone)
-    up[:-1] = bone[1:]
-    down[1:] = bone[:-1]
-    keep = np.unique(lab[bone & (up | down)])
-    return np.isin(lab, keep[keep > 0])
-
-
-def _bone_candidates(
-    dark: BoolArray, pixel_mm: float, limb_px: float
-) -> list[tuple[BoolArray, bool]]:
-    """Compact dark-outlined regions of one slice: ``(mask, found_on_its_own)``."""
-    # The opening strips thin dark lines (septa, vessels) that touch the cortex, so that the
-    # bone's own outline decides its compactness.
-    filled = ndimage.binary_opening(ndimage.binary_fill_holes(dark), structure=_DISK1)
-    lab, _ = ndimage.label(filled)
-    px_mm2 = pixel_mm**2
-    out = []
-    for region in measure.regionprops(lab):
-        area_mm2 = region.area * px_mm2
-        if not MIN_BONE_AREA_MM2 <= area_mm2 <= MAX_BONE_FRACTION * limb_px * px_mm2:
-            continue
-        if region.solidity < MIN_BONE_SOLIDITY:
-            continue
-        comp = lab == region.label
-        cavity_mm2 = float((comp & ~dark).sum()) * px_mm2
-        cortex_mm = (area_mm2 - cavity_mm2) / max(region.perimeter * pixel_mm, 1e-6)
-        out.append((comp, cavity_mm2 >= max(MIN_CAVITY_MM2, MIN_CAVITY_FRACTION * area_mm2)
-                    and cortex_mm >= MIN_CORTEX_MM and region.solidity >= MIN_RING_SOLIDITY))
-    return out
+def _within(image: FloatArray, level: float, tolerance: float) -> BoolArray:
+    """Voxels of `image` within `tolerance` (a fraction) of `level`."""
+    return np.asarray(np.abs(image / level - 1.0) < tolerance)
 
 
 def seeds_reach(seeds: BoolArray, region: BoolArray) -> BoolArray:
@@ -491,13 +473,13 @@ def _muscle_level_fluid(values: FloatArray) -> float:
     """Muscle signal on the fluid image: the histogram mode of the brighter Otsu class of soft
     tissue (fat is the darker class on fat-suppressed images). The mode, unlike a median, is
     not pulled up by edema when the limb is its own reference."""
-    if values.size < 10:
+    if values.size < MIN_VALUES_FOR_MODE:
         return float(np.median(values)) if values.size else 0.0
     upper = values[values >= filters.threshold_otsu(values)]
-    hist, edges = np.histogram(upper, bins=128)
-    smooth = ndimage.gaussian_filter1d(hist.astype(float), 2.0)
+    hist, edges = np.histogram(upper, bins=MODE_HISTOGRAM_BINS)
+    smooth = ndimage.gaussian_filter1d(hist.astype(float), MODE_SMOOTHING_BINS)
     k = int(np.argmax(smooth))
-    return float(0.5 * (edges[k] + edges[k + 1]))
+    return float(_half_way(edges[k], edges[k + 1]))
 
 
 def _per_slice_median(values: FloatArray, region: BoolArray) -> FloatArray:
@@ -518,8 +500,8 @@ def _per_slice_median(values: FloatArray, region: BoolArray) -> FloatArray:
 def marrow_lesion(
     t1: FloatArray,
     fluid: FloatArray,
-    limb: dict[str, Any],
-    ref: dict[str, Any],
+    limb: LimbTissues,
+    ref: LimbTissues,
     muscle_fl: float,
     settings: SegmentSettings,
     voxel_mm3: float,
@@ -533,42 +515,47 @@ def marrow_lesion(
     metaphyseal or fatty diaphyseal marrow differ) on both fluid and T1, connected to a seed.
 
     With `own_reference` (no contralateral limb in the field of view) the limb's own marrow
-    holds the lesion, so a percentile would follow the lesion: the seed level is then 1.3 x
-    the muscle level alone (normal marrow, fatty or red, stays below it on STIR).
+    holds the lesion, so a percentile would follow the lesion: the seed level is then
+    :data:`LESION_SEED_MIN_REL_MUSCLE` x the muscle level alone (normal marrow, fatty or red,
+    stays below it on STIR).
     """
-    ref_marrow = fluid[ref["marrow"]] if ref["marrow"].any() else fluid[limb["marrow"]]
-    if not limb["marrow"].any() or ref_marrow.size == 0:
-        return np.zeros_like(limb["limb"]), {}
-    seed_thr = 1.3 * muscle_fl
+    ref_marrow = fluid[ref.marrow] if ref.marrow.any() else fluid[limb.marrow]
+    if not limb.marrow.any() or ref_marrow.size == 0:
+        return np.zeros_like(limb.limb), {}
+    seed_thr = LESION_SEED_MIN_REL_MUSCLE * muscle_fl
     if not own_reference:
         seed_thr = max(seed_thr, float(np.percentile(ref_marrow, settings.lesion_seed_percentile)))
-    t1_ok = t1 <= settings.lesion_t1_max_rel_muscle * limb["t1_muscle"]
-    seeds = limb["marrow"] & (fluid > seed_thr) & t1_ok
+    t1_ok = t1 <= settings.lesion_t1_max_rel_muscle * limb.t1_muscle_level
+    seeds = limb.marrow & (fluid > seed_thr) & t1_ok
     if not seeds.any():
-        return np.zeros_like(limb["limb"]), {"seed_threshold": seed_thr}
+        return np.zeros_like(limb.limb), {"seed_threshold": seed_thr}
+    if own_reference or not ref.marrow.any():
+        # the limb's own normal marrow: away from the seeds and their partial-volume rim
+        near = ndimage.binary_dilation(seeds, structure=_CUBE, iterations=LESION_RIM_PX)
+        ref_region = limb.marrow & ~near
+    else:
+        ref_region = ref.marrow
+    lesion, info = _grow_lesion(t1, fluid, seeds, limb.bone, ref_region)
+    lesion = _remove_small(lesion, settings.min_lesion_component_mm3, voxel_mm3)
+    return lesion, {"seed_threshold": seed_thr, **info}
+
+
+def _grow_lesion(
+    t1: FloatArray, fluid: FloatArray, seeds: BoolArray, bone: BoolArray, ref_region: BoolArray
+) -> tuple[BoolArray, dict[str, Any]]:
+    """The voxels of `bone` connected to `seeds` that are closer to the lesion's level than to
+    the reference marrow's of the same slice: on the fluid image always, on T1 where marrow
+    is clearly brighter than the lesion (:data:`MIN_MARROW_T1_CONTRAST`)."""
     core_fl = float(np.median(fluid[seeds]))
     core_t1 = float(np.median(t1[seeds]))
-    if own_reference or not ref["marrow"].any():
-        # the limb's own normal marrow: away from the seeds and their partial-volume rim
-        near = ndimage.binary_dilation(seeds, structure=np.ones((3, 3, 3), bool), iterations=2)
-        ref_region = limb["marrow"] & ~near
-    else:
-        ref_region = ref["marrow"]
     bg_fl = _per_slice_median(fluid, ref_region)[:, None, None]
     bg_t1 = _per_slice_median(t1, ref_region)[:, None, None]
-    closer = (fluid > 0.5 * (core_fl + bg_fl)) & limb["bone"]
-    # T1 separates lesion from marrow only where marrow is clearly brighter (fatty marrow on
-    # a T1 spin echo); on gradient-echo images marrow sits near muscle, as the lesion does,
-    # and half-way between them cuts the lesion in two
-    t1_contrast = 1.0 - core_t1 / max(float(np.nanmedian(bg_t1)), 1e-6)
-    if t1_contrast >= 0.25:
-        closer &= t1 < 0.5 * (core_t1 + bg_t1)
-    lab, _ = ndimage.label(closer | seeds)
-    keep = np.unique(lab[seeds])
-    lesion = np.isin(lab, keep[keep > 0])
-    lesion = _remove_small(lesion, settings.min_lesion_component_mm3, voxel_mm3)
+    closer = (fluid > _half_way(core_fl, bg_fl)) & bone
+    t1_contrast = 1.0 - core_t1 / max(float(np.nanmedian(bg_t1)), _MIN_MARROW_T1)
+    if t1_contrast >= MIN_MARROW_T1_CONTRAST:
+        closer &= t1 < _half_way(core_t1, bg_t1)
+    lesion = seeds_reach(seeds, closer | seeds)
     return lesion, dict(
-        seed_threshold=seed_thr,
         core_fluid=core_fl,
         core_t1=core_t1,
         marrow_reference_fluid=float(np.nanmedian(bg_fl)),
@@ -580,7 +567,7 @@ def marrow_lesion(
 def edema_mask(
     t1: FloatArray,
     fluid: FloatArray,
-    limb: dict[str, Any],
+    limb: LimbTissues,
     ref_soft: FloatArray,
     muscle_fl: float,
     settings: SegmentSettings,
@@ -599,29 +586,30 @@ def edema_mask(
     `edema_mirror_seed_ratio`, growth by `edema_mirror_grow_ratio` over the brightest mirrored
     value nearby, so that a muscle that is bright in both limbs is not edema."""
     if ref_soft.size == 0:
-        return np.zeros_like(limb["limb"]), {}
+        return np.zeros_like(limb.limb), {}
     seed_thr = settings.edema_seed_min_rel_muscle * muscle_fl
     if not own_reference and mirror is None:
         # without a voxel-wise control, the control limb's brightest soft tissue sets the bar
         seed_thr = max(seed_thr, float(np.percentile(ref_soft, settings.edema_seed_percentile)))
-    allowed = limb["soft"]
-    seeds = limb["soft"] & (fluid > seed_thr)
+    allowed = limb.soft_tissue
+    seeds = limb.soft_tissue & (fluid > seed_thr)
     if mirror is not None:
         seeds &= ~mirror.valid | (fluid > settings.edema_mirror_seed_ratio * mirror.local_max)
         if settings.edema_mirror_grow_ratio > 0:
             allowed = allowed & (
                 ~mirror.valid | (fluid > settings.edema_mirror_grow_ratio * mirror.local_max))
     if not seeds.any():
-        return np.zeros_like(limb["limb"]), {"seed_threshold": seed_thr}
+        return np.zeros_like(limb.limb), {"seed_threshold": seed_thr}
     # Edematous muscle sets the level (muscle-like T1); fluid strands in fat are brighter and
     # half-way to muscle is also close to half-way to fat for them.
-    muscle_like = np.abs(t1 / limb["t1_muscle"] - 1.0) < 0.4
+    muscle_like = _within(t1, limb.t1_muscle_level, EDEMA_MUSCLE_LIKE_T1_TOLERANCE)
     region = seeds
     core = low = 0.0
-    for _ in range(3):
+    for _ in range(EDEMA_LEVEL_ROUNDS):
         vals = fluid[region & muscle_like]
-        core = float(np.median(vals if vals.size > 20 else fluid[region]))
-        low = max(muscle_fl + settings.edema_grow_fraction * (core - muscle_fl), 1.2 * muscle_fl)
+        core = float(np.median(vals if vals.size > MIN_MUSCLE_LIKE_VOXELS else fluid[region]))
+        low = max(muscle_fl + settings.edema_grow_fraction * (core - muscle_fl),
+                  EDEMA_GROW_MIN_REL_MUSCLE * muscle_fl)
         region = _hysteresis(fluid, allowed, low, seed_thr) & seeds_reach(seeds, allowed)
     edema = _remove_small(region, settings.min_edema_component_mm3, voxel_mm3)
     return edema, dict(
@@ -636,18 +624,8 @@ def _column_band(limb: BoolArray, margin_px: int) -> BoolArray:
     return np.broadcast_to(cols[None, None, :], limb.shape)
 
 
-#: The anatomical image locates fat for the fluid check only when its fat ring is brighter
-#: than the deep tissue by this much; a proton-density-like image (a 5-degree Dixon in-phase
-#: echo: ring/deep 1.00-1.03) cannot tell fat from muscle by brightness.
-T1_LOCATES_FAT: Final = 1.08
-
-
 def _contrast_checks(
-    t1: FloatArray,
-    fluid: FloatArray,
-    per_side: dict[str, dict[str, Any]],
-    pixel_mm: float,
-    settings: SegmentSettings,
+    t1: FloatArray, fluid: FloatArray, tissues: Mapping[str, LimbTissues], pixel_mm: float
 ) -> dict[str, Any]:
     """Subcutaneous fat against muscle on both images (both limbs pooled).
 
@@ -661,28 +639,167 @@ def _contrast_checks(
       deep tissue; otherwise the ring and the deep tissue themselves. STIR and Dixon water
       0.1-0.55, an unsuppressed echo 0.73-1.4.
     """
-    if not per_side:
+    if not tissues:
         return {}
     ring = np.zeros(t1.shape, bool)
     deep = np.zeros(t1.shape, bool)
-    for s in per_side.values():
-        ring |= qc_mod.subcutaneous_ring(s["limb"], pixel_mm)
-        deep |= qc_mod.deep_tissue(s["limb"], s["bone"], pixel_mm)
+    for s in tissues.values():
+        ring |= qc_mod.subcutaneous_ring(s.limb, pixel_mm)
+        deep |= qc_mod.deep_tissue(s.limb, s.bone, pixel_mm)
     t1_ratio = qc_mod.contrast_ratio(t1, ring, deep)
     if t1_ratio is None:
         return {}
     fat_vox, muscle_vox, located = ring, deep, False
     if t1_ratio >= T1_LOCATES_FAT:
-        muscle = float(np.mean([s["t1_muscle"] for s in per_side.values()]))
-        fat = float(np.mean([s["t1_fat"] for s in per_side.values()]))
-        fat_vox = ring & (t1 > 0.5 * (muscle + fat))
-        muscle_vox = deep & (np.abs(t1 / muscle - 1.0) < 0.25)
-        located = bool(fat_vox.sum() > 50 and muscle_vox.sum() > 50)
+        muscle = float(np.mean([s.t1_muscle_level for s in tissues.values()]))
+        fat = float(np.mean([s.t1_fat_level for s in tissues.values()]))
+        fat_vox = ring & (t1 > _half_way(muscle, fat))
+        muscle_vox = deep & _within(t1, muscle, CONTRAST_MUSCLE_T1_TOLERANCE)
+        located = bool(fat_vox.sum() > MIN_LOCATED_VOXELS
+                       and muscle_vox.sum() > MIN_LOCATED_VOXELS)
         if not located:
             fat_vox, muscle_vox = ring, deep
     fluid_ratio = qc_mod.contrast_ratio(fluid, fat_vox, muscle_vox)
     return {"t1_fat_to_muscle": t1_ratio, "fluid_fat_to_muscle": fluid_ratio,
             "fat_located_by": "T1-bright voxels of the ring" if located else "position"}
+
+
+def _contrast_flags(contrast: Mapping[str, Any], settings: SegmentSettings) -> list[qc_mod.QCFlag]:
+    """The flags of :func:`_contrast_checks`' ratios: anatomical image not T1-like, fluid image
+    not fat-suppressed."""
+    found = (
+        qc_mod.t1_like_flag(contrast.get("t1_fat_to_muscle"), settings.t1_like_min_fat_ratio),
+        qc_mod.fat_suppression_flag(
+            contrast.get("fluid_fat_to_muscle"), settings.fat_suppressed_max_fat_ratio
+        ),
+    )
+    return [f for f in found if f is not None]
+
+
+def _is_limb(mask: BoolArray, voxel_mm3: float) -> bool:
+    """A limb in view, not a fragment (:data:`MIN_LIMB_VOLUME_MM3`)."""
+    return bool(mask.sum() * voxel_mm3 > MIN_LIMB_VOLUME_MM3)
+
+
+def _signal_and_fov_checks(
+    limbs: Mapping[str, BoolArray],
+    raw_t1: FloatArray,
+    raw_fluid: FloatArray,
+    voxel_mm3: float,
+    pixel_mm: float,
+    settings: SegmentSettings,
+) -> tuple[dict[str, BoolArray], list[qc_mod.QCFlag]]:
+    """Each limb without its void slices (signal below ``signal_void_fraction`` of the typical
+    level on either image, :func:`pipeline.qc.void_slices`), and the flags: void slices, limb
+    cut by the in-plane edge of the field of view."""
+    out = dict(limbs)
+    flags: list[qc_mod.QCFlag] = []
+    margin_px = max(MIN_COLUMN_MARGIN_PX, int(round(COLUMN_MARGIN_MM / pixel_mm)))
+    for side in ("right", "left"):
+        if not _is_limb(limbs[side], voxel_mm3):
+            continue
+        band = _column_band(limbs[side], margin_px)
+        levels = [qc_mod.slice_signal(raw_t1, band), qc_mod.slice_signal(raw_fluid, band)]
+        void = qc_mod.void_slices(levels, settings.signal_void_fraction)
+        limb = limbs[side].copy()
+        limb[void] = False
+        out[side] = limb
+        n_slices = limb.shape[0]
+        cut = qc_mod.border_contact_slices(limb, pixel_mm, settings.min_fov_contact_mm)
+        for flag in (qc_mod.void_flag(side, void, n_slices, settings.signal_void_fraction),
+                     qc_mod.fov_flag(side, cut, n_slices)):
+            if flag is not None:
+                flags.append(flag)
+    return out, flags
+
+
+def limb_tissues(t1: FloatArray, limb: BoolArray, pixel_mm: float) -> LimbTissues:
+    """One limb's bone, marrow cavity and soft tissue, and its T1 muscle and fat levels."""
+    muscle, fat = _muscle_level_t1(t1, limb)
+    bone = bone_mask(t1, limb, muscle, pixel_mm) & limb
+    cortex = bone & (t1 < CORTEX_MAX_REL_MUSCLE * muscle)
+    marrow = bone & ~ndimage.binary_dilation(cortex, structure=_PLANE)
+    return LimbTissues(limb=limb, bone=bone, marrow=marrow, soft_tissue=limb & ~bone,
+                       t1_muscle_level=muscle, t1_fat_level=fat)
+
+
+def _mirrored(
+    t1: FloatArray,
+    fluid: FloatArray,
+    tissues: Mapping[str, LimbTissues],
+    spacing_zyx_mm: tuple[float, float, float],
+) -> dict[str, MirroredReference]:
+    """Each limb's mirrored contralateral reference (:mod:`pipeline.mirror`); empty unless
+    both limbs are in view."""
+    if "left" not in tissues or "right" not in tissues:
+        return {}
+    left, right = tissues["left"], tissues["right"]
+    pair = mirrored_references(
+        t1, fluid, (left.limb, right.limb), (left.bone, right.bone), spacing_zyx_mm)
+    return {} if pair is None else {"left": pair[0], "right": pair[1]}
+
+
+def side_findings(
+    t1: FloatArray,
+    fluid: FloatArray,
+    side: str,
+    tissues: Mapping[str, LimbTissues],
+    mirror: MirroredReference | None,
+    fluid_usable: bool,
+    settings: SegmentSettings,
+    voxel_mm3: float,
+) -> SideFindings:
+    """Marrow lesion and edema of one limb against the contralateral one.
+
+    The contralateral limb is the patient's own control; with one limb only, the same limb's
+    robust levels stand in. A fluid image that is not fat-suppressed is not measured (its QC
+    flag says so): fat would read as fluid, and a guess is never made.
+    """
+    own = tissues[side]
+    contra = tissues.get("left" if side == "right" else "right")
+    ref = own if contra is None else contra
+    soft_vals = fluid[ref.soft_tissue]
+    soft_vals = soft_vals[soft_vals > 0]
+    muscle_fl = _muscle_level_fluid(soft_vals)
+    if not fluid_usable:
+        nothing = np.zeros_like(own.limb)
+        not_measured = {"not measured": qc_mod.FLUID_NOT_FAT_SUPPRESSED}
+        return SideFindings(nothing, nothing, muscle_fl, not_measured, not_measured)
+    lesion, lesion_qc = marrow_lesion(
+        t1, fluid, own, ref, muscle_fl, settings, voxel_mm3, own_reference=contra is None
+    )
+    usable_mirror = mirror is not None and mirror.bone_dice >= settings.edema_mirror_min_bone_dice
+    edema, edema_qc = edema_mask(
+        t1, fluid, own, soft_vals, muscle_fl, settings, voxel_mm3,
+        own_reference=contra is None, mirror=mirror if usable_mirror else None,
+    )
+    edema_qc["mirror_bone_dice"] = None if mirror is None else mirror.bone_dice
+    edema_qc["mirror_used"] = usable_mirror
+    return SideFindings(lesion, edema, muscle_fl, lesion_qc, edema_qc)
+
+
+def _paint_side(
+    labels: NDArray[np.uint8], side: str, tissues: LimbTissues, findings: SideFindings
+) -> None:
+    """Write one limb's structures into `labels` (in place), inner structures last."""
+    offset = SIDE_OFFSET[side]
+    labels[tissues.limb] = offset + SOFT_TISSUE
+    labels[findings.edema & tissues.soft_tissue] = offset + EDEMA
+    labels[tissues.bone] = offset + BONE
+    labels[findings.lesion & tissues.bone] = offset + LESION
+
+
+def _side_qc(tissues: LimbTissues, findings: SideFindings) -> dict[str, Any]:
+    """One limb's numbers for the QC sidecar."""
+    return dict(
+        t1_muscle=tissues.t1_muscle_level,
+        t1_fat=tissues.t1_fat_level,
+        fluid_muscle=findings.fluid_muscle_level,
+        lesion=findings.lesion_qc,
+        edema=findings.edema_qc,
+        bone_slices=int(tissues.bone.any(axis=(1, 2)).sum()),
+        limb_slices=int(tissues.limb.any(axis=(1, 2)).sum()),
+    )
 
 
 def segment_arrays(
@@ -702,136 +819,75 @@ def segment_arrays(
     qc: dict[str, Any] = {}
     voxel_mm3 = float(np.prod(spacing_zyx_mm))
     pixel_mm = float(np.sqrt(spacing_zyx_mm[1] * spacing_zyx_mm[2]))
-    limbs = limb_masks(t1, spacing_zyx_mm, x_of_column_mm, settings, qc)
-    flags: list[qc_mod.QCFlag] = []
-    n_slices = t1.shape[0]
     raw_t1, raw_fluid = raw if raw is not None else (t1, fluid)
-    for side in ("right", "left"):
-        limb = limbs[side]
-        if limb.sum() * voxel_mm3 <= 10_000:
-            continue
-        band = _column_band(limb, margin_px=max(2, int(round(10.0 / pixel_mm))))
-        levels = [qc_mod.slice_signal(raw_t1, band), qc_mod.slice_signal(raw_fluid, band)]
-        void = qc_mod.void_slices(levels, settings.signal_void_fraction)
-        limb[void] = False
-        cut = qc_mod.border_contact_slices(limb, pixel_mm, settings.min_fov_contact_mm)
-        for flag in (qc_mod.void_flag(side, void, n_slices, settings.signal_void_fraction),
-                     qc_mod.fov_flag(side, cut, n_slices)):
-            if flag is not None:
-                flags.append(flag)
-    present = [s for s in ("right", "left") if limbs[s].sum() * voxel_mm3 > 10_000]
+    limbs, flags = _signal_and_fov_checks(
+        limb_masks(t1, spacing_zyx_mm, x_of_column_mm, settings, qc),
+        raw_t1, raw_fluid, voxel_mm3, pixel_mm, settings,
+    )
+    present = [s for s in ("right", "left") if _is_limb(limbs[s], voxel_mm3)]
     qc["sides_present"] = present
-    labels = np.zeros(t1.shape, dtype=np.uint8)
-    per_side: dict[str, dict[str, Any]] = {}
-    for side in present:
-        limb = limbs[side]
-        muscle, fat = _muscle_level_t1(t1, limb)
-        bone = bone_mask(t1, limb, muscle, pixel_mm) & limb
-        cortex = bone & (t1 < 0.5 * muscle)
-        marrow = bone & ~ndimage.binary_dilation(cortex, structure=np.ones((1, 3, 3), bool))
-        soft = limb & ~bone
-        per_side[side] = dict(
-            limb=limb, bone=bone, marrow=marrow, soft=soft, t1_muscle=muscle, t1_fat=fat
-        )
-    contrast = _contrast_checks(t1, fluid, per_side, pixel_mm, settings)
-    qc["contrast"] = contrast
-    for flag in (
-        qc_mod.t1_like_flag(contrast.get("t1_fat_to_muscle"), settings.t1_like_min_fat_ratio),
-        qc_mod.fat_suppression_flag(
-            contrast.get("fluid_fat_to_muscle"), settings.fat_suppressed_max_fat_ratio
-        ),
-    ):
-        if flag is not None:
-            flags.append(flag)
+    tissues = {side: limb_tissues(t1, limbs[side], pixel_mm) for side in present}
+    qc["contrast"] = contrast = _contrast_checks(t1, fluid, tissues, pixel_mm)
+    flags += _contrast_flags(contrast, settings)
     qc["qc_flags"] = [f.to_json() for f in flags]
     fluid_usable = not any(f.code == qc_mod.FLUID_NOT_FAT_SUPPRESSED for f in flags)
-    mirrors: dict[str, MirroredReference] = {}
-    if fluid_usable and "left" in per_side and "right" in per_side:
-        pair = mirrored_references(
-            t1, fluid, (per_side["left"]["limb"], per_side["right"]["limb"]),
-            (per_side["left"]["bone"], per_side["right"]["bone"]), spacing_zyx_mm)
-        if pair is not None:
-            mirrors = {"left": pair[0], "right": pair[1]}
+    mirrors = _mirrored(t1, fluid, tissues, spacing_zyx_mm) if fluid_usable else {}
+    labels = np.zeros(t1.shape, dtype=np.uint8)
     for side in present:
-        s = per_side[side]
-        # The contralateral limb is the patient's own control; with one limb only, the same
-        # limb's robust levels stand in.
-        contra = per_side.get("left" if side == "right" else "right")
-        ref = contra or s
-        soft_vals = fluid[ref["soft"]]
-        soft_vals = soft_vals[soft_vals > 0]
-        muscle_fl = _muscle_level_fluid(soft_vals)
-        if fluid_usable:
-            lesion, lesion_info = marrow_lesion(
-                t1, fluid, s, ref, muscle_fl, settings, voxel_mm3, own_reference=contra is None
-            )
-            mirror = mirrors.get(side)
-            usable_mirror = (mirror is not None
-                             and mirror.bone_dice >= settings.edema_mirror_min_bone_dice)
-            edema, edema_info = edema_mask(
-                t1, fluid, s, soft_vals, muscle_fl, settings, voxel_mm3,
-                own_reference=contra is None, mirror=mirror if usable_mirror else None,
-            )
-            edema_info["mirror_bone_dice"] = None if mirror is None else mirror.bone_dice
-            edema_info["mirror_used"] = usable_mirror
-        else:  # fat would read as fluid: not measured (qc flag), never a guess
-            lesion = edema = np.zeros_like(s["limb"])
-            lesion_info = edema_info = {"not measured": qc_mod.FLUID_NOT_FAT_SUPPRESSED}
-        off = SIDE_OFFSET[side]
-        labels[s["limb"]] = off + SOFT_TISSUE
-        labels[edema & s["soft"]] = off + EDEMA
-        labels[s["bone"]] = off + BONE
-        labels[lesion & s["bone"]] = off + LESION
-        qc[side] = dict(
-            t1_muscle=s["t1_muscle"],
-            t1_fat=s["t1_fat"],
-            fluid_muscle=muscle_fl,
-            lesion=lesion_info,
-            edema=edema_info,
-            bone_slices=int(s["bone"].any(axis=(1, 2)).sum()),
-            limb_slices=int(s["limb"].any(axis=(1, 2)).sum()),
-        )
+        findings = side_findings(t1, fluid, side, tissues, mirrors.get(side), fluid_usable,
+                                 settings, voxel_mm3)
+        _paint_side(labels, side, tissues[side], findings)
+        qc[side] = _side_qc(tissues[side], findings)
     return labels, qc
+
+
+def bias_gain(t1: sitk.Image, settings: SegmentSettings) -> NDArray[np.float32]:
+    """The receive field (Z, Y, X) that N4 finds on the T1 image (foreground: Otsu); dividing
+    by it corrects the T1 image and the fluid image of the same coil."""
+    foreground = sitk.OtsuThreshold(t1, 0, 1)
+    log_bias = n4_log_bias(t1, foreground, settings)
+    return np.exp(sitk.GetArrayFromImage(log_bias)).astype(np.float32)
+
+
+def _x_of_column_mm(image: sitk.Image) -> FloatArray:
+    """LPS x (mm) of each column at the image centre (larger is the patient's left)."""
+    nx, ny, nz = image.GetSize()
+    centre_y, centre_z = (ny - 1) / 2, (nz - 1) / 2
+    return np.array(
+        [image.TransformContinuousIndexToPhysicalPoint((i, centre_y, centre_z))[0]
+         for i in range(nx)],
+        dtype=np.float32,
+    )
 
 
 def segment_session(
     t1_path: str | Path, fluid_path: str | Path, settings: SegmentSettings | None = None
 ) -> SegmentResult:
     """Segment one session; the label map is on the fluid-sensitive image's grid."""
-    settings = settings or SegmentSettings()
+    settings = settings or SegmentSettings.default()
     t_start = time.perf_counter()
     fluid_native = read_image(fluid_path)
     t1_native = read_image(t1_path)
     # Work on an LPS-ordered copy so that axis 0 of the array runs inferior-superior (axial
     # slices); permutations and flips only, undone at the end.
     check_overlap(t1_native, fluid_native, Path(t1_path).name, Path(fluid_path).name)
-    fluid = sitk.DICOMOrient(fluid_native, "LPS")
-    t1 = resample_to(t1_native, fluid)
+    fluid = orient_lps(fluid_native)
+    t1 = resample_onto(t1_native, fluid, is_label=False)
     warnings: list[str] = []
     if t1 is not t1_native:
         warnings.append("T1-weighted series resampled onto the fluid-sensitive grid")
 
     t1_arr = sitk.GetArrayFromImage(t1)
-    otsu = sitk.OtsuThreshold(t1, 0, 1)
-    log_bias = n4_log_bias(t1, otsu, settings)
-    gain = np.exp(sitk.GetArrayFromImage(log_bias)).astype(np.float32)
+    fluid_arr = sitk.GetArrayFromImage(fluid)
+    gain = bias_gain(t1, settings)
     t1c = (t1_arr / gain).astype(np.float32)
-    fluid_c = (sitk.GetArrayFromImage(fluid) / gain).astype(np.float32)
+    fluid_c = (fluid_arr / gain).astype(np.float32)
     t_n4 = time.perf_counter()
 
     spacing_xyz = fluid.GetSpacing()
     spacing_zyx = (spacing_xyz[2], spacing_xyz[1], spacing_xyz[0])
-    nx, ny, nz = fluid.GetSize()
-    x_of_column = np.array(
-        [
-            fluid.TransformContinuousIndexToPhysicalPoint((i, (ny - 1) / 2, (nz - 1) / 2))[0]
-            for i in range(nx)
-        ],
-        dtype=np.float32,
-    )
     labels_arr, qc = segment_arrays(
-        t1c, fluid_c, spacing_zyx, x_of_column, settings,
-        raw=(t1_arr, sitk.GetArrayFromImage(fluid)),
+        t1c, fluid_c, spacing_zyx, _x_of_column_mm(fluid), settings, raw=(t1_arr, fluid_arr)
     )
     t_seg = time.perf_counter()
 
@@ -839,9 +895,7 @@ def segment_session(
     labels.CopyInformation(fluid)
     labels = sitk.Cast(labels, sitk.sitkUInt8)
     # Back onto the fluid series' own orientation.
-    labels = sitk.Resample(
-        labels, fluid_native, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
-    )
+    labels = resample_onto(labels, fluid_native, is_label=True)
     if len(qc["sides_present"]) < 2:
         warnings.append(f"only {len(qc['sides_present'])} limb(s) found in the field of view")
     qc.update(
@@ -869,24 +923,16 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
-        return round(float(obj), 4)
+        return round(float(obj), QC_DECIMALS)
     if isinstance(obj, np.integer):
         return int(obj)
     return obj
 
 
 def settings_from_json(text: str | None) -> SegmentSettings:
-    """Settings from a JSON object (config 'segment' section); unknown keys are refused."""
-    if not text:
-        return SegmentSettings()
-    values = json.loads(text)
-    known = SegmentSettings.__dataclass_fields__
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"unknown segment settings: {', '.join(unknown)}")
-    if "n4_iterations" in values:
-        values["n4_iterations"] = tuple(values["n4_iterations"])
-    return SegmentSettings(**values)
+    """Settings from a JSON object of ``segment:`` values over the defaults of
+    config/config.yaml (the workflow passes the whole section); unknown keys are refused."""
+    return SegmentSettings.default(**json.loads(text)) if text else SegmentSettings.default()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

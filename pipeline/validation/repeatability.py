@@ -740,7 +740,7 @@ def session_rows(records: Sequence[PairRecord], sd: SdFunction) -> list[dict[str
     for r in records:
         grouped[(r.case, r.session2)][(r.role, r.structure)] = r
     out = []
-    thresholds = Thresholds()
+    thresholds = Thresholds.default()
     for (case, session), recs in sorted(grouped.items()):
         base, v = _visit(recs, 1, sd), _visit(recs, 2, sd)
         change = swelling_change(v, base)

@@ -335,16 +335,16 @@ def test_response_needs_no_flare_at_all():
 def test_custom_thresholds():
     visits = [visit(-1), visit(5, asym_pct=6.0)]
     assert classify(visits).classification == "progression"
-    strict = Thresholds(flare_asymmetry_pp=10.0)
+    strict = Thresholds.default(flare_asymmetry_pp=10.0)
     p = classify(visits, strict)
     assert p.classification == "stable"
     visits = [visit(-1, lesion=4.0), visit(5, lesion=4.5)]
     assert classify(visits).classification == "stable"
-    loose = Thresholds(flare_lesion_ratio=1.1, flare_lesion_min_ml=0.5)
+    loose = Thresholds.default(flare_lesion_ratio=1.1, flare_lesion_min_ml=0.5)
     p = classify(visits, loose)
     assert p.classification == "progression"
     assert "thresholds x1.1 and +0.5 mL" in p.reasons[1]
-    resp = Thresholds(response_lesion_ratio=0.9)
+    resp = Thresholds.default(response_lesion_ratio=0.9)
     assert classify([visit(-1, lesion=4.0), visit(30, lesion=3.5)], resp).classification == (
         "response")
 

@@ -24,6 +24,8 @@ from pipeline.io.files import mm3_to_ml
 from pipeline.labels import SIDE_OFFSET, SIDES, STRUCTURE_CLASSES
 from pipeline.measure import volumes_from_labels
 from pipeline.register import (
+    OptimisedFit,
+    RegistrationCandidate,
     RegistrationSettings,
     align_within_session,
     bone_initial_transform,
@@ -201,8 +203,8 @@ def test_bone_initialisation_alone_is_close(sessions: dict[str, Any]) -> None:
     for name in ("up20", "down12", "short"):
         init = bone_initial_transform(base["labels"], sessions[name]["labels"])
         assert init is not None
-        err = max_error_mm(init[0], sessions[name]["true"])
-        assert err.max() < 2.0, f"{name}: {err} ({init[1]})"
+        err = max_error_mm(init.transform, sessions[name]["true"])
+        assert err.max() < 2.0, f"{name}: {err} ({init.how})"
 
 
 def test_swollen_limb_driving_the_metric_is_flagged(sessions: dict[str, Any]) -> None:
@@ -231,6 +233,15 @@ def test_quality_flags_a_misregistration(sessions: dict[str, Any]) -> None:
     good = registration_quality(base["labels"], s["labels"], s["true"])
     assert not poor_reasons(good, RegistrationSettings())
     assert good.overlap_mm == pytest.approx(40.0, abs=5.1)  # 60 mm fields 20 mm apart
+
+
+def test_candidates_rank_by_problems_then_worst_side_bone_dice() -> None:
+    fit = OptimisedFit(sitk.Euler3DTransform(), None, 0, "")
+    flagged = RegistrationCandidate("left limb", fit, None, ("bone Dice 0.60 < 0.70",), 0.95)
+    fair = RegistrationCandidate("right limb", fit, None, (), 0.80)
+    good = RegistrationCandidate("whole image", fit, None, (), 0.90)
+    ranked = sorted([flagged, fair, good], key=lambda c: c.rank)
+    assert [c.region for c in ranked] == ["whole image", "right limb", "left limb"]
 
 
 def test_cli_writes_tfm_and_json(sessions: dict[str, Any], tmp_path: Any) -> None:

@@ -43,21 +43,6 @@ def test_split_touching_separates_two_limbs_by_the_waist() -> None:
     assert segment.split_touching(a) is None  # one limb: no waist, no split
 
 
-def test_bone_ring_found_despite_a_septum_touching_it() -> None:
-    muscle = 330.0
-    img = np.full((1, 80, 80), muscle, np.float32)
-    ring = _disk((80, 80), (40, 40), 10) & ~_disk((80, 80), (40, 40), 8)
-    img[0][_disk((80, 80), (40, 40), 8)] = 950.0  # fatty marrow
-    img[0][ring] = 10.0  # cortex
-    img[0, 40, 50:75] = 20.0  # a septum from the cortex to the fascia
-    limb = np.zeros_like(img, bool)
-    limb[0][_disk((80, 80), (40, 40), 38)] = True
-    bone = segment.bone_mask(img, limb, muscle, pixel_mm=1.0)
-    true_area = _disk((80, 80), (40, 40), 10).sum()
-    assert bone.sum() == pytest.approx(true_area, rel=0.08)
-    assert not bone[0, 40, 60:].any()  # the septum is not bone
-
-
 def _segment_phantom(tmp_path: Path, spec: phantom.PhantomSpec) -> tuple[dict, np.ndarray,
                                                                           segment.SegmentResult]:
     rendered = phantom.render_session(spec, spec.sessions[0])

@@ -154,13 +154,15 @@ def test_flare_confirmed_twice_then_resolved() -> None:
 
 def test_confirmation_needs_the_minimum_interval() -> None:
     visits = [visit(-2), visit(3, asym_pct=12.0), visit(5, asym_pct=12.0)]
-    states, confirmation = session_states(visits, Thresholds(confirmation_min_interval_days=4))
+    states, confirmation = session_states(
+        visits, Thresholds.default(confirmation_min_interval_days=4))
     assert [s.state for s in states][1:] == ["unconfirmed flare", "unconfirmed flare"]
     assert confirmation == "unconfirmed"
-    p = classify(visits, Thresholds(confirmation_min_interval_days=4))
+    p = classify(visits, Thresholds.default(confirmation_min_interval_days=4))
     assert p.classification == "progression"
     assert "UNCONFIRMED" in p.reasons[-1] and "iUPD" in p.reasons[-1]
-    states, confirmation = session_states(visits, Thresholds(confirmation_min_interval_days=2))
+    states, confirmation = session_states(
+        visits, Thresholds.default(confirmation_min_interval_days=2))
     assert confirmation == "confirmed" and states[-1].state == "confirmed flare"
 
 
