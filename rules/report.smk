@@ -1,4 +1,5 @@
-# report: one self-contained HTML page per subject
+# report: one self-contained HTML page per subject; cohort: one row per subject.
+# Each rule passes every input it declares, and the command reads only those files.
 
 
 rule report:
@@ -8,10 +9,11 @@ rule report:
         longitudinal=f"{SUBJECT_DIR}/longitudinal.tsv",
         index_tsv=f"{SUBJECT_DIR}/index.tsv",
         problems_tsv=f"{SUBJECT_DIR}/problems.tsv",
-        side=f"{SUBJECT_DIR}/side.json",
         csa=f"{SUBJECT_DIR}/profile_csa.tsv",
         circumference=f"{SUBJECT_DIR}/circumference.tsv",
-        images=session_files(f"{SESSION_STEM}_fluid.nii.gz"),
+        # where each session's DICOM files are: read only with show_phi (name, ID, birth date)
+        sessions_json=session_index,
+        fluid=session_files(f"{SESSION_STEM}_fluid.nii.gz"),
         t1=session_files(f"{SESSION_STEM}_T1w.nii.gz"),
         dseg=session_files(f"{SESSION_STEM}_dseg.nii.gz"),
         xfm=followup_files(f"{SESSION_STEM}_xfm.json"),
@@ -23,8 +25,7 @@ rule report:
             category="Subject report",
         ),
     params:
-        python=PYTHON,
-        subject_dir=parent_of(0),
+        limbtrack=LIMBTRACK,
         phi="--show-phi" if config["show_phi"] else "",
     log:
         f"{SUBJECT_DIR}/logs/report.log",
@@ -37,8 +38,14 @@ rule report:
         mem_mb=3000,
         runtime=10,
     shell:
-        "{params.python} -m pipeline.report.build --subject-dir {params.subject_dir:q} --out {output:q}"
-        " > {log:q} 2>&1"
+        "{params.limbtrack} report --summary {input.summary:q}"
+        " --volumes {input.volumes:q} --longitudinal {input.longitudinal:q}"
+        " --index {input.index_tsv:q} --problems {input.problems_tsv:q}"
+        " --csa {input.csa:q} --circumference {input.circumference:q}"
+        " --sessions-json {input.sessions_json:q}"
+        " --fluid {input.fluid:q} --t1 {input.t1:q} --dseg {input.dseg:q}"
+        " --xfm {input.xfm:q} --tfm {input.tfm:q}"
+        " {params.phi} --out {output:q} > {log:q} 2>&1"
 
 
 rule cohort:
@@ -50,8 +57,7 @@ rule cohort:
         html=report(f"{RESULTS}/cohort.html", caption="../pipeline/report/captions/cohort.rst", category="Cohort"),
         tsv=f"{RESULTS}/cohort.tsv",
     params:
-        python=PYTHON,
-        subject_dirs=[f"{RESULTS}/{s}" for s in sorted(SUBJECTS)],
+        limbtrack=LIMBTRACK,
     log:
         f"{RESULTS}/logs/cohort.log",
     conda:
@@ -61,5 +67,6 @@ rule cohort:
         mem_mb=500,
         runtime=5,
     shell:
-        "{params.python} -m pipeline.report.cohort --subject-dirs {params.subject_dirs:q}"
+        "{params.limbtrack} cohort --summaries {input.summaries:q}"
+        " --longitudinal {input.longitudinal:q} --reports {input.reports:q}"
         " --out-html {output.html:q} --out-tsv {output.tsv:q} > {log:q} 2>&1"

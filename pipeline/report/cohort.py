@@ -1,8 +1,11 @@
 """The cohort view: one row per subject, as a table (``cohort.tsv``) and a page (``cohort.html``).
 
-``python -m pipeline.report.cohort --subject-dirs D1 D2 ... --out-html F --out-tsv F`` reads each
-subject's ``summary.json`` and ``longitudinal.tsv`` (the outputs of the longitudinal stage) and
-writes:
+``python -m pipeline.report.cohort --summaries S1 S2 ... --longitudinal L1 L2 ... --reports R1
+R2 ... --out-html F --out-tsv F`` reads each subject's ``summary.json`` and ``longitudinal.tsv``
+(the outputs of the longitudinal stage) and links its report; the files are given per subject,
+in one order, as the cohort rule declares them. ``--subject-dirs D1 D2 ...`` names the results
+folders instead: the workflow's error handler lists failed subjects that way (their files may
+not exist; the reason is taken from their logs). It writes:
 
 - ``cohort.tsv``: ``subject, status (ok|failed), classification, affected_side, n_sessions,
   baseline_date, peak_soft_tissue_asymmetry_pct, peak_asymmetry_day, lesion_ml_baseline,
@@ -34,12 +37,14 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.io.files import read_tsv, write_text_atomic, write_tsv_atomic
+from pipeline.io.files import finite_float, read_tsv, write_text_atomic, write_tsv_atomic
 from pipeline.report import html
+from pipeline.report.values import to_int
 
 log = logging.getLogger(__name__)
 
@@ -124,19 +129,6 @@ COUNTS = {"n_sessions", "peak_asymmetry_day", "n_warnings", "n_qc_exclude", "n_q
 _ERROR_RE = re.compile(r"error|exception|traceback|failed|not found|cannot|could not", re.I)
 
 
-def _float(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if out != out else out  # NaN
-
-
-def _int(value: Any) -> int | None:
-    f = _float(value)
-    return None if f is None else int(round(f))
-
-
 def failure_reason(subject_dir: Path) -> str:
     """Why a subject has no summary: the last error-like line of its most recent log.
 
@@ -168,7 +160,7 @@ def _values(
     """(day, study_date, value) of one structure and column, in session order; value None
     where it is not available (``n/a``)."""
     out = [
-        (_int(r.get("day")) or 0, str(r.get("study_date", "")), _float(r.get(column)))
+        (to_int(r.get("day")) or 0, str(r.get("study_date", "")), finite_float(r.get(column)))
         for r in rows
         if r.get("structure") == structure
     ]
@@ -198,74 +190,104 @@ def qc_counts(summary: Mapping[str, Any]) -> tuple[int | None, int | None]:
     return len(severities) - warn, warn  # anything but warn counts as exclude
 
 
-def subject_row(subject_dir: Path, html_dir: Path) -> dict[str, Any]:
-    """One ``cohort.tsv`` row for a subject results folder (status 'failed' without summary).
+@dataclass(frozen=True)
+class SubjectFiles:
+    """What the cohort reads of one subject: its summary, measurements and report. Their
+    folder names the subject when the summary is missing and holds the logs of a failed run."""
+
+    summary: Path
+    longitudinal: Path
+    report: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.summary.parent
+
+    @classmethod
+    def in_folder(cls, subject_dir: Path) -> SubjectFiles:
+        """The workflow's names in a subject results folder: the form for listing failed
+        subjects (the workflow's error handler), whose files may not exist."""
+        d = Path(subject_dir)
+        return cls(d / "summary.json", d / "longitudinal.tsv", d / "report.html")
+
+
+def subject_row(files: SubjectFiles | Path, html_dir: Path) -> dict[str, Any]:
+    """One ``cohort.tsv`` row for a subject (status 'failed' without a readable summary).
 
     Parameters
     ----------
-    subject_dir : Path
-        ``<results_dir>/<subject>``.
+    files : SubjectFiles or Path
+        The subject's files, or its results folder ``<results_dir>/<subject>``.
     html_dir : Path
         Folder of ``cohort.html``: the report link is relative to it.
     """
-    subject_dir = Path(subject_dir)
+    files = files if isinstance(files, SubjectFiles) else SubjectFiles.in_folder(files)
     row: dict[str, Any] = {c: None for c in COLUMNS}
-    row["subject"] = subject_dir.name
-    summary_path = subject_dir / "summary.json"
+    row["subject"] = files.folder.name
     try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        summary = json.loads(files.summary.read_text(encoding="utf-8"))
         if not isinstance(summary, dict):
             raise ValueError("not a JSON object")
     except FileNotFoundError:
-        row.update(status="failed", reason=failure_reason(subject_dir))
+        row.update(status="failed", reason=failure_reason(files.folder))
         return row
     except (OSError, ValueError) as exc:
         row.update(status="failed", reason=f"summary.json unreadable: {exc}")
         return row
-
-    sessions = summary.get("sessions") or []
-    baseline = str(summary.get("baseline_study_date") or "")
-    row.update(
-        subject=str(summary.get("subject") or subject_dir.name),
-        status="ok",
-        classification=str(summary.get("classification") or "n/a"),
-        confirmation=summary.get("confirmation"),
-        affected_side=str(summary.get("affected_side") or "n/a"),
-        n_sessions=len(sessions),
-        baseline_date=baseline or None,
-        n_warnings=len(summary.get("warnings") or [])
-        + sum(len(s.get("warnings") or []) for s in sessions if isinstance(s, Mapping)),
-    )
-    row["n_qc_exclude"], row["n_qc_warn"] = qc_counts(summary)
-    report = subject_dir / "report.html"
-    if report.exists():
-        row["report"] = Path(os.path.relpath(report.resolve(), html_dir.resolve())).as_posix()
-    long_path = subject_dir / "longitudinal.tsv"
-    if not long_path.exists():
+    row.update(_summary_fields(summary, files.folder.name))
+    if files.report.exists():
+        row["report"] = Path(os.path.relpath(files.report.resolve(), html_dir.resolve())).as_posix()
+    if not files.longitudinal.exists():
         row["reason"] = "longitudinal.tsv missing: no volumes"
         return row
     try:
-        rows = read_tsv(long_path)
+        rows = read_tsv(files.longitudinal)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         row["reason"] = f"longitudinal.tsv unreadable: {exc}"
         return row
+    row.update(_volume_fields(rows, str(summary.get("baseline_study_date") or "")))
+    return row
+
+
+def _summary_fields(summary: Mapping[str, Any], folder_name: str) -> dict[str, Any]:
+    """The columns taken from ``summary.json``."""
+    sessions = summary.get("sessions") or []
+    n_exclude, n_warn = qc_counts(summary)
+    return {
+        "subject": str(summary.get("subject") or folder_name),
+        "status": "ok",
+        "classification": str(summary.get("classification") or "n/a"),
+        "confirmation": summary.get("confirmation"),
+        "affected_side": str(summary.get("affected_side") or "n/a"),
+        "n_sessions": len(sessions),
+        "baseline_date": str(summary.get("baseline_study_date") or "") or None,
+        "n_warnings": len(summary.get("warnings") or [])
+        + sum(len(s.get("warnings") or []) for s in sessions if isinstance(s, Mapping)),
+        "n_qc_exclude": n_exclude,
+        "n_qc_warn": n_warn,
+    }
+
+
+def _volume_fields(rows: Sequence[Mapping[str, str]], baseline: str) -> dict[str, Any]:
+    """The columns taken from ``longitudinal.tsv``: peak asymmetry, lesion and edema."""
+    out: dict[str, Any] = {}
     asym = [(day, v) for day, _, v in _values(rows, "soft_tissue", "asymmetry_pct")
             if v is not None]
     if asym:
         day, value = max(asym, key=lambda t: t[1])
-        row.update(peak_soft_tissue_asymmetry_pct=value, peak_asymmetry_day=day)
+        out.update(peak_soft_tissue_asymmetry_pct=value, peak_asymmetry_day=day)
     for structure, prefix in (("marrow_lesion", "lesion"), ("edema", "edema")):
         base, peak, last = _baseline_peak_last(_values(rows, structure, "affected_ml"), baseline)
-        row[f"{prefix}_ml_baseline"], row[f"{prefix}_ml_peak"] = base, peak
-        row[f"{prefix}_ml_last"] = last
-    return row
+        out.update({f"{prefix}_ml_baseline": base, f"{prefix}_ml_peak": peak,
+                    f"{prefix}_ml_last": last})
+    return out
 
 
 def _cell(column: str, value: Any) -> dict[str, Any]:
     if value is None:
         return {"text": "n/a", "sort": ""}
     if column in NUMERIC:
-        f = _float(value)
+        f = finite_float(value)
         if f is None:
             return {"text": str(value), "sort": ""}
         digits = 0 if column in COUNTS else 1
@@ -298,14 +320,15 @@ def render_cohort_html(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def build_cohort(
-    subject_dirs: Sequence[Path], out_html: Path, out_tsv: Path
+    subjects: Sequence[SubjectFiles | Path], out_html: Path, out_tsv: Path
 ) -> list[dict[str, Any]]:
-    """Write ``cohort.tsv`` and ``cohort.html`` for these subject results folders.
+    """Write ``cohort.tsv`` and ``cohort.html`` for these subjects.
 
     Parameters
     ----------
-    subject_dirs : sequence of Path
-        ``<results_dir>/<subject>`` folders; one row each, in this order (failed ones too).
+    subjects : sequence of SubjectFiles or Path
+        Each subject's files, or its results folder ``<results_dir>/<subject>``; one row each,
+        in this order (failed ones too).
     out_html, out_tsv : Path
         Output files (written atomically).
 
@@ -316,32 +339,47 @@ def build_cohort(
     """
     out_html, out_tsv = Path(out_html), Path(out_tsv)
     rows = []
-    for d in subject_dirs:
+    for s in subjects:
         try:
-            rows.append(subject_row(Path(d), out_html.parent))
+            rows.append(subject_row(s, out_html.parent))
         except Exception as exc:  # one bad subject never stops the others
-            log.warning("cohort row of %s failed: %s", d, exc)
+            folder = s.folder if isinstance(s, SubjectFiles) else Path(s)
+            log.warning("cohort row of %s failed: %s", folder, exc)
             rows.append(
                 {c: None for c in COLUMNS}
-                | {"subject": Path(d).name, "status": "failed", "reason": f"{exc}"}
+                | {"subject": folder.name, "status": "failed", "reason": f"{exc}"}
             )
     write_tsv_atomic(out_tsv, rows, COLUMNS)
     write_text_atomic(out_html, render_cohort_html(rows))
     return rows
 
 
+def _subjects(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[SubjectFiles]:
+    if args.subject_dirs:
+        return [SubjectFiles.in_folder(d) for d in args.subject_dirs]
+    lists = (args.summaries, args.longitudinal or [], args.reports or [])
+    if len({len(x) for x in lists}) != 1:
+        p.error("--summaries, --longitudinal and --reports need one file per subject each, "
+                "in the same order")
+    return [SubjectFiles(*paths) for paths in zip(*lists, strict=True)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line:
-    ``python -m pipeline.report.cohort --subject-dirs D1 D2 --out-html F --out-tsv F``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument(
-        "--subject-dirs", type=Path, nargs="+", required=True, help="subject results folders"
-    )
-    parser.add_argument("--out-html", type=Path, required=True, help="output cohort.html")
-    parser.add_argument("--out-tsv", type=Path, required=True, help="output cohort.tsv")
-    args = parser.parse_args(argv)
+    """Command line: ``python -m pipeline.report.cohort --summaries S1 S2 --longitudinal L1 L2
+    --reports R1 R2 --out-html F --out-tsv F`` (the files of each subject, in one order), or
+    ``--subject-dirs D1 D2`` (the results folders: failed subjects are listed too)."""
+    p = argparse.ArgumentParser(prog="limbtrack cohort",
+                                description=__doc__.splitlines()[0] if __doc__ else None)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--summaries", type=Path, nargs="+", help="summary.json per subject")
+    which.add_argument("--subject-dirs", type=Path, nargs="+", help="subject results folders")
+    p.add_argument("--longitudinal", type=Path, nargs="+", help="longitudinal.tsv per subject")
+    p.add_argument("--reports", type=Path, nargs="+", help="report.html per subject")
+    p.add_argument("--out-html", type=Path, required=True, help="output cohort.html")
+    p.add_argument("--out-tsv", type=Path, required=True, help="output cohort.tsv")
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    rows = build_cohort(args.subject_dirs, args.out_html, args.out_tsv)
+    rows = build_cohort(_subjects(p, args), args.out_html, args.out_tsv)
     failed = sum(1 for r in rows if r["status"] == "failed")
     log.info("%d subjects, %d failed: %s", len(rows), failed, args.out_html)
     return 0

@@ -222,3 +222,31 @@ def test_last_session_not_available_is_not_replaced(tmp_path: Path) -> None:
     (row,) = build_cohort([d], tmp_path / "c.html", tmp_path / "c.tsv")
     assert row["lesion_ml_baseline"] == pytest.approx(2.0) and row["lesion_ml_last"] is None
     assert row["edema_ml_peak"] == pytest.approx(20.0) and row["n_qc_exclude"] == 1
+
+
+def test_cli_with_the_files_the_rule_declares(cohort: tuple[list[Path], Path, Path]) -> None:
+    """The cohort rule passes each subject's summary, measurements and report (the files it
+    declares): the rows are those of the folder form."""
+    dirs, html_path, tsv_path = cohort
+    ok = dirs[:2]
+    argv = ["--summaries", *(str(d / "summary.json") for d in ok),
+            "--longitudinal", *(str(d / "longitudinal.tsv") for d in ok),
+            "--reports", *(str(d / "report.html") for d in ok),
+            "--out-html", str(html_path), "--out-tsv", str(tsv_path)]
+    assert main(argv) == 0
+    by_files = read_tsv(tsv_path)
+    build_cohort(ok, html_path.parent / "c.html", html_path.parent / "c.tsv")
+    assert by_files == read_tsv(html_path.parent / "c.tsv")  # links relative to one folder
+    assert [r["subject"] for r in by_files] == ["p01", "p02"]
+    assert by_files[0]["report"] == "../results/p01/report.html"
+
+
+def test_cli_refuses_unpaired_files(cohort: tuple[list[Path], Path, Path]) -> None:
+    dirs, html_path, tsv_path = cohort
+    argv = ["--summaries", *(str(d / "summary.json") for d in dirs[:2]),
+            "--longitudinal", str(dirs[0] / "longitudinal.tsv"),
+            "--reports", *(str(d / "report.html") for d in dirs[:2]),
+            "--out-html", str(html_path), "--out-tsv", str(tsv_path)]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2

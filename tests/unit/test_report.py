@@ -1,4 +1,4 @@
-"""Tests of pipeline.report.build on a synthetic subject folder (small images with known labels)."""
+"""Tests of pipeline.report on a synthetic subject folder (small images with known labels)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import io
 import json
 import re
 import shutil
+from html import unescape
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,11 @@ import pytest
 import SimpleITK as sitk
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pipeline import labels, qc
+from pipeline.geometry import orient_lps, resample_onto
 from pipeline.io.files import read_tsv, write_tsv_atomic
 from pipeline.longitudinal import LONGITUDINAL_COLUMNS
 from pipeline.profiles import (
@@ -25,28 +29,22 @@ from pipeline.profiles import (
     circumference_profile,
     csa_profile,
 )
-from pipeline.report.build import (
-    MDC_ALPHA,
-    MDC_COLOR,
-    QCIndex,
+from pipeline.report import html as html_env
+from pipeline.report.build import build_report, main, render_html
+from pipeline.report.context import build_context
+from pipeline.report.inputs import ReportInputs
+from pipeline.report.overlays import OverlayView
+from pipeline.report.phi import is_phi_key
+from pipeline.report.positions import largest_swelling, slice_candidates
+from pipeline.report.qcview import QCIndex, pattern_headline, read_flags
+from pipeline.report.slices import (
     axial_slab,
-    build_context,
-    build_report,
-    confirmation_headline,
-    is_phi_key,
-    largest_swelling,
-    main,
-    orient_lps,
-    pattern_headline,
+    coronal_slab,
     radiological_axial_slice,
     radiological_coronal_slice,
-    read_flags,
-    render_html,
-    render_timeline,
-    resample_to_slab,
-    session_state_rows,
-    slice_candidates,
 )
+from pipeline.report.states import confirmation_headline, session_state_rows
+from pipeline.report.timeline import MDC_ALPHA, MDC_COLOR, render_timeline
 
 SUBJECT = "demo"
 XSS_SCRIPT = "<script>alert(1)</script>"
@@ -347,6 +345,9 @@ def _write_subject(d: Path) -> Path:
             "flare_lesion_min_ml": 1.0,
             "flare_edema_ratio": 1.2,
             "flare_edema_min_ml": 10.0,
+            "response_lesion_min_ml": 1.0,
+            "response_lesion_ratio": 0.7,
+            "response_asymmetry_pp": 5.0,
             "confirmation_min_interval_days": 4,
             "crs_window_days": 14,
         },
@@ -400,6 +401,41 @@ def _write_subject(d: Path) -> Path:
     return d
 
 
+def _session_paths(d: Path) -> dict[str, list[Path]]:
+    """The per-session files of a synthetic subject folder, as the report rule passes them
+    (whether they exist or not): images of every session, transforms of the follow-ups."""
+    stems = [d / f"ses-{s}" / f"sub-{SUBJECT}_ses-{s}"
+             for s in (date.replace("-", "") for date, _, _ in SESSIONS)]
+    return {
+        "fluid": [Path(f"{x}_fluid.nii.gz") for x in stems],
+        "t1": [Path(f"{x}_T1w.nii.gz") for x in stems],
+        "dseg": [Path(f"{x}_dseg.nii.gz") for x in stems],
+        "tfm": [Path(f"{x}_xfm.tfm") for x in stems[1:]],
+        "xfm": [Path(f"{x}_xfm.json") for x in stems[1:]],
+    }
+
+
+TABLES = {"longitudinal": "longitudinal.tsv", "volumes": "volumes.tsv", "index": "index.tsv",
+          "problems": "problems.tsv", "csa": "profile_csa.tsv",
+          "circumference": "circumference.tsv"}
+
+
+def _inputs(d: Path, sessions_json: Path | None = None) -> ReportInputs:
+    """What the report rule gives the report of the subject in folder `d`."""
+    return ReportInputs.of(d / "summary.json", sessions_json=sessions_json,
+                           **{k: d / name for k, name in TABLES.items()}, **_session_paths(d))
+
+
+def _argv(d: Path) -> list[str]:
+    """The report command's arguments for the subject in folder `d` (as the rule passes them)."""
+    argv = ["--summary", str(d / "summary.json")]
+    for key, name in TABLES.items():
+        argv += [f"--{key}", str(d / name)]
+    for kind, paths in _session_paths(d).items():
+        argv += [f"--{kind}", *map(str, paths)]
+    return argv
+
+
 @pytest.fixture(scope="module")
 def subject_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _write_subject(tmp_path_factory.mktemp("subj") / SUBJECT)
@@ -408,7 +444,7 @@ def subject_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def report_html(subject_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     out = tmp_path_factory.mktemp("out") / "report.html"
-    build_report(subject_dir, out)
+    build_report(_inputs(subject_dir), out)
     assert out.exists()
     return out.read_text(encoding="utf-8")
 
@@ -486,7 +522,7 @@ def test_failing_figure_is_reported(subject_dir: Path, tmp_path: Path) -> None:
     (d / "ses-20240315" / f"sub-{SUBJECT}_ses-20240315_T1w.nii.gz").unlink()
     (d / "longitudinal.tsv").write_text("subject\tstudy_date\tday\tstructure\n", encoding="utf-8")
     out = d / "report.html"
-    build_report(d, out)
+    build_report(_inputs(d), out)
     html = out.read_text(encoding="utf-8")
     assert "could not be drawn" in html
     assert missing.name in html
@@ -499,14 +535,14 @@ def test_failing_figure_is_reported(subject_dir: Path, tmp_path: Path) -> None:
 
 def test_cli(subject_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.html"
-    assert main(["--subject-dir", str(subject_dir), "--out", str(out)]) == 0
+    assert main([*_argv(subject_dir), "--out", str(out)]) == 0
     assert out.stat().st_size > 10_000
     assert not list(tmp_path.glob(".r.*"))  # no temporary file left behind
 
 
 def test_missing_summary(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="summary.json"):
-        build_report(tmp_path, tmp_path / "r.html")
+        build_report(_inputs(tmp_path), tmp_path / "r.html")
 
 
 @pytest.mark.parametrize(
@@ -554,7 +590,7 @@ def test_phi_never_rendered(report_html: str, subject_dir: Path, tmp_path: Path)
     assert f"STIR &lt;b&gt;{FAKE_NAME}&lt;/b&gt; (series 4)" in report_html
     assert f"<b>{FAKE_NAME}" not in report_html
     out = tmp_path / "phi.html"
-    build_report(subject_dir, out, show_phi=True)
+    build_report(_inputs(subject_dir), out, show_phi=True)
     assert "CANARY^PHI" in out.read_text(encoding="utf-8")  # only when asked for
 
 
@@ -573,7 +609,7 @@ def test_is_phi_key(key: str, phi: bool) -> None:
     assert is_phi_key(key) is phi
 
 
-def test_resample_to_slab_follows_registration(subject_dir: Path) -> None:
+def test_resample_onto_slab_follows_registration(subject_dir: Path) -> None:
     """The baseline lesion slice of the shifted session holds the lesion only through its xfm."""
     base = sitk.ReadImage(str(subject_dir / f"ses-20240225/sub-{SUBJECT}_ses-20240225_dseg.nii.gz"))
     ses = "20240304"
@@ -581,9 +617,9 @@ def test_resample_to_slab_follows_registration(subject_dir: Path) -> None:
     xfm = sitk.ReadTransform(str(subject_dir / f"ses-{ses}/sub-{SUBJECT}_ses-{ses}_xfm.tfm"))
     slab = axial_slab(orient_lps(base), LESION_Z_MM)
     lesion = labels.label_value("left", labels.LESION)
-    registered = sitk.GetArrayFromImage(resample_to_slab(moving, slab, xfm, is_label=True))
+    registered = sitk.GetArrayFromImage(resample_onto(moving, slab, is_label=True, transform=xfm))
     unregistered = sitk.GetArrayFromImage(
-        resample_to_slab(moving, slab, sitk.Transform(3, sitk.sitkIdentity), is_label=True)
+        resample_onto(moving, slab, is_label=True, transform=sitk.Transform(3, sitk.sitkIdentity))
     )
     assert (registered == lesion).sum() > 5
     assert (unregistered == lesion).sum() == 0
@@ -598,8 +634,6 @@ def test_radiological_coronal_orientation(direction: tuple[float, ...]) -> None:
     lab = np.zeros(x.shape, np.uint8)
     lab[(x > 10.0) & (z > 8.0)] = labels.label_value("left", labels.SOFT_TISSUE)
     img = orient_lps(_image(lab, spacing, origin, direction))
-    from pipeline.report.build import coronal_slab
-
     sl = radiological_coronal_slice(coronal_slab(img, 0.0))
     rows, cols = sl.pixels.shape
     rc = np.argwhere(sl.pixels == 5).mean(axis=0)
@@ -709,7 +743,7 @@ def flagged_html(subject_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     d = tmp_path_factory.mktemp("flagged") / SUBJECT
     shutil.copytree(subject_dir, d)
     out = d / "report.html"
-    build_report(_add_qc_flags(d), out)
+    build_report(_inputs(_add_qc_flags(d)), out)
     return out.read_text(encoding="utf-8")
 
 
@@ -807,7 +841,7 @@ def test_empty_qc_flags_say_none(subject_dir: Path, tmp_path: Path) -> None:
     summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
     summary["qc_flags"] = []
     (d / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
-    html = build_context(d)
+    html = build_context(_inputs(d))
     assert html["qc_box"] == {"rows": [], "n_exclude": 0, "n_warn": 0, "excluded_sessions": []}
     assert html["pattern_qc_note"] == ""
     assert "Quality control flags: none raised." in render_html(html)
@@ -819,7 +853,7 @@ def test_old_summary_with_qc_column_only(subject_dir: Path, tmp_path: Path) -> N
     d = tmp_path / SUBJECT
     shutil.copytree(subject_dir, d)
     _add_qc_flags(d, flags=None)
-    ctx = build_context(d)
+    ctx = build_context(_inputs(d))
     assert ctx["qc_box"] is None
     row = next(r for r in ctx["volumes"] if r["study_date"] == "2024-03-04")
     assert str(row["volume_ml"]) == "not available" and row["volume_ml"].reason == (
@@ -908,7 +942,7 @@ def test_unconfirmed_progression_is_unmissable(subject_dir: Path, tmp_path: Path
               "the episode): a first apparent progression (iRECIST iUPD) ...")
     d = _copy_with_summary(subject_dir, tmp_path / SUBJECT, classification="progression",
                            session_states=states, reasons=[reason])
-    build_report(d, d / "report.html")
+    build_report(_inputs(d), d / "report.html")
     html = (d / "report.html").read_text(encoding="utf-8")
     head = _headline(html)
     assert "Pattern consistent with progression" in head
@@ -1023,26 +1057,45 @@ def test_within_measurement_error_where_the_tsv_says_no(
         assert within is (r["change_beyond_mdc95"] == "no"), (r, change_cell)
 
 
+def _methods_text(html: str) -> str:
+    """The Methods section as plain text (tags removed, entities decoded, spaces collapsed)."""
+    part = html[html.index('id="methods"') :]
+    return " ".join(unescape(re.sub(r"<[^>]+>", " ", part)).split())
+
+
 def test_methods_uncertainty_numbers_from_the_data(
     report_html: str, subject_dir: Path, tmp_path: Path
 ) -> None:
     methods = report_html[report_html.index('id="methods"') :]
     assert 'id="uncertainty"' in methods and 'id="state-legend"' in methods
-    text = " ".join(build_context(subject_dir)["uncertainty_methods"])
+    text = _methods_text(report_html)
     assert "scan–rescan study" in text and "MDC95" in text
     assert f"soft-tissue asymmetry change {MDC_ASYM:.1f} pp" in text  # from the table
     assert f"soft-tissue asymmetry ±{ASYM_CI:.1f} pp" in text
-    assert "soft-tissue asymmetry +5 pp; marrow lesion ×1.2 and +1 mL" in text  # thresholds
     assert "1 for this subject: day 3: " + WITHIN_TEXT in text
+    # the response rules with this run's thresholds (pipeline.longitudinal.describe_rules)
+    assert "soft-tissue asymmetry up by at least 5 pp" in text
+    assert "the marrow lesion at least ×1.2 its baseline volume and at least 1 mL larger" in text
     assert "at least 4 days after the episode's first flare" in text
-    assert "CRS window (days 1–14)" in text
+    assert "Sessions on days 1–14 after the infusion lie in the CRS window" in text
     summary = json.loads((subject_dir / "summary.json").read_text(encoding="utf-8"))
     thresholds = {**summary["thresholds"], "confirmation_min_interval_days": 7}
     d = _copy_with_summary(subject_dir, tmp_path / SUBJECT, thresholds=thresholds)
-    ctx = build_context(d)
-    text = " ".join(ctx["uncertainty_methods"])
+    ctx = build_context(_inputs(d))
+    text = _methods_text(render_html(ctx))
     assert "at least 7 days after" in text and "at least 4 days" not in text
     assert "at least 7 days after the first flare" in ctx["confirmation"]["detail"]
+
+
+def test_methods_rules_need_every_threshold(subject_dir: Path, tmp_path: Path) -> None:
+    """An older summary without some thresholds: the rules are not restated with made-up
+    values; the Methods say which are missing."""
+    summary = json.loads((subject_dir / "summary.json").read_text(encoding="utf-8"))
+    thresholds = {k: v for k, v in summary["thresholds"].items() if not k.startswith("response")}
+    d = _copy_with_summary(subject_dir, tmp_path / SUBJECT, thresholds=thresholds)
+    text = _methods_text(render_html(build_context(_inputs(d))))
+    assert "The response-pattern rules are not restated" in text
+    assert "response_asymmetry_pp" in text and "up by at least" not in text
 
 
 def test_unfitted_model_is_said(subject_dir: Path, tmp_path: Path) -> None:
@@ -1053,8 +1106,7 @@ def test_unfitted_model_is_said(subject_dir: Path, tmp_path: Path) -> None:
         for r in rows:
             r.update({k: 0 for k, v in r.items() if k.endswith("_ci95") and v != "n/a"})
         write_tsv_atomic(d / name, rows, [*rows[0].keys()])
-    text = " ".join(build_context(d)["uncertainty_methods"])
-    assert "has not been fitted" in text
+    assert "has not been fitted" in _methods_text(render_html(build_context(_inputs(d))))
 
 
 def test_outputs_without_uncertainty_render_as_before(subject_dir: Path, tmp_path: Path) -> None:
@@ -1068,7 +1120,7 @@ def test_outputs_without_uncertainty_render_as_before(subject_dir: Path, tmp_pat
     summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
     del summary["session_states"], summary["confirmation"]
     (d / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
-    build_report(d, d / "report.html")
+    build_report(_inputs(d), d / "report.html")
     html = (d / "report.html").read_text(encoding="utf-8")
     assert '<span class="ci">' not in html and 'class="within"' not in html
     assert 'id="session-states"' not in html and 'id="confirmation"' not in html
@@ -1103,3 +1155,100 @@ def test_timeline_draws_intervals(subject_dir: Path, tmp_path: Path) -> None:
     band = 1.0 - MDC_ALPHA * (1.0 - np.array(to_rgb(MDC_COLOR)))
     n_a, n_b = ((np.abs(x[..., :3] - band).max(axis=2) < 0.02).sum() for x in (a, b))
     assert n_a > 500 and n_b < n_a / 5, (n_a, n_b)
+
+
+# ------------------------------------------------------------------ show_phi: the identity
+
+
+PATIENT = {"PatientName": "QUERTY^LIOBA^M", "PatientID": "ID-4711-Q",
+           "PatientBirthDate": "19700215"}
+
+
+def _dicom_header(path: Path, **tags: str) -> Path:
+    """A minimal DICOM file holding the patient identity (no pixels: only headers are read)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    for tag, value in tags.items():
+        setattr(ds, tag, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _sessions_json(d: Path, identities: list[dict[str, str]]) -> Path:
+    """An index sessions.json whose sessions list one DICOM file each (`identities`)."""
+    sessions = []
+    for (date, _, _), identity in zip(SESSIONS, identities, strict=True):
+        ses = date.replace("-", "")
+        dcm = _dicom_header(d / "dicom" / ses / "IM1", **identity)
+        sessions.append({"session": ses, "study_date": date,
+                         "anatomical": {"files": [str(dcm)]}, "fluid": {"files": [str(dcm)]}})
+    path = d / "sessions.json"
+    path.write_text(json.dumps({"sessions": sessions, "n_files_dicom": len(sessions)}),
+                    encoding="utf-8")
+    return path
+
+
+def test_show_phi_shows_name_id_and_birth_date(subject_dir: Path, tmp_path: Path) -> None:
+    """config show_phi -> --show-phi: the header names the patient (from the DICOM headers
+    the index listed); by default nothing identifying is read or shown."""
+    sessions_json = _sessions_json(tmp_path, [PATIENT] * len(SESSIONS))
+    inputs = _inputs(subject_dir, sessions_json)
+    default = build_context(inputs)
+    assert default["patient"] is None
+    html = render_html(default)
+    for needle in ("QUERTY", "LIOBA", "ID-4711-Q", "1970-02-15", "19700215", "Patient name"):
+        assert needle not in html
+    ctx = build_context(inputs, show_phi=True)
+    assert ctx["patient"] == {"name": "QUERTY, LIOBA M", "id": "ID-4711-Q",
+                              "birth_date": "1970-02-15"}
+    html = render_html(ctx)
+    assert '<td id="patient-name">QUERTY, LIOBA M</td>' in html
+    assert '<td id="patient-id">ID-4711-Q</td>' in html
+    assert '<td id="patient-birth-date">1970-02-15</td>' in html
+
+
+def test_show_phi_without_identity(subject_dir: Path, tmp_path: Path) -> None:
+    """No sessions.json, or headers without an identity: 'not available', said why; sessions
+    whose headers differ show every value."""
+    ctx = build_context(_inputs(subject_dir), show_phi=True)
+    assert set(ctx["patient"].values()) == {"not available"}
+    assert any("no sessions.json given" in n for n in ctx["input_notes"])
+    other = {**PATIENT, "PatientID": "ID-0815"}
+    sessions_json = _sessions_json(tmp_path, [PATIENT, other, {}])
+    ctx = build_context(_inputs(subject_dir, sessions_json), show_phi=True)
+    assert ctx["patient"]["id"] == "ID-4711-Q; ID-0815"
+    assert ctx["patient"]["name"] == "QUERTY, LIOBA M"
+
+
+@pytest.mark.parametrize(
+    ("view", "words"),
+    [
+        (OverlayView("lesion", "t", "axial", note="no_lesion"), "No marrow lesion was segmented"),
+        (OverlayView("swelling", "t", "axial", note="no_limb"), "No limb was segmented: this"),
+        (OverlayView("coronal", "t", "coronal", note="no_limb_coronal"), "the coronal reformat"),
+        (OverlayView("lesion", "t", "axial", note="no_grid"), "no common grid"),
+        (OverlayView("swelling", "t", "axial", 1.0, "swelling_labels",
+                     {"difference_cm2": 12.34, "date": "2024-01-02"}),
+         "affected − contralateral, from the label maps: +12.3 cm² at 2024-01-02"),
+        (OverlayView("swelling", "t", "axial", 1.0, "largest_limb", {"date": "2024-01-02"}),
+         "largest affected-limb cross-section (no contralateral limb to compare) at 2024-01-02"),
+        (OverlayView("swelling", "t", "axial", 1.0, "swelling_profile",
+                     {"difference_cm2": -0.04, "date": "d", "distance_mm": None}),
+         "affected − contralateral: -0.0 cm² at d"),
+    ],
+)
+def test_every_view_note_and_position_has_words(view: OverlayView, words: str) -> None:
+    """The words for each position basis and each note of the overlay views are in
+    figure_captions.html (the views carry only keys and numbers)."""
+    macros = html_env.environment().get_template("figure_captions.html").module
+    text = str(macros.view_note(view) if view.note else macros.position(view))
+    assert words in " ".join(text.split())
+    if not view.note:
+        assert "from the landmark" not in text
