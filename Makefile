@@ -1,6 +1,7 @@
-# limbtrack: the two commands of the README.
+# limbtrack: the two commands of the README, and the checks CI runs.
 #   make demo   virtualenv, install, run the workflow on sample_data/, print the report's path
 #   make test   virtualenv, install, the whole test suite
+#   make lint   ruff, mypy and snakemake --lint (CI: .ci/run runs lint, then test)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -28,7 +29,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff check pipeline tests benchmarks
 	$(BIN)/mypy pipeline
 	$(BIN)/snakemake --lint
 

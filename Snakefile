@@ -1,16 +1,20 @@
 # limbtrack: longitudinal limb volumetry on serial MRI (see README.md and docs/design.md).
 # Wiring only: every step is a thin call into the importable package `pipeline/`.
 import json
+import shlex
 import sys
 
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
 from pipeline.workflow import (
     pass_research_salt,
     as_flag,
     baseline_session,
-    convert_module,
+    convert_command,
     index_args,
+    is_dicom_input,
+    limbtrack_command,
     input_digest,
     load_subjects,
     registration_reference,
@@ -35,7 +39,11 @@ config["research"]["export"] = as_flag(config["research"].get("export", False))
 pass_research_salt(config)
 validate(config, "config/schema.yaml")
 
-PYTHON = sys.executable  # the interpreter running Snakemake runs the steps too
+# Every rule runs "{params.limbtrack} <subcommand> ..." with params limbtrack=LIMBTRACK
+# (pipeline/cli.py maps subcommands to modules): the interpreter running Snakemake, or with
+# --use-conda the python of the rule's conda environment (environment.yml).
+USE_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+LIMBTRACK = limbtrack_command(sys.executable, USE_CONDA, workflow.basedir)
 RESULTS = config["results_dir"].rstrip("/")
 SUBJECTS = load_subjects(config)
 SUBJECT_DIR = f"{RESULTS}/{{subject}}"
@@ -80,8 +88,10 @@ onerror:
     # With --keep-going a failed subject stops the cohort rule; still list every subject,
     # the failed ones with the reason from their logs.
     if config["subjects_sheet"]:
+        # Snakemake's own process, outside any rule's environment
+        dirs = " ".join(shlex.quote(f"{RESULTS}/{s}") for s in sorted(SUBJECTS))
+        html, tsv = (shlex.quote(f"{RESULTS}/cohort.{ext}") for ext in ("html", "tsv"))
         shell(
-            f"{PYTHON} -m pipeline.report.cohort --subject-dirs "
-            + " ".join(f"{RESULTS}/{s}" for s in sorted(SUBJECTS))
-            + f" --out-html {RESULTS}/cohort.html --out-tsv {RESULTS}/cohort.tsv || true"
+            f"{limbtrack_command(sys.executable)} cohort --subject-dirs {dirs}"
+            f" --out-html {html} --out-tsv {tsv} || true"
         )

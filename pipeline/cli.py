@@ -1,5 +1,8 @@
 """``limbtrack`` command: one subcommand per stage, each the same ``main(argv)`` a rule calls.
 
+:data:`COMMANDS` is the one map from subcommand to module: the workflow's rules run
+``python -m pipeline.cli <subcommand> ...`` (the Snakefile's ``LIMBTRACK``), never a module.
+
 Examples::
 
     limbtrack phantom sample_data/demo          # the demo patient (DICOM + truth)
@@ -17,14 +20,22 @@ from collections.abc import Sequence
 from pipeline import __version__
 
 COMMANDS = {
+    "run": ("pipeline.run",
+            "the whole workflow on a study folder (or --cohort sheet), with progress"),
     "phantom": ("pipeline.validation.phantom",
                 "write a serial bilateral thigh MRI phantom with ground truth"),
     "index": ("pipeline.io.dicom_index", "index a DICOM folder and select series per study"),
     "convert": ("pipeline.io.convert", "convert a session's series to NIfTI + JSON sidecars"),
+    "nifti": ("pipeline.io.nifti_input",
+              "index (nifti index) or convert (nifti convert) a NIfTI sessions sheet"),
     "segment": ("pipeline.segment", "segment one session into a label map"),
+    "register": ("pipeline.register", "register a session to the baseline (rigid)"),
     "measure": ("pipeline.measure", "volumes per session, side and structure"),
     "longitudinal": ("pipeline.longitudinal", "asymmetry, change, response pattern, summary"),
     "report": ("pipeline.report.build", "the self-contained HTML report of a subject"),
+    "cohort": ("pipeline.report.cohort", "the cohort table and page of several subjects"),
+    "export": ("pipeline.export.session",
+               "label tables, BIDS dataset files, DICOM SEG + SR (export tables|dataset|dicom)"),
     "research": ("pipeline.export.research", "de-identified export with shifted dates"),
 }
 
@@ -40,6 +51,7 @@ def usage() -> str:
     lines += [f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += [
         "",
+        "One command: limbtrack run STUDY_DIR --day0 YYYY-MM-DD [--side left|right|auto]",
         "The whole workflow: snakemake --cores 2 --config input_dir=PATH subject=ID "
         "day0=YYYY-MM-DD affected_side=left|right|auto results_dir=PATH",
     ]

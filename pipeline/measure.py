@@ -12,7 +12,7 @@ import argparse
 import datetime as dt
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import SimpleITK as sitk
 from numpy.typing import NDArray
 
 from pipeline import qc as qc_mod
+from pipeline.baseline import baseline_position
 from pipeline.extent import (
     FieldOfView,
     Geometry,
@@ -31,8 +32,9 @@ from pipeline.extent import (
     read_label_map,
     volumes_in_extent,
 )
-from pipeline.io.files import mm3_to_ml, write_json_atomic, write_tsv_atomic
+from pipeline.io.files import finite_float, mm3_to_ml, write_json_atomic, write_tsv_atomic
 from pipeline.labels import SIDES, STRUCTURES, other_side, structure_labels
+from pipeline.names import session_of
 from pipeline.profiles import (
     CIRCUMFERENCE_COLUMNS,
     CSA_COLUMNS,
@@ -83,13 +85,14 @@ def grid_mm(labels: sitk.Image) -> tuple[float, float]:
     return float(np.sqrt(in_plane[0] * in_plane[1])), geo.spacing_xyz_mm[axis]
 
 
-def misregistration_mm(xfm_json: str | Path | None) -> float:
+def misregistration_mm(xfm: Mapping[str, Any] | None) -> float:
     """Residual misregistration to the baseline: the registration QC's bone-centroid distance
-    (mm); 0 for the baseline itself (no registration) or when the QC could not measure it."""
-    if not xfm_json:
+    (mm) in the registration record `xfm` (an ``_xfm.json``'s content); 0 for the baseline
+    itself (no registration) or when the QC could not measure it."""
+    if not xfm:
         return 0.0
-    quality = json.loads(Path(xfm_json).read_text(encoding="utf-8")).get("quality") or {}
-    return float(quality.get("centroid_distance_mm") or 0.0)
+    quality = xfm.get("quality") or {}
+    return finite_float(quality.get("centroid_distance_mm")) or 0.0
 
 
 def volumes_from_labels(
@@ -220,16 +223,74 @@ def _round3(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
-def load_sessions(sessions: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Copies of `sessions` with each label map and transform read once into memory (the
-    extent, volumes and profiles all use them; reading per use read each file 5 times)."""
-    loaded = []
-    for s in sessions:
-        entry = dict(s)
-        entry["dseg"] = read_label_map(s["dseg"])
-        entry["xfm"] = None if s.get("xfm") is None else as_transform(s["xfm"])
-        loaded.append(entry)
-    return loaded
+# ----------------------------------------------------------------------------- sessions
+
+
+@dataclass(frozen=True)
+class Session:
+    """One session as measure uses it: its files, its day, and its registration record.
+
+    ``xfm`` is the content of the session's ``_xfm.json`` (quality, ``poor``, ...), read once;
+    None for the baseline (not registered) or when there is none. ``tfm`` is the
+    baseline-to-session transform beside it. ``label_map`` and ``transform`` hold the label
+    map and transform once read (:meth:`loaded`): the extent, volumes and profiles share them.
+    """
+
+    label: str
+    study_date: str
+    day: int
+    dseg: Path
+    qc: Path | None = None
+    tfm: Path | None = None
+    xfm: dict[str, Any] | None = None
+    label_map: sitk.Image | None = field(default=None, repr=False, compare=False)
+    transform: sitk.Transform | None = field(default=None, repr=False, compare=False)
+
+    def loaded(self) -> Session:
+        """This session with its label map and transform read (a loaded one as it is)."""
+        if self.label_map is not None:
+            return self
+        return replace(self, label_map=read_label_map(self.dseg),
+                       transform=None if self.tfm is None else as_transform(self.tfm))
+
+    @property
+    def labels(self) -> sitk.Image:
+        """The label map (read now if the session is not loaded)."""
+        return self.label_map if self.label_map is not None else read_label_map(self.dseg)
+
+
+def read_session(label: str, study_date: str, day: int, dseg: str | Path,
+                 qc: str | Path | None = None, xfm_json: str | Path | None = None) -> Session:
+    """A session from its files: the registration record `xfm_json` is read here, once, and
+    the transform is the ``.tfm`` beside it."""
+    xfm = None if not xfm_json else json.loads(Path(xfm_json).read_text(encoding="utf-8"))
+    return Session(label, study_date, day, Path(dseg), qc=Path(qc) if qc else None,
+                   tfm=Path(xfm_json).with_suffix(".tfm") if xfm_json else None, xfm=xfm)
+
+
+def as_session(s: Session | Mapping[str, Any], day0: str = "") -> Session:
+    """`s` as a :class:`Session`. A mapping (``session``, ``study_date``, ``dseg``, optional
+    ``qc``, ``xfm`` (the .tfm) and ``xfm_json`` paths) is read into one; its day counts from
+    `day0` (0 without it: QC flags need no day)."""
+    if isinstance(s, Session):
+        return s
+    day = session_day(s["study_date"], day0) if day0 else 0
+    session = read_session(str(s["session"]), s["study_date"], day, s["dseg"], s.get("qc"),
+                           s.get("xfm_json"))
+    return replace(session, tfm=Path(s["xfm"]) if s.get("xfm") else None)
+
+
+def load_sessions(sessions: Sequence[Session]) -> list[Session]:
+    """`sessions` with each label map and transform read once into memory (the extent,
+    volumes and profiles all use them; reading per use read each file 5 times)."""
+    return [s.loaded() for s in sessions]
+
+
+def default_baseline(sessions: Sequence[Session]) -> str:
+    """Label of the baseline session: :func:`pipeline.baseline.baseline_position` over the
+    sessions in date order (the last on or before day 0, else the first)."""
+    ordered = sorted(sessions, key=lambda s: s.study_date)
+    return ordered[baseline_position([s.day for s in ordered])].label
 
 
 def _extent_of(labels: sitk.Image) -> tuple[tuple[float, float], int]:
@@ -242,56 +303,34 @@ def _extent_of(labels: sitk.Image) -> tuple[tuple[float, float], int]:
     return (float(min(z)), float(max(z))), int(size[axis])
 
 
-def collect_flags(sessions: Sequence[Mapping[str, Any]]) -> list[QCFlag]:
+def collect_flags(sessions: Sequence[Session | Mapping[str, Any]]) -> list[QCFlag]:
     """QC flags of every session: the segmentation's (``qc``: the label map's JSON sidecar)
-    and ``registration_failed`` where the registration to the baseline (``xfm_json``) was
-    poor. Paths may be absent (None)."""
+    and ``registration_failed`` where the registration to the baseline (``xfm``) was
+    poor."""
     flags: list[QCFlag] = []
-    for s in sessions:
-        label = str(s["session"])
-        if s.get("qc"):
-            sidecar = json.loads(Path(s["qc"]).read_text(encoding="utf-8"))
-            flags += qc_mod.flags_from_json(sidecar.get("qc_flags", []), session=label)
-        if s.get("xfm_json"):
-            reg = json.loads(Path(s["xfm_json"]).read_text(encoding="utf-8"))
-            if reg.get("poor"):
-                flags.append(QCFlag(
-                    label, qc_mod.BOTH, qc_mod.REGISTRATION_FAILED, "exclude",
-                    "registration to the baseline failed: "
-                    + "; ".join(reg.get("poor_reasons", []) or ["poor quality"])))
+    for s in map(as_session, sessions):
+        if s.qc is not None:
+            sidecar = json.loads(s.qc.read_text(encoding="utf-8"))
+            flags += qc_mod.flags_from_json(sidecar.get("qc_flags", []), session=s.label)
+        if s.xfm is not None and s.xfm.get("poor"):
+            flags.append(QCFlag(
+                s.label, qc_mod.BOTH, qc_mod.REGISTRATION_FAILED, "exclude",
+                "registration to the baseline failed: "
+                + "; ".join(s.xfm.get("poor_reasons", []) or ["poor quality"])))
     return flags
 
 
-def measure_subject(
-    subject: str,
-    day0: str,
-    sessions: Sequence[Mapping[str, Any]],
-    affected_side: str,
-    baseline: str | None = None,
-    flags: Sequence[QCFlag] = (),
-) -> tuple[list[SessionVolumes], str, str, dict[str, Any]]:
-    """Measure every session's label map over the common extent; resolve ``'auto'`` sides.
+# ----------------------------------------------------------------------------- measuring
 
-    Parameters
-    ----------
-    sessions : sequence of mappings with ``session``, ``study_date``, ``dseg`` (path) and
-        optionally ``xfm`` (the baseline-to-session transform of :mod:`pipeline.register`,
-        a .tfm path; None or absent for the baseline, or when there is none).
-    baseline : session label of the baseline; the extent is in its coordinates.
-    flags : QC flags (:mod:`pipeline.qc`). A structure an ``exclude`` flag removes is None
-        (not available); a session with nothing left (failed registration, not T1-like)
-        neither narrows the common extent nor the common field of view.
 
-    Returns
-    -------
-    (session volumes sorted by date, affected side, how the side was decided, extent info)
-    """
-    ordered = load_sessions(sorted(sessions, key=lambda s: s["study_date"]))
-    label_maps = [s["dseg"] for s in ordered]
-    transforms = [None if s["session"] == baseline else s.get("xfm") for s in ordered]
-    usable = [not qc_mod.session_excluded(flags, s["session"]) for s in ordered]
-    gone = qc_mod.unavailable(flags)
-    extent_info: dict[str, Any] = {"method": "common extent after registration"}
+def measurement_extent(
+    label_maps: Sequence[sitk.Image], transforms: Sequence[sitk.Transform | None],
+    usable: Sequence[bool],
+) -> tuple[tuple[float, float], list[FieldOfView], dict[str, Any]]:
+    """The baseline cranio-caudal extent every usable session covers, the fields of view to
+    intersect in-plane, and how they were set; every slice (with a warning) when no common
+    extent can be set. The baseline is the session without a transform."""
+    info: dict[str, Any] = {"method": "common extent after registration"}
     fovs: list[FieldOfView] = []
     try:
         if not any(usable):
@@ -307,32 +346,42 @@ def measure_subject(
             z_lo = min(z_lo, b_lo)
         if abs(z_hi - b_hi) <= SNAP_MM:
             z_hi = max(z_hi, b_hi)
-        extent_info.update(z_min_mm=round(z_lo, 2), z_max_mm=round(z_hi, 2),
-                           length_mm=round(z_hi - z_lo, 2))
+        info.update(z_min_mm=round(z_lo, 2), z_max_mm=round(z_hi, 2),
+                    length_mm=round(z_hi - z_lo, 2))
         if len(maps_ok) > 1:
             fovs = [FieldOfView(Geometry.of(m), t) for m, t in zip(maps_ok, trs_ok, strict=True)]
-            extent_info["in_plane"] = "voxels seen by every session's field of view"
+            info["in_plane"] = "voxels seen by every session's field of view"
     except ValueError as err:
         z_lo, z_hi = -np.inf, np.inf
-        extent_info.update(method="every slice of each session", warning=(
+        info.update(method="every slice of each session", warning=(
             f"no common extent could be set ({err}); volumes cover every slice"))
-    measured = []
-    for s, xfm, ok in zip(ordered, transforms, usable, strict=True):
-        z_range, n = _extent_of(s["dseg"])
-        vols: dict[str, dict[str, float | None]] = {
-            side: dict(v) for side, v in volumes_in_extent(
-                s["dseg"], xfm, (z_lo, z_hi), fovs if ok else ()).items()}
-        for sd in SIDES:
-            for structure in STRUCTURES:
-                if (s["session"], sd, structure) in gone:
-                    vols[sd][structure] = None
-        qc_codes: dict[str, list[str]] = {
-            sd: qc_mod.codes_for(flags, s["session"], sd) for sd in SIDES}
-        pixel, slice_ = grid_mm(s["dseg"])
-        measured.append(SessionVolumes(s["session"], s["study_date"],
-                                       session_day(s["study_date"], day0), vols, z_range, n,
-                                       qc_codes, pixel, slice_,
-                                       misregistration_mm(s.get("xfm_json"))))
+    return (z_lo, z_hi), fovs, info
+
+
+def measure_session(
+    s: Session, transform: sitk.Transform | None, extent: tuple[float, float],
+    fovs: Sequence[FieldOfView], flags: Sequence[QCFlag],
+) -> SessionVolumes:
+    """Volumes of one (loaded) session inside `extent` and every field of view in `fovs`;
+    a structure an ``exclude`` flag removes is None."""
+    labels = s.labels
+    z_range, n = _extent_of(labels)
+    vols: dict[str, dict[str, float | None]] = {
+        side: dict(v) for side, v in volumes_in_extent(labels, transform, extent, fovs).items()}
+    gone = qc_mod.unavailable(flags)
+    for sd in SIDES:
+        for structure in STRUCTURES:
+            if (s.label, sd, structure) in gone:
+                vols[sd][structure] = None
+    qc_codes: dict[str, list[str]] = {sd: qc_mod.codes_for(flags, s.label, sd) for sd in SIDES}
+    pixel, slice_ = grid_mm(labels)
+    return SessionVolumes(s.label, s.study_date, s.day, vols, z_range, n, qc_codes, pixel,
+                          slice_, misregistration_mm(s.xfm))
+
+
+def resolve_side(affected_side: str, measured: Sequence[SessionVolumes]) -> tuple[str, str]:
+    """(affected side, how it was decided): the configured one, or for ``'auto'`` the one
+    :func:`infer_affected_side` finds (ValueError when none stands out)."""
     if affected_side == "auto":
         side, why = infer_affected_side(measured)
         if side is None:
@@ -340,36 +389,71 @@ def measure_subject(
                 f"affected_side=auto: cannot tell the affected side ({why}); "
                 "give affected_side=left or right"
             )
-        return measured, side, f"automatic: {why}", extent_info
+        return side, f"automatic: {why}"
     if affected_side not in SIDES:
         raise ValueError(f"affected_side must be left, right or auto, not {affected_side!r}")
-    return measured, affected_side, "configuration", extent_info
+    return affected_side, "configuration"
+
+
+def measure_subject(
+    subject: str,
+    day0: str,
+    sessions: Sequence[Session | Mapping[str, Any]],
+    affected_side: str,
+    baseline: str | None = None,
+    flags: Sequence[QCFlag] = (),
+) -> tuple[list[SessionVolumes], str, str, dict[str, Any]]:
+    """Measure every session's label map over the common extent; resolve ``'auto'`` sides.
+
+    Parameters
+    ----------
+    sessions : :class:`Session` records (or mappings :func:`as_session` reads, their days
+        counted from `day0`); the transform of the baseline is not used.
+    baseline : session label of the baseline; the extent is in its coordinates.
+    flags : QC flags (:mod:`pipeline.qc`). A structure an ``exclude`` flag removes is None
+        (not available); a session with nothing left (failed registration, not T1-like)
+        neither narrows the common extent nor the common field of view.
+
+    Returns
+    -------
+    (session volumes sorted by date, affected side, how the side was decided, extent info)
+    """
+    ordered = load_sessions(sorted((as_session(s, day0) for s in sessions),
+                                   key=lambda s: s.study_date))
+    transforms = [None if s.label == baseline else s.transform for s in ordered]
+    usable = [not qc_mod.session_excluded(flags, s.label) for s in ordered]
+    extent, fovs, extent_info = measurement_extent([s.labels for s in ordered], transforms,
+                                                   usable)
+    measured = [measure_session(s, xfm, extent, fovs if ok else (), flags)
+                for s, xfm, ok in zip(ordered, transforms, usable, strict=True)]
+    side, how = resolve_side(affected_side, measured)
+    return measured, side, how, extent_info
 
 
 def write_profiles(
-    sessions: Sequence[Mapping[str, Any]], baseline: str, csa_path: Path, circ_path: Path
+    sessions: Sequence[Session], baseline: str, csa_path: Path, circ_path: Path
 ) -> dict[str, Any]:
     """Cross-sectional area and circumference profiles of every session in baseline
     coordinates, relative to the bone landmark found on the baseline. Returns the landmarks."""
-    base = next(s for s in sessions if s["session"] == baseline)
-    landmarks = find_landmarks(base["dseg"])
+    sessions = load_sessions(sessions)
+    base = next(s for s in sessions if s.label == baseline)
+    landmarks = find_landmarks(base.labels)
     csa: list[dict[str, Any]] = []
     circ: list[dict[str, Any]] = []
-    for s in sorted(sessions, key=lambda s: s["study_date"]):
-        xfm = None if s["session"] == baseline else s.get("xfm")
-        csa += csa_profile(s["dseg"], xfm, landmarks, session=s["session"])
-        circ += circumference_profile(s["dseg"], xfm, landmarks, session=s["session"])
+    for s in sorted(sessions, key=lambda s: s.study_date):
+        xfm = None if s.label == baseline else s.transform
+        csa += csa_profile(s.labels, xfm, landmarks, session=s.label)
+        circ += circumference_profile(s.labels, xfm, landmarks, session=s.label)
     write_profile_tsv(csa_path, csa, CSA_COLUMNS)
     write_profile_tsv(circ_path, circ, CIRCUMFERENCE_COLUMNS)
     return {side: {"z_mm": round(lm.z_mm, 2), "method": lm.method}
             for side, lm in landmarks.items()}
 
 
-def _session_label(path: Path) -> str:
-    return path.name.split("_ses-")[1].split("_")[0] if "_ses-" in path.name else ""
+# ----------------------------------------------------------------------------- command line
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="limbtrack measure", description=__doc__.split("\n")[0])
     p.add_argument("--subject", required=True)
     p.add_argument("--day0", required=True, help="YYYY-MM-DD")
@@ -382,7 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "sessions other than the baseline")
     p.add_argument("--qc", nargs="*", default=[], type=Path,
                    help="segmentation QC sidecars (_dseg.json) holding the QC flags")
-    p.add_argument("--baseline", default=None, help="baseline session label")
+    p.add_argument("--baseline", default=None,
+                   help="baseline session label (default: the last session on or before "
+                   "day 0, else the first)")
     p.add_argument("--repeatability", default=None, type=Path,
                    help="repeatability model JSON (default: the packaged one)")
     p.add_argument("--out", required=True, type=Path, help="volumes.tsv")
@@ -390,23 +476,55 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="where to write the resolved affected side, extent and registration")
     p.add_argument("--csa", type=Path, default=None, help="cross-sectional area profile TSV")
     p.add_argument("--circumference", type=Path, default=None, help="circumference TSV")
-    args = p.parse_args(argv)
+    return p
+
+
+def read_sessions(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Session]:
+    """The sessions of the command line, in the order of ``--dseg``: dates from
+    sessions.json, QC sidecars and registration records matched by session label."""
     index = json.loads(args.sessions_json.read_text(encoding="utf-8"))
     dates = {s["session"]: s["study_date"] for s in index["sessions"]}
-    xfms = {_session_label(x): x for x in args.xfm}
-    sidecars = {_session_label(q): q for q in args.qc}
-    sessions: list[dict[str, Any]] = []
+    xfms = {session_of(x): x for x in args.xfm}
+    sidecars = {session_of(q): q for q in args.qc}
+    sessions = []
     for path in args.dseg:
-        label = _session_label(path)
+        label = session_of(path)
         if label not in dates:
-            p.error(f"{path}: session {label or '(no _ses-<label>_ in the name)'} is not "
-                    f"listed in {args.sessions_json}")
-        xfm = xfms.get(label)
-        sessions.append({"session": label, "study_date": dates[label], "dseg": str(path),
-                         "xfm": None if xfm is None else str(xfm.with_suffix(".tfm")),
-                         "xfm_json": None if xfm is None else str(xfm),
-                         "qc": None if label not in sidecars else str(sidecars[label])})
-    baseline = args.baseline or min(sessions, key=lambda s: s["study_date"])["session"]
+            parser.error(f"{path}: session {label or '(no _ses-<label>_ in the name)'} is not "
+                         f"listed in {args.sessions_json}")
+        sessions.append(read_session(label, dates[label], session_day(dates[label], args.day0),
+                                     path, sidecars.get(label), xfms.get(label)))
+    return sessions
+
+
+def _profiles(args: argparse.Namespace, sessions: Sequence[Session], baseline: str,
+              warnings: list[str]) -> dict[str, Any]:
+    """Write the profiles when asked (empty tables and a warning when they cannot be
+    computed); returns the landmarks."""
+    if not (args.csa and args.circumference):
+        return {}
+    try:
+        return write_profiles(sessions, baseline, args.csa, args.circumference)
+    except ValueError as err:
+        warnings.append(f"profiles not computed: {err}")
+        write_profile_tsv(args.csa, [], CSA_COLUMNS)
+        write_profile_tsv(args.circumference, [], CIRCUMFERENCE_COLUMNS)
+        return {}
+
+
+def _grid_record(m: SessionVolumes) -> dict[str, Any]:
+    """A session's entry in side.json: its date, day, extent and grid."""
+    return {"session": m.session, "study_date": m.study_date, "day": m.day,
+            "z_range_mm": list(m.z_range_mm), "n_slices": m.n_slices,
+            "pixel_mm": round(m.pixel_mm, 4), "slice_mm": round(m.slice_mm, 4),
+            "misregistration_mm": round(m.misregistration_mm, 4)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sessions = read_sessions(args, parser)
+    baseline = args.baseline or default_baseline(sessions)
     flags = collect_flags(sessions)
     sessions = load_sessions(sessions)
     measured, side, how, extent = measure_subject(
@@ -414,37 +532,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = RepeatabilityModel.load(args.repeatability)
     write_tsv_atomic(args.out, volume_rows(args.subject, measured, side, model),
                      VOLUME_COLUMNS)
-    landmarks: dict[str, Any] = {}
     warnings: list[str] = [extent["warning"]] if "warning" in extent else []
-    if args.csa and args.circumference:
-        try:
-            landmarks = write_profiles(sessions, baseline, args.csa, args.circumference)
-        except ValueError as err:
-            warnings.append(f"profiles not computed: {err}")
-            write_profile_tsv(args.csa, [], CSA_COLUMNS)
-            write_profile_tsv(args.circumference, [], CIRCUMFERENCE_COLUMNS)
-    registration = {}
-    for s in sessions:
-        if s["xfm_json"]:
-            reg = json.loads(Path(s["xfm_json"]).read_text(encoding="utf-8"))
-            registration[s["session"]] = reg
+    landmarks = _profiles(args, sessions, baseline, warnings)
     write_json_atomic(args.side_json, {
         "affected_side": side,
         "affected_side_source": how,
         "baseline_session": baseline,
         "extent": extent,
         "landmarks": landmarks,
-        "registration": registration,
+        "registration": {s.label: s.xfm for s in sessions if s.xfm is not None},
         "warnings": warnings,
         "qc_flags": [f.to_json() for f in flags],
         "uncertainty_model": model.describe(args.repeatability),
-        "sessions": [
-            {"session": m.session, "study_date": m.study_date, "day": m.day,
-             "z_range_mm": list(m.z_range_mm), "n_slices": m.n_slices,
-             "pixel_mm": round(m.pixel_mm, 4), "slice_mm": round(m.slice_mm, 4),
-             "misregistration_mm": round(m.misregistration_mm, 4)}
-            for m in measured
-        ],
+        "sessions": [_grid_record(m) for m in measured],
     })
     print(f"{args.subject}: affected side {side} ({how}); {len(measured)} sessions; "
           f"extent {extent}")

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.baseline import baseline_position
 from pipeline.io.files import is_within, read_tsv, walk_entries
 from pipeline.io.nifti_input import SHEET_COLUMNS, is_sessions_sheet
 
@@ -23,7 +24,7 @@ DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 SIDES = ("left", "right", "auto")
 REQUIRED_COLUMNS = ("subject", "input_dir", "day0", "affected_side")
 #: Files at the top of a study folder that are not part of the DICOM export (the DICOM index
-#: leaves them out too: pipeline.io.dicom_index.COMPANION_FILES).
+#: leaves them out too: pipeline.io.scan.COMPANION_FILES).
 COMPANION_FILES = ("events.tsv",)
 
 
@@ -64,16 +65,17 @@ def _check_subject(subject: dict[str, str], where: str) -> dict[str, str]:
 
 def index_args(subject: dict[str, str], out_dir: str, series: dict[str, str],
                show_phi: bool = False) -> str:
-    """Module and arguments of the index step for a subject's input (DICOM folder or sheet).
+    """``limbtrack`` subcommand and arguments of the index step for a subject's input (DICOM
+    folder or sheet).
 
     A DICOM folder's index takes the subject's ``patient`` (its fingerprint or PatientID:
     only that patient's studies are used; empty: the folder must hold one patient) and
     ``show_phi`` (the table of patients of a refused folder then shows IDs and names)."""
     q = shlex.quote
     if is_sessions_sheet(subject["input_dir"]):
-        return (f"pipeline.io.nifti_input index --sheet {q(subject['input_dir'])} "
+        return (f"nifti index --sheet {q(subject['input_dir'])} "
                 f"--subject {q(subject['subject'])} --out-dir {q(out_dir)}")
-    args = f"pipeline.io.dicom_index --input-dir {q(subject['input_dir'])} --out-dir {q(out_dir)}"
+    args = f"index --input-dir {q(subject['input_dir'])} --out-dir {q(out_dir)}"
     for flag, key in (("--anatomical-regex", "anatomical_regex"),
                       ("--fluid-regex", "fluid_regex")):
         if series.get(key):
@@ -85,11 +87,14 @@ def index_args(subject: dict[str, str], out_dir: str, series: dict[str, str],
     return args
 
 
-def convert_module(subject: dict[str, str]) -> str:
-    """Module (and subcommand) converting one session of a subject's input."""
-    if is_sessions_sheet(subject["input_dir"]):
-        return "pipeline.io.nifti_input convert"
-    return "pipeline.io.convert"
+def is_dicom_input(subject: Mapping[str, str]) -> bool:
+    """Whether a subject's input is a DICOM study folder (else a NIfTI sessions sheet)."""
+    return not is_sessions_sheet(subject["input_dir"])
+
+
+def convert_command(subject: Mapping[str, str]) -> str:
+    """``limbtrack`` subcommand converting one session of a subject's input."""
+    return "convert" if is_dicom_input(subject) else "nifti convert"
 
 
 def default_events(input_dir: str) -> str:
@@ -314,13 +319,29 @@ def session_labels(sessions_json: str | Path) -> list[str]:
 
 
 def baseline_session(sessions_json: str | Path, day0: str) -> str:
-    """Label of the baseline session: the last on or before day 0, else the first."""
+    """Label of the baseline session: :func:`pipeline.baseline.baseline_position` over the
+    sessions in date order (the last on or before day 0, else the first)."""
     data = json.loads(Path(sessions_json).read_text(encoding="utf-8"))
     sessions = sorted(data["sessions"], key=lambda s: s["study_date"])
     if not sessions:
         raise ValueError(f"{sessions_json}: no sessions")
-    before = [s for s in sessions if s["study_date"] <= day0]
-    return str((before[-1] if before else sessions[0])["session"])
+    first_day = dt.date.fromisoformat(day0)
+    days = [(dt.date.fromisoformat(s["study_date"]) - first_day).days for s in sessions]
+    return str(sessions[baseline_position(days)]["session"])
+
+
+def limbtrack_command(python: str, conda: bool = False, package_dir: str = "") -> str:
+    """The command a rule's shell runs a ``limbtrack`` subcommand with
+    (:data:`pipeline.cli.COMMANDS`).
+
+    Without conda: `python`, the interpreter running Snakemake (a cluster node's Snakemake
+    runs its job with its own). With ``--use-conda`` (`conda`): the ``python`` of the rule's
+    environment (environment.yml, activated by Snakemake), which holds the dependencies; the
+    package is this folder's (`package_dir` on ``PYTHONPATH``).
+    """
+    if conda:
+        return f"PYTHONPATH={shlex.quote(package_dir)} python -m pipeline.cli"
+    return f"{shlex.quote(python)} -m pipeline.cli"
 
 
 def registration_reference(affected_side: str) -> str:

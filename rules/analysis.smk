@@ -9,7 +9,7 @@ rule segment:
         dseg=f"{SESSION_STEM}_dseg.nii.gz",
         qc=f"{SESSION_STEM}_dseg.json",
     params:
-        python=PYTHON,
+        limbtrack=LIMBTRACK,
         settings=json.dumps(config["segment"]),
     log:
         f"{SUBJECT_DIR}/logs/segment_ses-{{session}}.log",
@@ -22,7 +22,7 @@ rule segment:
         mem_mb=5000,
         runtime=30,
     shell:
-        "{params.python} -m pipeline.segment --t1 {input.t1:q} --fluid {input.fluid:q}"
+        "{params.limbtrack} segment --t1 {input.t1:q} --fluid {input.fluid:q}"
         " --out {output.dseg:q} --qc {output.qc:q} --settings-json {params.settings:q}"
         " > {log:q} 2>&1"
 
@@ -36,7 +36,7 @@ rule register:
         tfm=f"{SESSION_STEM}_xfm.tfm",
         json=f"{SESSION_STEM}_xfm.json",
     params:
-        python=PYTHON,
+        limbtrack=LIMBTRACK,
         reference=registration_side,
     log:
         f"{SUBJECT_DIR}/logs/register_ses-{{session}}.log",
@@ -48,7 +48,7 @@ rule register:
         mem_mb=3000,
         runtime=30,
     shell:
-        "{params.python} -m pipeline.register --fixed-image {input.fixed_image:q}"
+        "{params.limbtrack} register --fixed-image {input.fixed_image:q}"
         " --fixed-labels {input.fixed_labels:q} --moving-image {input.moving_image:q}"
         " --moving-labels {input.moving_labels:q} --reference {params.reference}"
         " --out-tfm {output.tfm:q} --out-json {output.json:q} > {log:q} 2>&1"
@@ -67,7 +67,7 @@ rule measure:
         csa=f"{SUBJECT_DIR}/profile_csa.tsv",
         circumference=f"{SUBJECT_DIR}/circumference.tsv",
     params:
-        python=PYTHON,
+        limbtrack=LIMBTRACK,
         day0=subject_value("day0"),
         affected_side=subject_value("affected_side"),
         baseline=baseline_label,
@@ -84,7 +84,7 @@ rule measure:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{params.python} -m pipeline.measure --subject {wildcards.subject} --day0 {params.day0}"
+        "{params.limbtrack} measure --subject {wildcards.subject} --day0 {params.day0}"
         " --affected-side {params.affected_side} --sessions-json {input.sessions_json:q}"
         " --dseg {input.dseg:q} --qc {input.qc:q} --xfm {input.xfm:q}"
         " --baseline {params.baseline} {params.repeatability}"
@@ -103,7 +103,7 @@ rule longitudinal:
         longitudinal=f"{SUBJECT_DIR}/longitudinal.tsv",
         summary=f"{SUBJECT_DIR}/summary.json",
     params:
-        python=PYTHON,
+        limbtrack=LIMBTRACK,
         day0=subject_value("day0"),
         subject_dir=parent_of("summary"),
         events=events_arg,
@@ -120,7 +120,7 @@ rule longitudinal:
         mem_mb=500,
         runtime=10,
     shell:
-        "{params.python} -m pipeline.longitudinal --subject {wildcards.subject} --day0 {params.day0}"
+        "{params.limbtrack} longitudinal --subject {wildcards.subject} --day0 {params.day0}"
         " --subject-dir {params.subject_dir:q} --volumes {input.volumes:q}"
         " --side-json {input.side:q} --sessions-json {input.sessions_json:q}"
         " --qc {input.qc:q} {params.events} --thresholds-json {params.thresholds:q}"

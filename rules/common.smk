@@ -97,15 +97,15 @@ def session_entry(wildcards):
 
 
 def index_command(wildcards, output):
-    """Module and arguments of the index step (DICOM folder or NIfTI sessions sheet)."""
+    """Subcommand and arguments of the index step (DICOM folder or NIfTI sessions sheet)."""
     out_dir = os.path.dirname(output.index_tsv)
     return index_args(SUBJECTS[wildcards.subject], out_dir, config["series"],
                       config["show_phi"])
 
 
-def convert_command(wildcards):
-    """Module converting a session: DICOM series or NIfTI sheet images."""
-    return convert_module(SUBJECTS[wildcards.subject])
+def convert_subcommand(wildcards):
+    """Subcommand converting a session: DICOM series or NIfTI sheet images."""
+    return convert_command(SUBJECTS[wildcards.subject])
 
 
 def parent_of(key):
@@ -117,15 +117,10 @@ def parent_of(key):
     return get
 
 
-def subject_dir_param(wildcards):
-    return SUBJECT_DIR.format(subject=wildcards.subject)
-
-
 def export_inputs(wildcards):
     """Per-session exports the config asks for (DICOM SEG/SR only for DICOM input)."""
     files = {"tables": session_files(f"{SESSION_STEM}_dseg.ctbl")(wildcards)}
-    dicom_input = convert_module(SUBJECTS[wildcards.subject]) == "pipeline.io.convert"
-    if config["export"]["dicom"] and dicom_input:
+    if config["export"]["dicom"] and is_dicom_input(SUBJECTS[wildcards.subject]):
         files["seg"] = session_files(f"{SESSION_STEM}_seg.dcm")(wildcards)
         files["sr"] = session_files(f"{SESSION_STEM}_sr.dcm")(wildcards)
     return files

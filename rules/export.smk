@@ -1,5 +1,6 @@
 # Results for other viewers (config export: viewers / dicom): label tables for ITK-SNAP and
-# 3D Slicer, BIDS-like dataset_description.json, DICOM Segmentation and TID 1500 SR.
+# 3D Slicer, BIDS-like dataset_description.json, DICOM Segmentation and TID 1500 SR; and the
+# opt-in research export. Each command reads and writes exactly the files named here.
 
 
 rule export_tables:
@@ -10,8 +11,7 @@ rule export_tables:
         itksnap=f"{SESSION_STEM}_dseg.itksnap.txt",
         ctbl=f"{SESSION_STEM}_dseg.ctbl",
     params:
-        python=PYTHON,
-        subject_dir=subject_dir_param,
+        limbtrack=LIMBTRACK,
     log:
         f"{SUBJECT_DIR}/logs/export_tables_ses-{{session}}.log",
     conda:
@@ -21,8 +21,8 @@ rule export_tables:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{params.python} -m pipeline.export.session --subject-dir {params.subject_dir:q}"
-        " --subject {wildcards.subject} --session {wildcards.session} > {log:q} 2>&1"
+        "{params.limbtrack} export tables --dseg {input.dseg:q} --lookup {output.lookup:q}"
+        " --itksnap {output.itksnap:q} --ctbl {output.ctbl:q} > {log:q} 2>&1"
 
 
 rule export_dicom:
@@ -35,8 +35,7 @@ rule export_dicom:
         seg=f"{SESSION_STEM}_seg.dcm",
         sr=f"{SESSION_STEM}_sr.dcm",
     params:
-        python=PYTHON,
-        subject_dir=subject_dir_param,
+        limbtrack=LIMBTRACK,
     log:
         f"{SUBJECT_DIR}/logs/export_dicom_ses-{{session}}.log",
     conda:
@@ -46,20 +45,22 @@ rule export_dicom:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{params.python} -m pipeline.export.session --subject-dir {params.subject_dir:q}"
-        " --subject {wildcards.subject} --session {wildcards.session} --dicom --no-tables"
-        " > {log:q} 2>&1"
+        "{params.limbtrack} export dicom --subject {wildcards.subject} --session {wildcards.session}"
+        " --dseg {input.dseg:q} --fluid-json {input.fluid_json:q}"
+        " --sessions-json {input.sessions_json:q} --volumes {input.volumes:q}"
+        " --seg {output.seg:q} --sr {output.sr:q} > {log:q} 2>&1"
 
 
 rule export:
     input:
+        # Dependency markers only: the dataset files are written once every session's
+        # exports exist; the command reads none of them.
         unpack(export_inputs),
     output:
         description=f"{SUBJECT_DIR}/dataset_description.json",
         lookup=f"{SUBJECT_DIR}/dseg.tsv",
     params:
-        python=PYTHON,
-        subject_dir=parent_of("description"),
+        limbtrack=LIMBTRACK,
     log:
         f"{SUBJECT_DIR}/logs/export.log",
     conda:
@@ -69,22 +70,21 @@ rule export:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{params.python} -m pipeline.export.session --subject-dir {params.subject_dir:q} --dataset"
-        " > {log:q} 2>&1"
+        "{params.limbtrack} export dataset --description {output.description:q}"
+        " --lookup {output.lookup:q} > {log:q} 2>&1"
 
 
 rule research_export:
     input:
         volumes=f"{SUBJECT_DIR}/volumes.tsv",
         longitudinal=f"{SUBJECT_DIR}/longitudinal.tsv",
-        images=session_files(f"{SESSION_STEM}_fluid.nii.gz"),
         t1=session_files(f"{SESSION_STEM}_T1w.nii.gz"),
+        fluid=session_files(f"{SESSION_STEM}_fluid.nii.gz"),
         dseg=session_files(f"{SESSION_STEM}_dseg.nii.gz"),
     output:
         directory(f"{SUBJECT_DIR}/research"),
     params:
-        python=PYTHON,
-        subject_dir=subject_dir_param,
+        limbtrack=LIMBTRACK,
     log:
         f"{SUBJECT_DIR}/logs/research_export.log",
     conda:
@@ -94,5 +94,6 @@ rule research_export:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{params.python} -m pipeline.export.research --subject-dir {params.subject_dir:q}"
-        " --subject {wildcards.subject} --out-dir {output:q} > {log:q} 2>&1"
+        "{params.limbtrack} research --subject {wildcards.subject} --volumes {input.volumes:q}"
+        " --longitudinal {input.longitudinal:q} --t1w {input.t1:q} --fluid {input.fluid:q}"
+        " --dseg {input.dseg:q} --out-dir {output:q} > {log:q} 2>&1"

@@ -11,7 +11,7 @@ checkpoint index:
         sessions_json=f"{SUBJECT_DIR}/sessions.json",
         sessions_tsv=f"{SUBJECT_DIR}/sessions.tsv",
     params:
-        python=PYTHON,
+        limbtrack=LIMBTRACK,
         args=index_command,
         inputs=index_inputs,
     log:
@@ -24,7 +24,7 @@ checkpoint index:
         mem_mb=1000,
         runtime=30,
     shell:
-        "{params.python} -m {params.args} > {log:q} 2>&1"
+        "{params.limbtrack} {params.args} > {log:q} 2>&1"
 
 
 rule convert:
@@ -36,8 +36,8 @@ rule convert:
         t1_json=f"{SESSION_STEM}_T1w.json",
         fluid_json=f"{SESSION_STEM}_fluid.json",
     params:
-        python=PYTHON,
-        module=convert_command,
+        limbtrack=LIMBTRACK,
+        subcommand=convert_subcommand,
         out_dir=parent_of("t1"),
         entry=session_entry,
     log:
@@ -51,6 +51,6 @@ rule convert:
         mem_mb=1000,
         runtime=20,
     shell:
-        "{params.python} -m {params.module} --sessions-json {input.sessions_json:q}"
+        "{params.limbtrack} {params.subcommand} --sessions-json {input.sessions_json:q}"
         " --session {wildcards.session} --subject {wildcards.subject}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"

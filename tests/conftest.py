@@ -1,4 +1,18 @@
-"""Shared fixtures: small phantoms generated once per test session."""
+"""Shared fixtures (small phantoms, the demo run, once per test session) and test markers.
+
+Markers (registered in pyproject.toml):
+
+* ``workflow``: the test runs the Snakemake workflow. Every test under ``tests/workflow/``
+  gets it here, and so does any test using the shared demo run (``demo_results``); a test
+  elsewhere that runs the workflow carries ``@pytest.mark.workflow`` itself.
+* ``slow``: the test takes more than about 30 s.
+
+The quick suite, without the workflow runs::
+
+    .venv/bin/python -m pytest -m "not workflow"
+
+and without anything slow either: ``-m "not workflow and not slow"``.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +26,18 @@ from pipeline.validation import phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 REALDATA = ROOT.parent / "shared" / "realdata"
+WORKFLOW_TESTS = Path(__file__).resolve().parent / "workflow"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``workflow`` every test under tests/workflow/, and ``workflow`` and ``slow`` every
+    test using the demo run (it runs the workflow, minutes on two cores)."""
+    for item in items:
+        if WORKFLOW_TESTS in item.path.resolve().parents:
+            item.add_marker(pytest.mark.workflow)
+        if "demo_results" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.workflow)
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

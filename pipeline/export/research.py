@@ -1,6 +1,7 @@
 """Opt-in research export: de-identified tables and NIfTI with consistently shifted dates.
 
-For one subject's results folder, writes ``<subject_dir>/research/`` holding only:
+From the files of one subject named on the command line (the workflow's rule passes its
+declared inputs), writes ``<subject_dir>/research/`` holding only:
 
 * ``sub-<pseudonym>_volumes.tsv`` and ``sub-<pseudonym>_longitudinal.tsv``: the subject ID
   replaced by a pseudonym, every date shifted back by the same per-subject number of days
@@ -24,7 +25,7 @@ import hmac
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -32,6 +33,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.io.files import atomic_path, read_tsv, write_json_atomic, write_tsv_atomic
+from pipeline.names import session_of
 
 MAX_SHIFT_DAYS = 365
 TABLES = ("volumes.tsv", "longitudinal.tsv")
@@ -77,29 +79,35 @@ def _deidentified_nifti(src: Path, dst: Path) -> None:
         nib.save(out, str(tmp))
 
 
-def export_subject(subject_dir: Path, subject: str, salt: str, out_dir: Path) -> Path:
-    """Write the research export of `subject` (results in `subject_dir`) into `out_dir`."""
+def export_subject(subject: str, salt: str, out_dir: Path, tables: Mapping[str, Path],
+                   images: Mapping[str, Sequence[Path]]) -> Path:
+    """Write the research export of `subject` into `out_dir` (replaced as a whole).
+
+    Parameters
+    ----------
+    tables : ``{"volumes.tsv": path, "longitudinal.tsv": path}`` (the names of :data:`TABLES`)
+    images : ``{kind: [path per session]}`` for the kinds of :data:`IMAGES`; the session label
+        is taken from each file name (``..._ses-<label>_...``).
+    """
     pseudo, shift = pseudonym_and_shift(subject, salt)
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     for name in TABLES:
-        rows = read_tsv(subject_dir / name)
+        rows = read_tsv(tables[name])
         if not rows:
             continue
         for row in rows:
             row["subject"] = pseudo
             row["study_date"] = shift_date(row["study_date"], shift)
+            if row.get("session"):  # the label is the study date (and time): shifted too
+                row["session"] = _shifted_label(row["session"], shift)
         write_tsv_atomic(tmp_dir / f"sub-{pseudo}_{name}", rows, list(rows[0]))
-    for ses_dir in sorted(subject_dir.glob("ses-*")):
-        label = ses_dir.name[len("ses-"):]
-        date = f"{label[:4]}-{label[4:6]}-{label[6:8]}"
-        new_label = shift_date(date, shift).replace("-", "") + label[8:]
-        for kind in IMAGES:
-            src = ses_dir / f"sub-{subject}_ses-{label}_{kind}.nii.gz"
-            if src.is_file():
-                _deidentified_nifti(src, tmp_dir / f"ses-{new_label}" /
-                                    f"sub-{pseudo}_ses-{new_label}_{kind}.nii.gz")
+    for kind in IMAGES:
+        for src in images.get(kind, ()):
+            new_label = _shifted_label(session_of(src), shift)
+            _deidentified_nifti(Path(src), tmp_dir / f"ses-{new_label}" /
+                                f"sub-{pseudo}_ses-{new_label}_{kind}.nii.gz")
     write_json_atomic(tmp_dir / "dataset_description.json", {
         "Name": f"limbtrack research export of {pseudo}",
         "DatasetType": "derivative",
@@ -114,10 +122,23 @@ def export_subject(subject_dir: Path, subject: str, salt: str, out_dir: Path) ->
     return out_dir
 
 
+def _shifted_label(label: str, shift: int) -> str:
+    """A session label ``YYYYMMDD[THHMMSS]`` with its date shifted back by `shift` days."""
+    if not label:
+        raise ResearchExportError("an image file name has no _ses-<label>_ entity")
+    date = f"{label[:4]}-{label[4:6]}-{label[6:8]}"
+    return shift_date(date, shift).replace("-", "") + label[8:]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="limbtrack research", description=__doc__.split("\n")[0])
-    p.add_argument("--subject-dir", required=True, type=Path)
     p.add_argument("--subject", required=True)
+    p.add_argument("--volumes", required=True, type=Path, help="the subject's volumes.tsv")
+    p.add_argument("--longitudinal", required=True, type=Path,
+                   help="the subject's longitudinal.tsv")
+    for kind in IMAGES:
+        p.add_argument(f"--{kind.lower()}", nargs="*", default=[], type=Path,
+                       help=f"the sessions' _{kind}.nii.gz images")
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--salt-env", default="LIMBTRACK_RESEARCH_SALT",
                    help="environment variable holding the secret salt (kept out of logs)")
@@ -125,9 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     salt = args.salt if args.salt is not None else os.environ.get(args.salt_env, "")
     try:
-        out = export_subject(args.subject_dir, args.subject, salt, args.out_dir)
+        out = export_subject(
+            args.subject, salt, args.out_dir,
+            {"volumes.tsv": args.volumes, "longitudinal.tsv": args.longitudinal},
+            {kind: getattr(args, kind.lower()) for kind in IMAGES})
     except ResearchExportError as err:
-        print(f"ERROR {args.subject_dir}: {err}", file=sys.stderr)
+        print(f"ERROR {args.out_dir}: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -48,7 +50,10 @@ def test_every_command_module_exists():
 
 
 @pytest.mark.parametrize(("command", "option"), [("measure", "--affected-side"),
-                                                 ("longitudinal", "--thresholds-json")])
+                                                 ("longitudinal", "--thresholds-json"),
+                                                 ("register", "--fixed-image"),
+                                                 ("export", "{tables,dicom,dataset}"),
+                                                 ("research", "--longitudinal")])
 def test_dispatch_help_exits_zero(command, option, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])
@@ -79,3 +84,22 @@ def test_dispatch_passes_remaining_args_and_return_code(monkeypatch):
     assert cli.main(["fake", "--a", "1"]) == 3
     assert cli.main(["fake"]) == 0  # None counts as success
     assert seen == [["--a", "1"], []]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_rules_run_limbtrack_subcommands():
+    """Every rule's shell runs ``{params.limbtrack} <subcommand>`` of COMMANDS (the index and
+    convert rules take theirs from pipeline.workflow, tested there), never a module."""
+    for command in ("register", "export", "cohort", "nifti"):
+        assert command in cli.COMMANDS
+    seen = set()
+    for smk in [ROOT / "Snakefile", *sorted((ROOT / "rules").glob("*.smk"))]:
+        text = smk.read_text()
+        if smk.name != "report.smk":  # another change brings it along
+            assert "-m pipeline." not in text, smk
+        for sub in re.findall(r'(?m)^\s+"\{params\.limbtrack\} (\w+|\{params\.\w+\})', text):
+            seen.add(sub)
+            assert sub.startswith("{params.") or sub in cli.COMMANDS, (smk, sub)
+    assert {"segment", "register", "measure", "longitudinal", "export", "research"} <= seen

@@ -1,4 +1,5 @@
-"""Interoperability exports (pipeline.export.session): label tables, DICOM SEG and SR round trips.
+"""Interoperability exports (pipeline.export: tables, dicom, the ``limbtrack export`` command):
+label tables, DICOM SEG and SR round trips.
 
 Inputs are a small synthetic oblique series per session (tests/dicom_factory.py, shuffled file
 names and instance numbers) with a label map on its grid written by SimpleITK as the workflow
@@ -7,6 +8,7 @@ does, plus sessions.json, the fluid sidecar and volumes.tsv as the workflow writ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -21,7 +23,9 @@ import pytest
 import SimpleITK as sitk
 from dicom_factory import SeriesInfo, rotation, write_series
 
-from pipeline.export import session as export
+from pipeline import __version__
+from pipeline.export import ExportError, dicom, tables
+from pipeline.export import session as export_cli
 from pipeline.io.files import read_tsv, write_json_atomic, write_tsv_atomic
 from pipeline.labels import LABEL_COLORS, LABEL_NAMES, SIDES, STRUCTURES, structure_labels
 from pipeline.measure import VOLUME_COLUMNS, volumes_from_labels
@@ -104,15 +108,54 @@ def build_subject(root: Path) -> dict[str, Any]:
     return {"dir": subject_dir, "truth": truth}
 
 
+def _stem(subject_dir: Path, session: str) -> str:
+    return str(subject_dir / f"ses-{session}" / f"sub-{SUBJECT}_ses-{session}")
+
+
+def dicom_paths(subject_dir: Path, session: str) -> dicom.DicomPaths:
+    """The files the workflow's export_dicom rule names for `session`."""
+    s = _stem(subject_dir, session)
+    return dicom.DicomPaths(
+        subject=SUBJECT, session=session, dseg=Path(f"{s}_dseg.nii.gz"),
+        fluid_json=Path(f"{s}_fluid.json"), sessions_json=subject_dir / "sessions.json",
+        volumes_tsv=subject_dir / "volumes.tsv", seg=Path(f"{s}_seg.dcm"),
+        sr=Path(f"{s}_sr.dcm"))
+
+
+def run_export(subject_dir: Path, what: str, session: str = "") -> int:
+    """``limbtrack export <what>`` with the files the workflow's rule names."""
+    s = _stem(subject_dir, session)
+    if what == "tables":
+        argv = ["--dseg", f"{s}_dseg.nii.gz", "--lookup", f"{s}_dseg.tsv",
+                "--itksnap", f"{s}_dseg.itksnap.txt", "--ctbl", f"{s}_dseg.ctbl"]
+    elif what == "dataset":
+        argv = ["--description", str(subject_dir / "dataset_description.json"),
+                "--lookup", str(subject_dir / "dseg.tsv")]
+    else:
+        p = dicom_paths(subject_dir, session)
+        argv = ["--subject", p.subject, "--session", p.session, "--dseg", str(p.dseg),
+                "--fluid-json", str(p.fluid_json), "--sessions-json", str(p.sessions_json),
+                "--volumes", str(p.volumes_tsv), "--seg", str(p.seg), "--sr", str(p.sr)]
+    return export_cli.main([what, *argv])
+
+
+def run_all_exports(subject_dir: Path) -> list[int]:
+    """What the workflow runs with viewers and dicom on: per session the tables and the
+    DICOM objects, then the dataset files."""
+    codes_ = [run_export(subject_dir, what, session)
+              for session in SESSIONS for what in ("tables", "dicom")]
+    return [*codes_, run_export(subject_dir, "dataset")]
+
+
 @pytest.fixture(scope="module")
 def subject(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     built = build_subject(tmp_path_factory.mktemp("export"))
-    assert export.main(["--subject-dir", str(built["dir"]), "--dicom"]) == 0
+    assert run_all_exports(built["dir"]) == [0] * 5
     return built
 
 
 def stem(subject: dict[str, Any], session: str) -> str:
-    return str(subject["dir"] / f"ses-{session}" / f"sub-{SUBJECT}_ses-{session}")
+    return _stem(subject["dir"], session)
 
 
 # ----------------------------------------------------------------------------- label tables
@@ -163,16 +206,40 @@ def test_bids_lookup_and_dataset_description(subject: dict[str, Any]) -> None:
     desc = json.loads((subject["dir"] / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["BIDSVersion"]
     assert desc["GeneratedBy"][0]["Name"] == "limbtrack"
-    assert desc["GeneratedBy"][0]["Version"] == export.__version__
+    assert desc["GeneratedBy"][0]["Version"] == __version__
 
 
 def test_tables_only_without_dicom(tmp_path: Path) -> None:
     built = build_subject(tmp_path)
-    assert export.main(["--subject-dir", str(built["dir"]), "--session", "20240225"]) == 0
+    assert run_export(built["dir"], "tables", "20240225") == 0
     written = sorted(p.name for p in (built["dir"] / "ses-20240225").iterdir())
     assert not any(name.endswith(".dcm") for name in written)
     assert f"sub-{SUBJECT}_ses-20240225_dseg.ctbl" in written
     assert not (built["dir"] / "dataset_description.json").exists()  # only when asked
+
+
+def test_exports_write_where_named_and_read_only_what_is_named(tmp_path: Path) -> None:
+    """Nothing is looked up beside the results: outputs go where the command line says, and
+    the label map must be the one named."""
+    built = build_subject(tmp_path)
+    out = tmp_path / "elsewhere"
+    dseg = _stem(built["dir"], "20240225") + "_dseg.nii.gz"
+    assert export_cli.main(["tables", "--dseg", dseg, "--lookup", str(out / "a.tsv"),
+                            "--itksnap", str(out / "b.txt"), "--ctbl", str(out / "c.ctbl")]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.tsv", "b.txt", "c.ctbl"]
+    assert (out / "c.ctbl").read_text().startswith(
+        f"# Color table file sub-{SUBJECT}_ses-20240225_dseg\n")
+    assert export_cli.main(["dataset", "--description", str(out / "d.json"),
+                            "--lookup", str(out / "e.tsv")]) == 0
+    assert json.loads((out / "d.json").read_text())["DatasetType"] == "derivative"
+    with pytest.raises(ExportError, match="label map not found"):
+        tables.write_label_tables(tmp_path / "absent_dseg.nii.gz", out / "a.tsv",
+                                  out / "b.txt", out / "c.ctbl")
+    paths = dicom_paths(built["dir"], "20240307")
+    seg, sr = tmp_path / "objects" / "seg.dcm", tmp_path / "objects" / "sr.dcm"
+    result = dicom.export_dicom(dataclasses.replace(paths, seg=seg, sr=sr))
+    assert result.written == [seg, sr] and seg.is_file() and sr.is_file()
+    assert not any(p.suffix == ".dcm" for p in built["dir"].rglob("*"))
 
 
 # ----------------------------------------------------------------------------- SEG
@@ -231,7 +298,7 @@ def test_seg_round_trip_same_voxels_in_physical_space(subject: dict[str, Any],
     # composite segments are the unions of their labels
     masks = seg.get_volume(segment_numbers=list(range(1, 15)), combine_segments=False)
     stack = masks.array.reshape(-1, 14).astype(bool)
-    specs = export.segment_specs(codes.SCT.LowerLimb)
+    specs = dicom.segment_specs(codes.SCT.LowerLimb)
     for spec in specs:
         assert np.array_equal(stack[:, spec.number - 1], np.isin(from_seg, spec.labels)), spec
     assert not stack[:, 3].any()  # the empty right lesion stays an empty segment
@@ -244,25 +311,25 @@ def test_reoriented_label_map_is_read_in_source_order(tmp_path: Path) -> None:
                         slice_step=-STEP_MM)  # sagittal, slices running the other way
     path = tmp_path / "dseg.nii.gz"
     write_label_map(path, labels, info, reverse_slices=True)
-    source = export.read_source_series(info.files)
+    source = dicom.read_source_series(info.files)
     # the label map stores the slices the other way round; the export reads source order
-    np.testing.assert_array_equal(export.labels_on_source_grid(path, source), labels)
+    np.testing.assert_array_equal(dicom.labels_on_source_grid(path, source), labels)
 
 
 def test_label_map_off_the_source_grid_is_refused(tmp_path: Path) -> None:
     labels = synthetic_labels(grow=0)
     info = write_series(tmp_path / "dicom", np.zeros(SHAPE, np.uint16), sequence="STIR",
                         pixel_spacing=SPACING, slice_step=STEP_MM)
-    source = export.read_source_series(info.files)
+    source = dicom.read_source_series(info.files)
     shifted = tmp_path / "shifted.nii.gz"
     write_label_map(shifted, labels, info, shift_mm=0.35)
-    with pytest.raises(export.ExportError, match=r"off the source series grid by up to 0\.350"):
-        export.labels_on_source_grid(shifted, source)
+    with pytest.raises(ExportError, match=r"off the source series grid by up to 0\.350"):
+        dicom.labels_on_source_grid(shifted, source)
     cropped = tmp_path / "cropped.nii.gz"
     img = nib.load(tmp_path / "shifted.nii.gz")
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, :-1], img.affine), cropped)
-    with pytest.raises(export.ExportError, match="not on the source grid"):
-        export.labels_on_source_grid(cropped, source)
+    with pytest.raises(ExportError, match="not on the source grid"):
+        dicom.labels_on_source_grid(cropped, source)
 
 
 def test_nifti_input_has_no_dicom_to_reference(tmp_path: Path) -> None:
@@ -271,10 +338,11 @@ def test_nifti_input_has_no_dicom_to_reference(tmp_path: Path) -> None:
     data = json.loads(sessions_json.read_text())
     data["sessions"][0]["fluid"]["files"] = []
     sessions_json.write_text(json.dumps(data))
-    with pytest.raises(export.ExportError, match="NIfTI input"):
-        export.export_session(built["dir"], "20240225", dicom=True)
-    # all sessions: the bad one is reported, the other one is still exported
-    assert export.main(["--subject-dir", str(built["dir"]), "--dicom"]) == 1
+    with pytest.raises(ExportError, match="NIfTI input"):
+        dicom.export_dicom(dicom_paths(built["dir"], "20240225"))
+    # each session is its own command (rule): the bad one fails, the other is exported
+    assert run_export(built["dir"], "dicom", "20240225") == 1
+    assert run_export(built["dir"], "dicom", "20240307") == 0
     assert (built["dir"] / "ses-20240307" / f"sub-{SUBJECT}_ses-20240307_sr.dcm").exists()
     assert not (built["dir"] / "ses-20240225" / f"sub-{SUBJECT}_ses-20240225_sr.dcm").exists()
 
@@ -304,8 +372,8 @@ def test_sr_carries_every_volume_of_volumes_tsv(subject: dict[str, Any]) -> None
             ref = group.referenced_segment
             assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
             (number,) = ref.referenced_segment_numbers
-            spec = export.structure_segment(export.segment_specs(codes.SCT.LowerLimb),
-                                            side, structure)
+            spec = dicom.structure_segment(dicom.segment_specs(codes.SCT.LowerLimb),
+                                           side, structure)
             assert number == spec.number and seg_labels[number] == spec.label
             assert set(spec.labels) == set(structure_labels(side, structure))
             assert group.finding_sites[0].laterality.meaning == side.capitalize()
@@ -323,15 +391,13 @@ def test_sr_carries_every_volume_of_volumes_tsv(subject: dict[str, Any]) -> None
 def test_outputs_are_reproducible(subject: dict[str, Any]) -> None:
     """Same inputs, same UIDs (a rerun does not send PACS a second copy)."""
     before = pydicom.dcmread(stem(subject, "20240225") + "_sr.dcm").SOPInstanceUID
-    assert export.main(["--subject-dir", str(subject["dir"]), "--session", "20240225",
-                        "--dicom"]) == 0
+    assert run_export(subject["dir"], "dicom", "20240225") == 0
     assert pydicom.dcmread(stem(subject, "20240225") + "_sr.dcm").SOPInstanceUID == before
 
 
 def test_dicom_only_leaves_the_tables_alone(tmp_path: Path) -> None:
     built = build_subject(tmp_path)
-    assert export.main(["--subject-dir", str(built["dir"]), "--session", "20240307",
-                        "--dicom", "--no-tables"]) == 0
+    assert run_export(built["dir"], "dicom", "20240307") == 0
     names = {p.name for p in (built["dir"] / "ses-20240307").iterdir()}
     assert {f"sub-{SUBJECT}_ses-20240307_seg.dcm", f"sub-{SUBJECT}_ses-20240307_sr.dcm"} <= names
     assert not any(n.endswith((".ctbl", ".itksnap.txt", "_dseg.tsv")) for n in names)
@@ -379,7 +445,7 @@ def _sr_volumes(path: str) -> tuple[dict[tuple[str, str], float], dict[tuple[str
     for group in sr.content.get_volumetric_roi_measurement_groups():
         key = tuple(str(group.tracking_identifier).split(" "))
         measurements = group.get_measurements(name=codes.SCT.Volume)
-        evaluations = group.get_qualitative_evaluations(name=export.NOT_AVAILABLE)
+        evaluations = group.get_qualitative_evaluations(name=dicom.NOT_AVAILABLE)
         assert len(measurements) + bool(evaluations) == 1, key  # a volume or a reason
         if measurements:
             found[key] = float(measurements[0].value)
@@ -393,13 +459,13 @@ def test_session_volumes_skip_not_available(tmp_path: Path) -> None:
     built = build_subject(tmp_path)
     tsv = built["dir"] / "volumes.tsv"
     _mark_not_available(tsv, "2024-03-07", ("marrow_lesion", "edema"), NOT_FAT_SUPPRESSED)
-    rows = export.session_volumes(tsv, "2024-03-07")
+    rows = dicom.session_volumes(tsv, "2024-03-07")
     assert len(rows) == 6 and {r.structure for r in rows} == {"limb", "soft_tissue", "bone"}
     assert all(r.volume_ml is not None for r in rows)
-    assert export.unavailable_volumes(tsv, "2024-03-07") == {
+    assert dicom.unavailable_volumes(tsv, "2024-03-07") == {
         (side, s): [NOT_FAT_SUPPRESSED] for side in SIDES for s in ("marrow_lesion", "edema")}
-    assert len(export.session_volumes(tsv, "2024-02-25")) == 10
-    assert export.unavailable_volumes(tsv, "2024-02-25") == {}
+    assert len(dicom.session_volumes(tsv, "2024-02-25")) == 10
+    assert dicom.unavailable_volumes(tsv, "2024-02-25") == {}
 
 
 def test_sr_of_volumes_not_available(tmp_path: Path,
@@ -410,7 +476,7 @@ def test_sr_of_volumes_not_available(tmp_path: Path,
     built = build_subject(tmp_path)
     tsv = built["dir"] / "volumes.tsv"
     _mark_not_available(tsv, "2024-03-07", ("marrow_lesion", "edema"), NOT_FAT_SUPPRESSED)
-    assert export.main(["--subject-dir", str(built["dir"]), "--dicom"]) == 0
+    assert [run_export(built["dir"], "dicom", s) for s in SESSIONS] == [0, 0]
     out = capsys.readouterr().out
     assert f"ses-20240307 left edema: not available ({NOT_FAT_SUPPRESSED})" in out
     expected = {(r["side"], r["structure"]): float(r["volume_ml"]) for r in read_tsv(tsv)
@@ -433,8 +499,8 @@ def test_session_without_any_volume(tmp_path: Path) -> None:
     built = build_subject(tmp_path)
     tsv = built["dir"] / "volumes.tsv"
     _mark_not_available(tsv, "2024-03-07", STRUCTURES, "registration_failed")
-    assert export.session_volumes(tsv, "2024-03-07") == []
-    result = export.export_session(built["dir"], "20240307", dicom=True, tables=False)
+    assert dicom.session_volumes(tsv, "2024-03-07") == []
+    result = dicom.export_dicom(dicom_paths(built["dir"], "20240307"))
     assert result.volumes_ml == {} and len(result.not_available) == 10
     assert set(map(tuple, result.not_available.values())) == {("registration_failed",)}
     sr = pydicom.dcmread(stem(built, "20240307") + "_sr.dcm")
@@ -443,3 +509,30 @@ def test_session_without_any_volume(tmp_path: Path) -> None:
     assert found == {} and set(map(tuple, not_available.values())) == {("registration_failed",)}
     assert len(not_available) == 10
     assert Path(stem(built, "20240307") + "_seg.dcm").exists()
+
+
+# ----------------------------------------------------------------------------- baseline, numbers
+
+
+def test_sr_baseline_is_the_last_session_on_or_before_day_0(tmp_path: Path) -> None:
+    """The SR's baseline time point follows pipeline.baseline: the last session on or before
+    day 0, else the first (not simply the first)."""
+    tsv = tmp_path / "volumes.tsv"
+    rows = [{"study_date": d, "day": day, "side": "left", "structure": "limb",
+             "volume_ml": 1.0} for d, day in (("2024-02-20", -10), ("2024-02-28", -2),
+                                              ("2024-03-05", 4))]
+    write_tsv_atomic(tsv, rows, ["study_date", "day", "side", "structure", "volume_ml"])
+    assert dicom.baseline_date(tsv) == "2024-02-28"
+    write_tsv_atomic(tsv, rows[2:], ["study_date", "day", "side", "structure", "volume_ml"])
+    assert dicom.baseline_date(tsv) == "2024-03-05"
+
+
+@pytest.mark.parametrize(("cell", "expected"), [("12.5", 12.5), ("n/a", None), ("", None),
+                                                ("nan", None), ("inf", None)])
+def test_volume_cells_are_read_as_finite_numbers_or_none(tmp_path: Path, cell: str,
+                                                         expected: float | None) -> None:
+    tsv = tmp_path / "volumes.tsv"
+    tsv.write_text("study_date\tday\tside\tstructure\tvolume_ml\tqc\n"
+                   f"2024-03-05\t4\tleft\tlimb\t{cell}\t\n")
+    (row,) = dicom.session_rows(tsv, "2024-03-05")
+    assert row.volume_ml == expected

@@ -13,13 +13,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from pipeline.measure import (
+    Session,
     SessionVolumes,
+    as_session,
+    collect_flags,
+    default_baseline,
     infer_affected_side,
     main,
     measure_label_map,
     measure_subject,
+    read_session,
     session_day,
     volume_rows,
     volumes_from_labels,
@@ -347,3 +353,84 @@ def test_main_dseg_not_in_sessions_json(tmp_path, capsys):
     assert exc.value.code == 2
     assert "20240225 is not listed" in capsys.readouterr().err
     assert not (tmp_path / "v.tsv").exists()
+
+
+# ------------------------------------------------------------------ sessions, baseline
+
+
+def test_default_baseline_is_the_last_session_on_or_before_day_0(tmp_path):
+    files = _subject_files(tmp_path)  # 2024-03-15 and 2024-02-25
+    sessions = [as_session(f, "2024-03-20") for f in files]
+    assert default_baseline(sessions) == "20240315"  # both before day 0: the last
+    sessions = [as_session(f, "2024-03-01") for f in files]
+    assert default_baseline(sessions) == "20240225"
+    sessions = [as_session(f, "2024-02-01") for f in files]
+    assert default_baseline(sessions) == "20240225"  # none before day 0: the first
+    with pytest.raises(ValueError, match="no sessions"):
+        default_baseline([])
+
+
+def test_main_without_baseline_uses_the_baseline_rule(tmp_path):
+    files = _subject_files(tmp_path)
+    sessions_json = tmp_path / "sessions.json"
+    sessions_json.write_text(json.dumps({"sessions": [
+        {"session": f["session"], "study_date": f["study_date"]} for f in files]}))
+    side_json = tmp_path / "side.json"
+    assert main(["--subject", "P1", "--day0", "2024-03-20", "--affected-side", "left",
+                 "--sessions-json", str(sessions_json), "--dseg", *[f["dseg"] for f in files],
+                 "--out", str(tmp_path / "v.tsv"), "--side-json", str(side_json)]) == 0
+    side = json.loads(side_json.read_text())
+    assert side["baseline_session"] == "20240315"
+    assert [s["day"] for s in side["sessions"]] == [-24, -5]
+
+
+def _registration(tmp_path: Path, session: str, record: dict) -> Path:
+    xfm_json = tmp_path / f"sub-P1_ses-{session}_xfm.json"
+    xfm_json.write_text(json.dumps(record))
+    sitk.WriteTransform(sitk.Euler3DTransform(), str(xfm_json.with_suffix(".tfm")))
+    return xfm_json
+
+
+def test_registration_record_read_once_and_used_everywhere(tmp_path, monkeypatch):
+    files = _subject_files(tmp_path)
+    record = {"quality": {"centroid_distance_mm": 0.75}, "poor": True,
+              "poor_reasons": ["bone Dice 0.41 < 0.70"]}
+    xfm_json = _registration(tmp_path, "20240315", record)
+    sessions_json = tmp_path / "sessions.json"
+    sessions_json.write_text(json.dumps({"sessions": [
+        {"session": f["session"], "study_date": f["study_date"]} for f in files]}))
+    reads: list[str] = []
+    read_text = Path.read_text
+
+    def counting(self, *args, **kwargs):
+        reads.append(self.name)
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counting)
+    side_json = tmp_path / "side.json"
+    assert main(["--subject", "P1", "--day0", "2024-03-01", "--affected-side", "left",
+                 "--sessions-json", str(sessions_json), "--dseg", *[f["dseg"] for f in files],
+                 "--xfm", str(xfm_json), "--baseline", "20240225",
+                 "--out", str(tmp_path / "v.tsv"), "--side-json", str(side_json)]) == 0
+    assert reads.count(xfm_json.name) == 1
+    side = json.loads(read_text(side_json))
+    assert side["registration"] == {"20240315": record}
+    assert [(f["session"], f["code"]) for f in side["qc_flags"]] == [
+        ("20240315", "registration_failed")]
+    assert [s["misregistration_mm"] for s in side["sessions"]] == [0.0, 0.75]
+
+
+def test_session_records(tmp_path):
+    files = _subject_files(tmp_path)
+    xfm_json = _registration(tmp_path, "20240315", {"poor": False})
+    # a mapping names the transform itself (``xfm``); the record's .tfm is not assumed
+    s = as_session({**files[0], "xfm_json": str(xfm_json)}, "2024-03-01")
+    assert isinstance(s, Session) and (s.label, s.day) == ("20240315", 14)
+    assert s.xfm == {"poor": False} and s.tfm is None
+    s = read_session("20240315", "2024-03-15", 14, files[0]["dseg"], xfm_json=xfm_json)
+    assert s.xfm == {"poor": False} and s.tfm == xfm_json.with_suffix(".tfm")
+    assert as_session(s) is s
+    loaded = s.loaded()
+    assert loaded.label_map is not None and loaded.transform is not None
+    assert loaded.loaded() is loaded and loaded == s  # the images do not count as identity
+    assert collect_flags([s]) == []

@@ -154,6 +154,8 @@ def canary_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "outside_before": outside_before}  # type: ignore[dict-item]
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_canaries_really_are_in_the_input(canary_run: dict[str, Path]) -> None:
     path = next(p for p in canary_run["input"].rglob("IM*"))
     data = path.read_bytes()
@@ -161,6 +163,8 @@ def test_canaries_really_are_in_the_input(canary_run: dict[str, Path]) -> None:
         assert value.encode() in data, tag
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_no_canary_in_any_workflow_output(canary_run: dict[str, Path]) -> None:
     results = canary_run["results"]
     n_files = sum(1 for p in results.rglob("*") if p.is_file())
@@ -168,12 +172,16 @@ def test_no_canary_in_any_workflow_output(canary_run: dict[str, Path]) -> None:
     assert canary_hits(results) == []
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_no_canary_in_folder_mode_outputs(canary_run: dict[str, Path]) -> None:
     folder = canary_run["folder"]
     assert len(list(folder.glob("*.nii.gz"))) == 4
     assert canary_hits(folder) == []
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_header_text_escaped_in_report(canary_run: dict[str, Path]) -> None:
     html = (canary_run["results"] / "phi" / "report.html").read_text(encoding="utf-8")
     for raw in ("<script>alert(1)</script>", "<img src=x onerror=alert(1)>"):
@@ -186,6 +194,8 @@ def test_header_text_escaped_in_report(canary_run: dict[str, Path]) -> None:
     assert "&lt;img src=x onerror=alert(1)&gt;" in html
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_nothing_written_outside_the_results(canary_run: dict[str, Path]) -> None:
     base = canary_run["base"]
     before = set(canary_run["outside_before"])  # type: ignore[arg-type]

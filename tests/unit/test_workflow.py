@@ -7,10 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import cli
 from pipeline.workflow import (
     ConfigError,
+    baseline_session,
+    convert_command,
     default_events,
     index_args,
+    is_dicom_input,
+    limbtrack_command,
     load_subjects,
     session_labels,
 )
@@ -222,3 +227,47 @@ def test_patient_reaches_the_index_command(tmp_path):
     args = index_args(subjects["demo"], str(tmp_path / "out"), {}, show_phi=True)
     assert "--patient 08415728afd9" in args and args.endswith("--show-phi")
     assert "--patient" not in index_args({**subjects["demo"], "patient": ""}, "o", {})
+
+
+def test_baseline_session_follows_the_baseline_rule(tmp_path):
+    """The last session on or before day 0, else the first (pipeline.baseline), in date
+    order whatever the order of sessions.json."""
+    p = tmp_path / "sessions.json"
+    p.write_text(json.dumps({"sessions": [
+        {"session": "20240310", "study_date": "2024-03-10"},
+        {"session": "20240220", "study_date": "2024-02-20"},
+        {"session": "20240301T080000", "study_date": "2024-03-01"}]}))
+    assert baseline_session(p, "2024-03-01") == "20240301T080000"
+    assert baseline_session(p, "2024-02-29") == "20240220"
+    assert baseline_session(p, "2024-01-01") == "20240220"
+    assert baseline_session(p, "2024-12-31") == "20240310"
+    p.write_text(json.dumps({"sessions": []}))
+    with pytest.raises(ValueError, match="no sessions"):
+        baseline_session(p, "2024-03-01")
+
+
+# ------------------------------------------------------------------ commands of the rules
+
+
+def test_rule_commands_are_limbtrack_subcommands(tmp_path):
+    d = study(tmp_path)
+    subject = load_subjects(config(d))["demo"]
+    nifti = tmp_path / "sessions.tsv"
+    nifti.write_text("subject\tstudy_date\trole\tpath\n")
+    sheet_subject = {**subject, "input_dir": str(nifti)}
+    assert is_dicom_input(subject) and not is_dicom_input(sheet_subject)
+    for command in (index_args(subject, "o", {}), index_args(sheet_subject, "o", {}),
+                    convert_command(subject), convert_command(sheet_subject)):
+        assert command.split()[0] in cli.COMMANDS, command
+    assert index_args(sheet_subject, "o", {}).startswith("nifti index --sheet ")
+    assert convert_command(sheet_subject) == "nifti convert"
+    assert index_args(subject, "o", {}).startswith("index --input-dir ")
+    assert convert_command(subject) == "convert"
+
+
+def test_limbtrack_command():
+    assert limbtrack_command("/opt/my env/bin/python") == (
+        "'/opt/my env/bin/python' -m pipeline.cli")
+    # --use-conda: the environment's python, this folder's package
+    assert limbtrack_command("/x/python", conda=True, package_dir="/repo dir") == (
+        "PYTHONPATH='/repo dir' python -m pipeline.cli")
