@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,24 @@ def test_folder_without_usable_series_fails_with_a_clear_message(tmp_path: Path)
     # Snakemake removes the failed step's outputs: nothing half-made stands as complete.
     assert not (results / "bad" / "volumes.tsv").exists()
     assert not (results / "bad" / "sessions.json").exists()
+
+
+def test_refused_study_keeps_its_series_table(tmp_path: Path) -> None:
+    """A study without a fluid-sensitive series: the step fails, Snakemake removes its outputs,
+    and the table of every series with its class and status stays readable in logs/."""
+    only_t1 = tmp_path / "export" / "ST0001"
+    shutil.copytree(DEMO / "dicom" / "ST0001" / "SE0003", only_t1 / "SE0003")
+    results = tmp_path / "results"
+    proc = run_workflow(f"input_dir={tmp_path / 'export'}", "subject=t1only", "day0=2024-03-01",
+                        "affected_side=left", f"results_dir={results}", expect_ok=False)
+    assert proc.returncode != 0
+    subject = results / "t1only"
+    assert not (subject / "index.tsv").exists()  # a failed step's output
+    kept = subject / "logs" / "index.tsv"
+    rows = read_tsv(kept)
+    assert len(rows) == 1 and rows[0]["sequence_class"] == "T1w", rows
+    log = (subject / "logs" / "index.log").read_text()
+    assert str(kept) in log and "no study with both" in log
 
 
 def test_config_errors_name_the_problem(tmp_path: Path) -> None:
