@@ -22,6 +22,8 @@ from pipeline import __version__
 COMMANDS = {
     "run": ("pipeline.run",
             "the whole workflow on a study folder (or --cohort sheet), with progress"),
+    "listen": ("pipeline.node.listen", "DICOM node: receive MR studies, run the workflow per "
+               "patient, send SEG, SR and PDF back"),
     "phantom": ("pipeline.validation.phantom",
                 "write a serial bilateral thigh MRI phantom with ground truth"),
     "index": ("pipeline.io.dicom_index", "index a DICOM folder and select series per study"),
