@@ -27,11 +27,12 @@ def _snakemake(*args: str) -> str:
     return proc.stdout + proc.stderr
 
 
-def _command(output: str, module: str) -> list[str]:
-    """The argument list of the one printed shell command that runs `module`."""
-    lines = [ln for ln in output.splitlines() if f"-m {module} " in ln]
+def _command(output: str, subcommand: str) -> list[str]:
+    """The argument list of the one printed shell command that runs `limbtrack subcommand`."""
+    marker = f"-m pipeline.cli {subcommand} "
+    lines = [ln for ln in output.splitlines() if marker in ln]
     assert len(lines) == 1, lines
-    words = shlex.split(lines[0].split(f"-m {module} ", 1)[1])
+    words = shlex.split(lines[0].split(marker, 1)[1])
     return words[: words.index(">")]
 
 
@@ -54,7 +55,7 @@ def indexed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_report_rule_passes_every_input(indexed: Path, show_phi: bool) -> None:
     out = _snakemake("-n", "-p", "--rerun-triggers", "mtime", "--config",
                      f"results_dir={indexed}", f"show_phi={str(show_phi).lower()}")
-    argv = _command(out, "pipeline.report.build")
+    argv = _command(out, "report")
     d = indexed / "demo"
     index = json.loads((d / "sessions.json").read_text(encoding="utf-8"))
     sessions = sorted(s["session"] for s in index["sessions"])
@@ -83,7 +84,7 @@ def test_cohort_rule_passes_the_files_it_declares(tmp_path: Path) -> None:
     results = tmp_path / "results"
     out = _snakemake("-n", "-p", "--config", f"results_dir={results}",
                      f"subjects_sheet={sheet}")
-    argv = _command(out, "pipeline.report.cohort")
+    argv = _command(out, "cohort")
     for option, name in (("--summaries", "summary.json"), ("--longitudinal", "longitudinal.tsv"),
                          ("--reports", "report.html")):
         assert _values(argv, option) == [str(results / s / name) for s in ("demo", "other")]
