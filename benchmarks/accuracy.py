@@ -8,6 +8,7 @@ soft-tissue asymmetry error (pp), and a summary against the targets of issue 4.
 
     python benchmarks/accuracy.py                 # the 13 suite cases + the demo patient
     python benchmarks/accuracy.py --cases demo    # only some
+    python benchmarks/accuracy.py --cases contralateral  # follow-ups of the affected leg alone
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from pipeline.validation.evaluation import (
     ANATOMY_SUITE,
+    CONTRALATERAL_SUITE,
     SUITE,
     TARGETS,
     Case,
@@ -39,8 +41,9 @@ def main() -> int:
     p.add_argument("--real", action="store_true",
                    help="also the real legs (benchmarks/realdata_legs.py); implied by 'all'")
     args = p.parse_args()
-    cases = {c.name: c for c in (DEMO, *SUITE, *ANATOMY_SUITE)}
+    cases = {c.name: c for c in (DEMO, *SUITE, *ANATOMY_SUITE, *CONTRALATERAL_SUITE)}
     groups = {"all": list(cases), "anatomy": [c.name for c in ANATOMY_SUITE],
+              "contralateral": [c.name for c in CONTRALATERAL_SUITE],
               "thigh": ["demo", *(c.name for c in SUITE)]}
     names = groups.get(args.cases) or args.cases.split(",")
     work = args.work or Path(tempfile.mkdtemp(prefix="limbtrack-accuracy-"))
@@ -70,7 +73,7 @@ def main() -> int:
                                 "lesion_min_dice", "lesion_worst_pct", "edema_min_dice",
                                 "edema_worst_pct", "asymmetry_worst_pp", "false_lesion_ml",
                                 "false_edema_ml", "side_auto_ok", "qc_codes", "flags_ok",
-                                "label", "ok", "failed"]))
+                                "label", "label_ok", "ok", "failed"]))
     if args.real or args.cases == "all":
         import subprocess
 

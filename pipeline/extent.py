@@ -237,14 +237,16 @@ def common_extent(
     Returns
     -------
     (z_min_mm, z_max_mm) in baseline physical (LPS) coordinates: the intersection over
-    sessions of :func:`covered_range`, the required sides being those present in any session
-    (a limb absent from every session, as in a unilateral study, is not required).
+    sessions of :func:`covered_range` of the limbs each session shows (a limb absent from a
+    session — the affected leg imaged alone at a follow-up — or from every session, as in a
+    unilateral study, does not narrow it; the contralateral value such a session borrows from
+    another session is then measured over the same range).
 
     Raises
     ------
     ValueError
-        When the lists differ in length, a session lacks a limb that other sessions show, or
-        the sessions share no range.
+        When the lists differ in length, a session holds no limb, or the sessions share no
+        range.
     """
     if len(label_maps) != len(transforms):
         raise ValueError(f"{len(label_maps)} label maps but {len(transforms)} transforms")
@@ -256,16 +258,11 @@ def common_extent(
     if not required:
         raise ValueError("no session holds limb labels")
     for n, p in enumerate(present):
-        missing = [s for s in required if s not in p]
-        if missing:
-            raise ValueError(
-                f"session {n} ({_name(label_maps[n])}) has no {' or '.join(missing)} limb while "
-                "other sessions do: no range covers both limbs in every session; measure it "
-                "as a unilateral session or drop it"
-            )
+        if not p:
+            raise ValueError(f"session {n} ({_name(label_maps[n])}) holds no limb")
     lo, hi = -np.inf, np.inf
-    for img, tr in zip(images, transforms, strict=True):
-        a, b = covered_range(img, tr, required)
+    for img, tr, p in zip(images, transforms, present, strict=True):
+        a, b = covered_range(img, tr, [s for s in required if s in p])
         lo, hi = max(lo, a), min(hi, b)
     if not lo < hi:
         raise ValueError(

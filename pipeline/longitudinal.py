@@ -6,6 +6,8 @@ Definitions (docs/design.md):
   contralateral volume is 0 or the limb is missing;
 * ``change_from_baseline_pct = 100 * (affected / affected_at_baseline - 1)``;
 * baseline = the last session on or before day 0, else the first session;
+* a session imaging the affected limb alone takes its contralateral values from the nearest
+  session that images that limb (:func:`carry_contralateral`);
 * the response pattern follows the rules of :func:`classify` with thresholds from the config.
 """
 
@@ -15,9 +17,10 @@ import argparse
 import datetime as dt
 import hashlib
 import json
+import math
 import platform
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,7 +36,7 @@ from pipeline.io.files import (
     write_json_atomic,
     write_tsv_atomic,
 )
-from pipeline.labels import STRUCTURES
+from pipeline.labels import STRUCTURES, other_side
 from pipeline.settings import ConfigSection
 
 LONGITUDINAL_COLUMNS = (
@@ -56,6 +59,7 @@ LONGITUDINAL_COLUMNS = (
     "asymmetry_change_pp_ci95",
     "change_beyond_mdc95",
     "session",
+    "contralateral_session",
 )
 CLASSES = ("pseudo-progression", "progression", "response", "stable", "indeterminate")
 #: Per-session states of the flare timeline (docs/design.md "Confirmation").
@@ -84,6 +88,7 @@ class Thresholds(ConfigSection):
     response_asymmetry_pp: float
     confirmation_min_interval_days: int
     crs_window_days: int
+    contralateral_max_age_days: int
 
 
 @dataclass
@@ -104,6 +109,9 @@ class Visit:
     contralateral_sd_ml: dict[str, float | None] = field(default_factory=dict)
     #: the session label (date, or date and time when one day holds several studies)
     session: str = ""
+    #: key of the session whose contralateral values this one uses because it images the
+    #: affected limb alone (:func:`carry_contralateral`); "" when they are its own
+    contralateral_from: str = ""
 
     @property
     def key(self) -> str:
@@ -132,9 +140,20 @@ class Visit:
 
     @property
     def contralateral_in_view(self) -> bool:
-        """A contralateral limb was imaged (measured, or not available by a QC flag)."""
+        """This session imaged a contralateral limb (measured, or not available by a QC flag);
+        a reference carried from another session is not in view."""
+        if self.contralateral_from:
+            return False
         contra = self.contralateral_ml.get("limb", 0.0)
         return (contra is None and bool(self.qc)) or (contra is not None and contra > 0)
+
+    @property
+    def contralateral_session(self) -> str | None:
+        """The session that gave the contralateral values: another one (carried), this one
+        (imaged), None (no contralateral value)."""
+        if self.contralateral_from:
+            return self.contralateral_from
+        return self.key if self.contralateral_in_view else None
 
     @property
     def excluded(self) -> bool:
@@ -174,6 +193,75 @@ def visits_from_rows(rows: Sequence[Mapping[str, str]]) -> list[Visit]:
             if code.strip() and code.strip() != "n/a" and code.strip() not in v.qc:
                 v.qc.append(code.strip())
     return sorted(by_date.values(), key=lambda v: (v.study_date, v.session))
+
+
+#: A carried contralateral value's sd is its own measurement's sd and the scan-rescan sd that a
+#: measurement in the receiving session would have had (taken equal), in quadrature: never
+#: smaller than a measured one's.
+CARRIED_SD_FACTOR = math.sqrt(2.0)
+
+
+def _imaged_contralateral(v: Visit) -> bool:
+    """`v` measured a contralateral limb of its own (a possible reference for other sessions)."""
+    limb = v.contralateral_ml.get("limb")
+    return not v.contralateral_from and limb is not None and limb > 0
+
+
+def nearest_reference(v: Visit, references: Sequence[Visit]) -> Visit | None:
+    """The session of `references` nearest to `v` in days; on a tie the earlier one."""
+    return min(references, key=lambda r: (abs(r.day - v.day), r.day, r.key), default=None)
+
+
+def _carried(v: Visit, ref: Visit, code: str) -> Visit:
+    """`v` with the contralateral values (and sd x :data:`CARRIED_SD_FACTOR`) of `ref`."""
+    sd = {s: None if x is None else x * CARRIED_SD_FACTOR
+          for s, x in ref.contralateral_sd_ml.items()}
+    return replace(v, contralateral_ml=dict(ref.contralateral_ml), contralateral_sd_ml=sd,
+                   contralateral_from=ref.key, qc=[*v.qc, code])
+
+
+def carry_contralateral(visits: Sequence[Visit], max_age_days: int, contralateral_side: str
+                        ) -> tuple[list[Visit], list[qc_mod.QCFlag]]:
+    """Give each session that images the affected limb alone the contralateral values of the
+    nearest session (in days; ties: the earlier) that images that limb.
+
+    The contralateral limb is the patient's own control: its volume over the common extent
+    is assumed unchanged between the two sessions. A carried value's sd is multiplied by
+    :data:`CARRIED_SD_FACTOR`. A reference more than `max_age_days` away is not used: the
+    session keeps no contralateral value (asymmetry not available). Each carried or refused
+    reference raises a ``warn`` flag (:mod:`pipeline.qc`) on `contralateral_side`. A subject
+    whose sessions never image the contralateral limb is returned as it is (one limb only).
+    """
+    references = [v for v in visits if _imaged_contralateral(v)]
+    out: list[Visit] = []
+    flags: list[qc_mod.QCFlag] = []
+    for v in visits:
+        ref = nearest_reference(v, references)
+        if ref is None or v.contralateral_in_view or v.excluded:
+            out.append(v)
+            continue
+        away = abs(ref.day - v.day)
+        where = f"session {ref.key} (day {ref.day}), {away} day{'s' if away != 1 else ''} away"
+        if away <= max_age_days:
+            code, message = qc_mod.CONTRALATERAL_FROM_OTHER_SESSION, (
+                f"contralateral from {where}: asymmetry is against it, its uncertainty "
+                f"x{CARRIED_SD_FACTOR:.2f} (its volume over the common extent assumed unchanged)")
+            out.append(_carried(v, ref, code))
+        else:
+            code, message = qc_mod.CONTRALATERAL_TOO_OLD, (
+                f"no contralateral reference: the nearest session imaging it, {where}, is more "
+                f"than {max_age_days} days away; asymmetry not available")
+            out.append(replace(v, contralateral_ml={}, contralateral_sd_ml={}, qc=[*v.qc, code]))
+        flags.append(qc_mod.QCFlag(v.key, contralateral_side, code, "warn", message))
+    return out, flags
+
+
+def reference_reasons(visits: Sequence[Visit], flags: Sequence[qc_mod.QCFlag]) -> list[str]:
+    """One reason per session whose contralateral reference is carried or refused."""
+    day_of = {v.key: v.day for v in visits}
+    codes = (qc_mod.CONTRALATERAL_FROM_OTHER_SESSION, qc_mod.CONTRALATERAL_TOO_OLD)
+    return [f"Session {f.session} (day {day_of.get(f.session)}): {f.message}." for f in flags
+            if f.code in codes]
 
 
 def baseline_index(visits: Sequence[Visit]) -> int:
@@ -228,6 +316,7 @@ def longitudinal_rows(subject: str, visits: Sequence[Visit]) -> list[dict[str, A
                     asymmetry_change_pp_ci95=_round(unc.ci95(asym_change_sd)),
                     change_beyond_mdc95=None if beyond is None else ("yes" if beyond else "no"),
                     session=v.session or None,
+                    contralateral_session=v.contralateral_session,
                 )
             )
     return rows
@@ -553,6 +642,11 @@ def describe_rules(t: Thresholds) -> list[str]:
         f"×{t.flare_lesion_ratio:g} its baseline volume and at least "
         f"{t.flare_lesion_min_ml:g} mL larger, or edema at least ×{t.flare_edema_ratio:g} and "
         f"at least {t.flare_edema_min_ml:g} mL larger.",
+        "A session that images the affected limb alone takes the contralateral values of the "
+        "nearest session (in days; on a tie the earlier) that images that limb, at most "
+        f"{t.contralateral_max_age_days} days away, with their standard deviation ×√2; farther, "
+        "asymmetry is not available, and the swelling of two sessions neither of which images "
+        "the contralateral limb is judged as with one limb in view.",
         "The first flaring session of an episode is an unconfirmed flare; a later session at "
         f"least {days} days after the episode's first flare that still flares is a confirmed "
         "flare; a session with no flare criterion met ends the episode.",
@@ -919,6 +1013,24 @@ def build_summary(
     }
 
 
+def _session_sidecars(sidecars: Sequence[Path], subject_dir: Path
+                      ) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+    """Each session's segmentation QC sidecar and its files (relative to `subject_dir`)."""
+    qc = {}
+    session_files: dict[str, dict[str, str]] = {}
+    for q in sidecars:
+        label = q.name.split("_ses-")[1].split("_")[0]
+        qc[label] = json.loads(q.read_text(encoding="utf-8"))
+        stem = q.name[: -len("_dseg.json")]
+        rel = q.parent.relative_to(subject_dir)
+        session_files[label] = {
+            "t1": str(rel / f"{stem}_T1w.nii.gz"),
+            "fluid": str(rel / f"{stem}_fluid.nii.gz"),
+            "dseg": str(rel / f"{stem}_dseg.nii.gz"),
+        }
+    return qc, dict(sorted(session_files.items()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="limbtrack longitudinal", description=__doc__.split("\n")[0])
     p.add_argument("--subject", required=True)
@@ -936,24 +1048,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     thresholds = Thresholds.default(**json.loads(args.thresholds_json))
-    visits = visits_from_rows(read_tsv(args.volumes))
-    pattern = classify(visits, thresholds)
     side_info = json.loads(args.side_json.read_text(encoding="utf-8"))
+    visits, carry_flags = carry_contralateral(
+        visits_from_rows(read_tsv(args.volumes)), thresholds.contralateral_max_age_days,
+        other_side(side_info["affected_side"]))
+    side_info["qc_flags"] = [*side_info.get("qc_flags", []), *(f.to_json() for f in carry_flags)]
+    pattern = classify(visits, thresholds)
     pattern.reasons.extend(qc_reasons(qc_mod.flags_from_json(side_info.get("qc_flags", []))))
+    pattern.reasons.extend(reference_reasons(visits, carry_flags))
     index = json.loads(args.sessions_json.read_text(encoding="utf-8"))
-    qc = {}
-    session_files: dict[str, dict[str, str]] = {}
-    for q in args.qc:
-        label = q.name.split("_ses-")[1].split("_")[0]
-        qc[label] = json.loads(q.read_text(encoding="utf-8"))
-        stem = q.name[: -len("_dseg.json")]
-        rel = q.parent.relative_to(args.subject_dir)
-        session_files[label] = {
-            "t1": str(rel / f"{stem}_T1w.nii.gz"),
-            "fluid": str(rel / f"{stem}_fluid.nii.gz"),
-            "dseg": str(rel / f"{stem}_dseg.nii.gz"),
-        }
-    session_files = dict(sorted(session_files.items()))
+    qc, session_files = _session_sidecars(args.qc, args.subject_dir)
     event_warnings: list[str] = []
     events = read_events(args.events or None, args.day0, study_days=[v.day for v in visits],
                          warnings=event_warnings)

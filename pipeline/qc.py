@@ -25,6 +25,17 @@ code                        severity  consequence for the numbers
 ``registration_failed``     exclude   the session could not be aligned with the baseline:
                                       nothing of the session is available and it does not
                                       narrow the common extent
+``contralateral_from_other_session``
+                            warn      the session images the affected limb alone: its
+                                      contralateral values come from the nearest session that
+                                      images that limb (``contralateral_session`` of
+                                      ``longitudinal.tsv``), at most
+                                      ``response.contralateral_max_age_days`` away; asymmetry
+                                      is against them, their sd x sqrt(2)
+``contralateral_too_old``   warn      the session images the affected limb alone and the
+                                      nearest session imaging the contralateral limb is more
+                                      than ``response.contralateral_max_age_days`` away: no
+                                      contralateral value, asymmetry not available
 =========================== ========= ==========================================================
 
 An ``exclude`` flag makes its structures *not available*: empty in ``volumes.tsv`` and
@@ -39,7 +50,6 @@ from typing import Any, Final, Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage
 
 from pipeline.labels import SIDES, STRUCTURES
 
@@ -51,6 +61,8 @@ FLUID_NOT_FAT_SUPPRESSED: Final = "fluid_not_fat_suppressed"
 ANATOMICAL_NOT_T1_LIKE: Final = "anatomical_not_t1_like"
 REGISTRATION_FAILED: Final = "registration_failed"
 IMAGES_DO_NOT_OVERLAP: Final = "images_do_not_overlap"
+CONTRALATERAL_FROM_OTHER_SESSION: Final = "contralateral_from_other_session"
+CONTRALATERAL_TOO_OLD: Final = "contralateral_too_old"
 
 #: Structures made not available by an ``exclude`` flag of each code (all: every structure).
 EXCLUDED_STRUCTURES: Final[dict[str, tuple[str, ...]]] = {
@@ -60,6 +72,9 @@ EXCLUDED_STRUCTURES: Final[dict[str, tuple[str, ...]]] = {
     ANATOMICAL_NOT_T1_LIKE: STRUCTURES,
     REGISTRATION_FAILED: STRUCTURES,
     IMAGES_DO_NOT_OVERLAP: STRUCTURES,
+    # raised by the longitudinal step, always ``warn``: nothing measured is removed
+    CONTRALATERAL_FROM_OTHER_SESSION: (),
+    CONTRALATERAL_TOO_OLD: (),
 }
 
 #: What each code means for the numbers, in words (README, report legend).
@@ -74,6 +89,10 @@ MEANING: Final[dict[str, str]] = {
     REGISTRATION_FAILED: "registration to the baseline failed: session not measured",
     IMAGES_DO_NOT_OVERLAP: "the anatomical and fluid images of the session do not overlap in "
     "space: session not segmented, not measured",
+    CONTRALATERAL_FROM_OTHER_SESSION: "affected limb alone in the image: the contralateral "
+    "reference comes from the nearest session that images it",
+    CONTRALATERAL_TOO_OLD: "affected limb alone in the image and no session imaging the "
+    "contralateral limb near enough: asymmetry not available",
 }
 
 BOTH: Final = "both"
@@ -284,6 +303,8 @@ def subcutaneous_ring(limb: NDArray[np.bool_], pixel_mm: float) -> NDArray[np.bo
     location, not its signal, defines it)."""
     outer_px = max(RING_MIN_OUTER_PX, round(RING_OUTER_DEPTH_MM / pixel_mm))
     inner_px = max(RING_MIN_INNER_PX, round(RING_INNER_DEPTH_MM / pixel_mm))
+    from scipy import ndimage  # here: the table steps read flags only
+
     outer = ndimage.binary_erosion(limb, _PLANE, iterations=outer_px)
     inner = ndimage.binary_erosion(limb, _PLANE, iterations=inner_px)
     return outer & ~inner
@@ -294,6 +315,8 @@ def deep_tissue(limb: NDArray[np.bool_], bone: NDArray[np.bool_],
     """Voxels more than 15 mm (:data:`DEEP_TISSUE_DEPTH_MM`) inside the skin and away from
     bone: mostly muscle."""
     depth_px = max(DEEP_MIN_PX, round(DEEP_TISSUE_DEPTH_MM / pixel_mm))
+    from scipy import ndimage
+
     deep = ndimage.binary_erosion(limb, _PLANE, iterations=depth_px)
     return deep & ~ndimage.binary_dilation(bone, _PLANE, iterations=BONE_CLEARANCE_PX)
 

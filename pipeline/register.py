@@ -101,6 +101,9 @@ class RegistrationSettings:
     # metric region: "auto" (each limb in turn, the better kept), "left", "right" or "whole"
     reference: str = "auto"
     limb_margin_mm: float = 10.0
+    # a session without the reference limb (the affected leg alone): the metric over that
+    # leg's bone box plus this margin; its swollen outline would slide along the taper
+    bone_margin_mm: float = 10.0
     max_z_disagreement_mm: float = 3.0
     # quality thresholds
     min_bone_dice: float = 0.7
@@ -263,7 +266,15 @@ class _BoneSummary:
     counts: dict[str, NDArray[np.int64]]
 
 
-def _bone_summary(labels_img: sitk.Image) -> _BoneSummary:
+def _shared_sides(fixed_zyx: NDArray[Any], moving_zyx: NDArray[Any]) -> list[str]:
+    """The limbs both label maps show: only these can be matched (a session may hold the
+    affected leg alone while the baseline holds both)."""
+    moving = set(sides_present(moving_zyx))
+    return [s for s in sides_present(fixed_zyx) if s in moving]
+
+
+def _bone_summary(labels_img: sitk.Image, sides: Sequence[str] | None = None) -> _BoneSummary:
+    """Bone area per layer and per-side bone centroids of `sides` (default: every limb)."""
     geo = Geometry.of(labels_img)
     labels = sitk.GetArrayViewFromImage(labels_img)
     axis = geo.layer_axis_xyz
@@ -275,7 +286,7 @@ def _bone_summary(labels_img: sitk.Image) -> _BoneSummary:
     z = (geo.origin[None, :] + idx @ geo.matrix.T)[:, 2]
     area = np.zeros(n_layers)
     centroids, counts = {}, {}
-    for side in sides_present(labels):
+    for side in sides_present(labels) if sides is None else sides:
         st = layer_stats(side_mask(labels, side, "bone"), axis)
         if st.counts.sum() == 0:
             continue
@@ -351,8 +362,11 @@ def bone_initial_transform(
     bone label. See the module docstring for the method.
     """
     settings = settings or RegistrationSettings()
-    fixed = _bone_summary(read_label_map(fixed_labels))
-    moving = _bone_summary(read_label_map(moving_labels))
+    fixed_img, moving_img = read_label_map(fixed_labels), read_label_map(moving_labels)
+    shared = _shared_sides(sitk.GetArrayViewFromImage(fixed_img),
+                           sitk.GetArrayViewFromImage(moving_img))
+    fixed = _bone_summary(fixed_img, shared)
+    moving = _bone_summary(moving_img, shared)
     sides = [s for s in SIDES if s in fixed.centroids and s in moving.centroids]
     if not sides:
         return None
@@ -499,15 +513,17 @@ def _optimise(
 
 
 def limb_region(
-    image: sitk.Image, labels: LabelMapLike, side: str, margin_mm: float
+    image: sitk.Image, labels: LabelMapLike, side: str, margin_mm: float,
+    structure: str = "limb",
 ) -> sitk.Image | None:
-    """`image` cropped to one limb's bounding box (in-plane, + `margin_mm`), or None.
+    """`image` cropped to the bounding box of one limb's `structure` (in-plane, + `margin_mm`),
+    or None.
 
     The box is found in physical space from the label map, which may lie on another grid.
     """
     lab_img = read_label_map(labels)
     arr = sitk.GetArrayViewFromImage(lab_img)
-    mask = side_mask(arr, side, "limb")
+    mask = side_mask(arr, side, structure)
     if not mask.any():
         return None
     geo = Geometry.of(lab_img)
@@ -609,18 +625,43 @@ def _initialisation(
 
 
 def _metric_regions(
-    fixed: sitk.Image, fixed_labels: LabelMapLike | None, settings: RegistrationSettings
+    fixed: sitk.Image,
+    fixed_labels: LabelMapLike | None,
+    settings: RegistrationSettings,
+    moving_labels: LabelMapLike | None = None,
 ) -> dict[str, sitk.Image]:
     """The baseline image cropped to each limb to try (``settings.reference``), by name; the
-    whole image when there is none."""
+    whole image when there is none. Only limbs the session shows as well: when the reference
+    limb is missing from the session (the affected leg imaged alone), the limbs both show."""
     regions: dict[str, sitk.Image] = {}
     if fixed_labels is not None and settings.reference != "whole":
         wanted = list(SIDES) if settings.reference == "auto" else [settings.reference]
+        if moving_labels is not None:
+            shared = _shared_sides(sitk.GetArrayViewFromImage(read_label_map(fixed_labels)),
+                                   sitk.GetArrayViewFromImage(read_label_map(moving_labels)))
+            if set(wanted) - set(shared):
+                return _bone_regions(fixed, fixed_labels, shared, settings) or {
+                    "whole image": fixed}
         for side in wanted:
             roi = limb_region(fixed, fixed_labels, side, settings.limb_margin_mm)
             if roi is not None:
                 regions[f"{side} limb"] = roi
     return regions or {"whole image": fixed}
+
+
+def _bone_regions(
+    fixed: sitk.Image, fixed_labels: LabelMapLike, sides: Sequence[str],
+    settings: RegistrationSettings,
+) -> dict[str, sitk.Image]:
+    """The baseline image cropped to the bone box of each limb in `sides`: the metric region
+    when the session lacks the reference limb (the affected leg imaged alone), where the
+    limb's swollen outline would slide along its taper but its bones do not change."""
+    regions: dict[str, sitk.Image] = {}
+    for side in sides:
+        roi = limb_region(fixed, fixed_labels, side, settings.bone_margin_mm, structure="bone")
+        if roi is not None:
+            regions[f"{side} bone"] = roi
+    return regions
 
 
 def _candidate(
@@ -633,7 +674,18 @@ def _candidate(
 ) -> RegistrationCandidate:
     """The fit with the metric over `region`, and its quality against the label maps
     (baseline, session) when there are some."""
-    fit = _optimise(region, moving, init.transform, settings)
+    return _judged(name, _optimise(region, moving, init.transform, settings), init, label_maps,
+                   settings)
+
+
+def _judged(
+    name: str,
+    fit: OptimisedFit,
+    init: Initialisation,
+    label_maps: tuple[LabelMapLike, LabelMapLike] | None,
+    settings: RegistrationSettings,
+) -> RegistrationCandidate:
+    """A candidate: `fit` with its quality against the label maps (baseline, session)."""
     quality, reasons = None, []
     if label_maps is not None:
         fixed_labels, moving_labels = label_maps
@@ -707,10 +759,17 @@ def register_session(
         if fixed_labels is not None and moving_labels is not None
         else None
     )
+    regions = _metric_regions(fixed, fixed_labels, settings, moving_labels)
     candidates = [
         _candidate(name, region, moving, init, label_maps, settings)
-        for name, region in _metric_regions(fixed, fixed_labels, settings).items()
+        for name, region in regions.items()
     ]
+    if label_maps is not None and any(name.endswith(" bone") for name in regions):
+        # the session lacks the reference limb: a small bone-box metric can wander, the bone
+        # initialisation (centroids + area profiles of the limbs both show) may be better
+        kept = OptimisedFit(sitk.Euler3DTransform(init.transform), None, 0,
+                            "not optimised: the bone initialisation")
+        candidates.append(_judged("bone initialisation", kept, init, label_maps, settings))
     ranked = sorted(candidates, key=lambda c: c.rank)
     best = ranked[0]
     how = f"{init.how}; {_choice(ranked)}"
@@ -798,7 +857,8 @@ def registration_quality(
     bone_d: dict[str, float] = {}
     limb_d: dict[str, float] = {}
     dist: dict[str, float] = {}
-    for side in SIDES:
+    # a limb only one session shows (a follow-up of the affected leg alone) has no counterpart
+    for side in _shared_sides(fix, mov):
         fb = side_mask(fix, side, "bone") & valid
         mb = side_mask(mov, side, "bone") & valid
         fl = side_mask(fix, side, "limb") & valid

@@ -31,6 +31,7 @@ from pipeline.report.states import STATE_MEANINGS, confirmation_headline, state_
 from pipeline.report.subject import SubjectData, load_subject
 from pipeline.report.tables import (
     INDEX_COLUMNS,
+    carries_reference,
     circumference_table,
     event_rows,
     extent_view,
@@ -197,6 +198,7 @@ def measurement_context(s: SubjectData) -> dict[str, Any]:
         "longitudinal": long_table,
         "longitudinal_notes": long_notes.items,
         "longitudinal_has_qc": any(r["qc"] for r in long_table),
+        "longitudinal_has_reference": carries_reference(long_table),
         "has_intervals": bool(ci_values(s.longitudinal) or ci_values(s.volumes)),
         "circumference": circumference_table(s.circ_rows or [], s.affected, s.session_info),
         "circumference_found": s.circ_rows is not None,

@@ -20,8 +20,12 @@ def response_rules(thresholds: Mapping[str, Any]) -> tuple[list[str], str]:
     """The rules of the response pattern with the thresholds recorded in summary.json, and
     '' ; or no rules and why (thresholds missing from an older summary)."""
     known = {f.name for f in dataclasses.fields(Thresholds)}
+    values = {k: v for k, v in thresholds.items() if k in known}
+    # summaries from before issue 18 lack it; they never carried a reference
+    values.setdefault("contralateral_max_age_days",
+                      Thresholds.default().contralateral_max_age_days)
     try:
-        t = Thresholds.from_config({k: v for k, v in thresholds.items() if k in known})
+        t = Thresholds.from_config(values)
     except (TypeError, ValueError) as exc:
         return [], f"summary.json: {exc}"
     return describe_rules(t), ""

@@ -8,6 +8,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from pipeline import labels
+from pipeline import qc as qc_mod
 from pipeline.io.files import finite_float
 from pipeline.report.qcview import Cell, Footnotes, QCIndex, merge_codes, split_codes, value_cell
 from pipeline.report.values import (
@@ -43,6 +44,8 @@ def _longitudinal_reasons(
     s, date, row_qc = str(row.get("structure")), row.get("study_date"), row.get("qc")
     a = index.unavailable(date, aff, s, row_qc)
     c = index.unavailable(date, con, s, row_qc)
+    if qc_mod.CONTRALATERAL_TOO_OLD in split_codes(row_qc):  # no reference near enough
+        c = merge_codes(c, [qc_mod.CONTRALATERAL_TOO_OLD])
     base_a = index.unavailable(baseline_date, aff, s)
     base_c = index.unavailable(baseline_date, con, s)
     return {
@@ -91,6 +94,7 @@ def longitudinal_table(
                 order.get(str(r.get("structure")), 99))
 
     table = []
+    days = {str(r.get("session")): str(r.get("day", "")) for r in rows}
     for r in sorted(rows, key=key):
         date = str(r.get("study_date", ""))
         row = _longitudinal_cells(r, base_asym.get(r.get("structure")), baseline_date,
@@ -98,9 +102,31 @@ def longitudinal_table(
         structure = str(r.get("structure"))
         table.append({"study_date": date, "day": str(r.get("day", "")),
                       "structure": STRUCTURE_TITLES.get(structure, structure), **row,
+                      "contralateral_from": reference_source(r, days),
                       "qc": ", ".join(_row_qc(index, r, None)),
                       "is_baseline": date == baseline_date, "excluded": date in excluded_dates})
     return table
+
+
+def reference_source(row: Mapping[str, Any], days: Mapping[str, str]) -> str:
+    """Where a ``longitudinal.tsv`` row's contralateral value came from, in words:
+    ``this session``, ``session S (day d)`` (carried from another session; `days`: session
+    label -> day) or ``none`` (not available)."""
+    source = str(row.get("contralateral_session") or "")
+    if source in ("", "n/a"):
+        return "none"
+    if source == str(row.get("session") or ""):
+        return "this session"
+    return f"session {source} (day {days.get(source, '?')})"
+
+
+def carries_reference(table: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether any row of the measurements table takes its contralateral value from another
+    session, or has none where other sessions have one (the table then shows where each
+    value came from)."""
+    sources = {str(r.get("contralateral_from", "")) for r in table}
+    return any(x.startswith("session ") for x in sources) or (
+        "none" in sources and "this session" in sources)
 
 
 def _longitudinal_cells(

@@ -183,6 +183,8 @@ class Case:
     affected_side: str = "auto"
     #: QC codes the workflow must raise on this case (what the image cannot show)
     expect_flags: tuple[str, ...] = ()
+    #: the response pattern the workflow must find ("": not checked)
+    expect_label: str = ""
 
 
 SUITE: tuple[Case, ...] = (
@@ -250,6 +252,24 @@ ANATOMY_SUITE: tuple[Case, ...] = (
     Case("calfnofatsat", "calf, fluid image without fat suppression, lesion and edema",
          ("--region", "calf", "--no-stir-fat-suppressed", "--slices", "24", "--seed", "56",
           "--sessions=0:0.05:3:0.5"), expect_flags=("fluid_not_fat_suppressed",)),
+)
+
+
+#: Follow-ups of the affected leg alone (issue 18): the contralateral reference carried from
+#: the nearest session that images both legs, or refused when that session is too far away.
+CONTRALATERAL_SUITE: tuple[Case, ...] = (
+    Case("affonly", "baseline both legs; flare and resolution on follow-ups of the left leg "
+         "alone (reference carried from the baseline)",
+         ("--seed", "61", "--pixel-mm", "1.8", "--slices", "24",
+          "--sessions=-2:0.05:3:0.3,6:0.25:4.5:0.8,20:0.02:2.5:0.1", "--affected-only", "2,3"),
+         "left", expect_flags=("contralateral_from_other_session",),
+         expect_label="pseudo-progression"),
+    Case("affonlyold", "the only session with both legs 98+ days before the others (too old): "
+         "flare and resolution of the left leg alone",
+         ("--seed", "62", "--pixel-mm", "1.8", "--slices", "24",
+          "--sessions=-100:0.05:3:0.3,-2:0.05:3:0.3,6:0.25:4.5:0.8,20:0.02:2.5:0.1",
+          "--affected-only", "2,3,4"),
+         "left", expect_flags=("contralateral_too_old",), expect_label="pseudo-progression"),
 )
 
 
@@ -323,6 +343,8 @@ def score_case(result: dict[str, Any]) -> dict[str, Any]:
         "flags_ok": set(result["case"].expect_flags)
         <= {f["code"] for f in result["summary"].get("qc_flags", [])},
         "label": result["summary"]["classification"],
+        "label_ok": None if not result["case"].expect_label
+        else result["summary"]["classification"] == result["case"].expect_label,
     }
     checks = {
         "limb_median_pct": lambda v: v <= t["limb_median_pct"],
@@ -337,6 +359,7 @@ def score_case(result: dict[str, Any]) -> dict[str, Any]:
         "false_edema_ml": lambda v: v <= t["false_edema_max_ml"],
         "side_auto_ok": lambda v: bool(v),
         "flags_ok": lambda v: bool(v),
+        "label_ok": lambda v: bool(v),
     }
     failed = [k for k, ok in checks.items() if out[k] is not None and not ok(out[k])]
     out["ok"] = not failed

@@ -147,6 +147,9 @@ class SessionSpec:
         Number of end slices with coil-edge signal loss (signal x 0.05-0.2, ghosting, noise).
     signal_void_end : str
         Which end has them: ``inferior`` (lowest z), ``superior`` or ``both``.
+    affected_only : bool
+        Only the affected limb is in the field of view at this visit (a follow-up of the
+        affected leg alone); the other limb is left out of the image, not cut by its edge.
     """
 
     day: int
@@ -159,6 +162,7 @@ class SessionSpec:
     fov_clip_side: str = "affected"
     signal_void_slices: int = 0
     signal_void_end: str = "both"
+    affected_only: bool = False
 
     def __post_init__(self) -> None:
         if self.fov_clip_side not in ("affected", "contralateral", "left", "right", "both"):
@@ -172,7 +176,7 @@ class SessionSpec:
 #: Session options added after the first release, with the values that leave a phantom as it was.
 _NEW_SESSION_DEFAULTS: dict[str, Any] = {
     "fov_clip_mm": 0.0, "fov_clip_side": "affected", "signal_void_slices": 0,
-    "signal_void_end": "both",
+    "signal_void_end": "both", "affected_only": False,
 }
 
 
@@ -365,11 +369,16 @@ def _tissue_at(
     n = pts.shape[0]
     build = {"thigh": _thigh_claim, "knee": _knee_claim, "calf": _calf_claim}[spec.region]
     claims: dict[str, Claim] = {}
-    for side in spec.sides:
+    for side in session_sides(spec, sess):
         claim = build(pts, spec, sess, fields, side)
         if claim is not None:
             claims[side] = claim
     return _resolve_contact(claims, n)
+
+
+def session_sides(spec: PhantomSpec, sess: SessionSpec) -> tuple[str, ...]:
+    """The limbs in the field of view of `sess`: the phantom's, or the affected one alone."""
+    return (spec.affected_side,) if sess.affected_only else spec.sides
 
 
 def _claim(n: int, idx: NDArray[np.intp], t: NDArray[np.int8], rr: NDArray[np.float64],
@@ -913,7 +922,7 @@ def _clip_sides(spec: PhantomSpec, sess: SessionSpec) -> list[str]:
     other = "right" if spec.affected_side == "left" else "left"
     wanted = {"affected": [spec.affected_side], "contralateral": [other],
               "both": ["right", "left"]}.get(sess.fov_clip_side, [sess.fov_clip_side])
-    return [s for s in wanted if s in spec.sides]
+    return [s for s in wanted if s in session_sides(spec, sess)]
 
 
 def _side_fraction(frac: NDArray[np.float32], side: str) -> NDArray[np.float32]:
@@ -1242,13 +1251,31 @@ def _study_of(spec: PhantomSpec, sess: SessionSpec, n: int, date: dt.date) -> di
     }
 
 
-def _asymmetry_pct(spec: PhantomSpec, volumes: dict[str, dict[str, float]]) -> float | None:
-    """True soft-tissue asymmetry (%) of a bilateral phantom; None with one limb."""
+def _asymmetry_pct(spec: PhantomSpec, volumes: dict[str, dict[str, float]],
+                   contralateral: dict[str, dict[str, float]] | None = None) -> float | None:
+    """True soft-tissue asymmetry (%) of a bilateral phantom; None with one limb.
+
+    `contralateral`: the volumes of another session to take the contralateral limb from
+    (a session of the affected limb alone)."""
     if set(spec.sides) != {"left", "right"}:
         return None
     other = "right" if spec.affected_side == "left" else "left"
-    asym = 100.0 * (volumes[spec.affected_side]["soft_tissue"] / volumes[other]["soft_tissue"] - 1)
+    contra = (contralateral or volumes)[other]["soft_tissue"]
+    asym = 100.0 * (volumes[spec.affected_side]["soft_tissue"] / contra - 1)
     return round(asym, 3)
+
+
+def _carried_truth(spec: PhantomSpec, sessions_truth: list[dict[str, Any]]) -> None:
+    """True asymmetry of each session of the affected limb alone against the contralateral
+    limb of the nearest session (in days; ties: the earlier) that holds both. The phantom's
+    contralateral limb never changes, so on one grid any such session gives the same value."""
+    both = [t for t, s in zip(sessions_truth, spec.sessions, strict=True) if not s.affected_only]
+    for t, s in zip(sessions_truth, spec.sessions, strict=True):
+        if not s.affected_only or not both:
+            continue
+        ref = min(both, key=lambda b: (abs(b["day"] - t["day"]), b["day"]))
+        t["soft_tissue_asymmetry_pct"] = _asymmetry_pct(spec, t["volumes_ml"], ref["volumes_ml"])
+        t["contralateral_truth_session"] = ref["session"]
 
 
 def _generate_session(
@@ -1281,7 +1308,7 @@ def _generate_session(
         "day": sess.day,
         "params": _session_json(sess, legacy),
         "volumes_ml": volumes,
-        "soft_tissue_asymmetry_pct": _asymmetry_pct(spec, volumes),
+        "soft_tissue_asymmetry_pct": None if sess.affected_only else _asymmetry_pct(spec, volumes),
         "label_map": str(label_path.relative_to(out_dir)),
     }
     if not legacy:
@@ -1299,6 +1326,7 @@ def generate(spec: PhantomSpec, out_dir: Path) -> dict[str, Any]:
     fields = _fields(spec)
     sessions_truth = [_generate_session(spec, fields, n, sess, out_dir)
                       for n, sess in enumerate(spec.sessions, start=1)]
+    _carried_truth(spec, sessions_truth)
     truth: dict[str, Any] = {
         "subject": spec.subject,
         "day0": spec.day0,
@@ -1316,7 +1344,10 @@ def generate(spec: PhantomSpec, out_dir: Path) -> dict[str, Any]:
             " Per session: fov_clipped_sides (limbs reaching an in-plane image edge), "
             "volumes_ml_unclipped (before in-plane clipping of the field of view), "
             "signal_void_slices (coil-edge slices, indices in LPS z ascending order, 0 = most "
-            "inferior) and volumes_ml_valid (over the other slices)."
+            "inferior) and volumes_ml_valid (over the other slices). A session of the "
+            "affected limb alone (params.affected_only) has its soft_tissue_asymmetry_pct "
+            "against the contralateral limb of contralateral_truth_session, the nearest session "
+            "holding both limbs (the phantom's contralateral limb does not change)."
         )
     write_json_atomic(out_dir / "truth.json", truth)
     return truth
@@ -1459,6 +1490,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="narrow the in-plane field of view of session SESSION (1-based, or "
                    "'all') so that MM mm of the lateral side of SIDE (affected, contralateral, "
                    "left, right, both; default affected) are cut off; repeatable")
+    p.add_argument("--affected-only", default="", metavar="N[,N...]",
+                   help="sessions (1-based) that hold the affected limb alone: a follow-up "
+                   "of the affected leg in its own field of view")
     p.add_argument("--void-slices", action="append", default=[], metavar="SESSION:N[:END]",
                    help="coil-edge signal loss on N end slices of session SESSION (1-based, or "
                    "'all'); END inferior, superior or both (default); repeatable")
@@ -1524,6 +1558,11 @@ def spec_from_args(args: argparse.Namespace) -> PhantomSpec:
                                   float)
     sessions = _session_overrides(sessions, args.void_slices,
                                   ("signal_void_slices", "signal_void_end"), int)
+    only = {int(n) for n in args.affected_only.split(",") if n.strip()}
+    if only - set(range(1, len(sessions) + 1)):
+        raise ValueError(f"--affected-only {args.affected_only}: sessions are 1..{len(sessions)}")
+    sessions = tuple(dataclasses.replace(s, affected_only=True) if n in only else s
+                     for n, s in enumerate(sessions, start=1))
     kwargs["sessions"] = sessions
     return PhantomSpec(**kwargs)
 

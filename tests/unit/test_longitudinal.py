@@ -39,6 +39,8 @@ UNCERTAINTY_COLUMNS = ["affected_ml_ci95", "contralateral_ml_ci95", "difference_
                        "asymmetry_pct_ci95", "change_from_baseline_pct_ci95",
                        "asymmetry_change_pp", "asymmetry_change_pp_ci95", "change_beyond_mdc95",
                        "session"]
+#: issue 18: the session that gave the contralateral value, after every earlier column
+REFERENCE_COLUMNS = ["contralateral_session"]
 CONTRA_SOFT_ML = 1000.0
 
 
@@ -114,7 +116,8 @@ def test_longitudinal_rows_values_and_change_from_baseline():
               visit(7, asym_pct=25.0, lesion=5.0, edema=30.0)]
     rows = longitudinal_rows("P1", visits)
     assert len(rows) == 3 * 5
-    assert all(list(r) == [*DESIGN_LONGITUDINAL_COLUMNS, "qc", *UNCERTAINTY_COLUMNS] for r in rows)
+    assert all(list(r) == [*DESIGN_LONGITUDINAL_COLUMNS, "qc", *UNCERTAINTY_COLUMNS,
+                                                          *REFERENCE_COLUMNS] for r in rows)
     assert [r["structure"] for r in rows[:5]] == STRUCTURES
     soft = {r["day"]: r for r in rows if r["structure"] == "soft_tissue"}
     assert soft[7]["affected_ml"] == 1250.0
@@ -499,7 +502,7 @@ def test_main_end_to_end(tmp_path, capsys):
         reader = csv.reader(fh, delimiter="\t")
         header = next(reader)
         rows = [dict(zip(header, r, strict=True)) for r in reader]
-    assert header == [*DESIGN_LONGITUDINAL_COLUMNS, "qc", *UNCERTAINTY_COLUMNS]
+    assert header == [*DESIGN_LONGITUDINAL_COLUMNS, "qc", *UNCERTAINTY_COLUMNS, *REFERENCE_COLUMNS]
     assert len(rows) == 3 * 5
     soft = [r for r in rows if r["structure"] == "soft_tissue"]
     assert [r["asymmetry_pct"] for r in soft] == ["10", "22", "9"]

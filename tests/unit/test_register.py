@@ -362,13 +362,23 @@ def test_same_state_sessions_agree_over_common_extent(
                 assert b == pytest.approx(a, rel=0.02, abs=1e-9), f"{n} {side} {st}: {b} vs {a}"
 
 
-def test_missing_limb_in_one_session_is_an_error(sessions: dict[str, Any]) -> None:
+def test_a_limb_missing_in_one_session_does_not_narrow_the_extent(
+    sessions: dict[str, Any],
+) -> None:
+    """A follow-up of one leg alone: the common range is where every session covers the
+    limbs it shows; a session with no limb at all is an error."""
     lab = sessions["base"]["labels"]
     arr = sitk.GetArrayFromImage(lab)
     one = sitk.GetImageFromArray(np.where(arr > 4, 0, arr).astype(arr.dtype))
     one.CopyInformation(lab)
-    with pytest.raises(ValueError, match="no left limb"):
-        common_extent([lab, one], [None, None])
+    both = common_extent([lab, lab], [None, None])
+    assert common_extent([lab, one], [None, None]) == pytest.approx(both)
+    right_only = covered_range(one, None, ["right"])
+    assert common_extent([lab, one], [None, None])[0] >= right_only[0] - 1e-6
+    empty = sitk.GetImageFromArray(np.zeros_like(arr))
+    empty.CopyInformation(lab)
+    with pytest.raises(ValueError, match="holds no limb"):
+        common_extent([lab, empty], [None, None])
     # a limb absent everywhere (unilateral study) is not required
     assert common_extent([one, one], [None, None])[1] > common_extent([one], [None])[0]
 
