@@ -22,6 +22,7 @@ VALUES = {
     "response_asymmetry_pp": 4.9,
     "confirmation_min_interval_days": 6,
     "crs_window_days": 13,
+    "contralateral_max_age_days": 97,
 }
 #: How each value reads in its rule.
 PHRASES = {
@@ -36,6 +37,7 @@ PHRASES = {
     "response_asymmetry_pp": "at least 4.9 pp below baseline",
     "confirmation_min_interval_days": "at least 6 days after the episode's first flare",
     "crs_window_days": "days 1–13 after the infusion",
+    "contralateral_max_age_days": "at most 97 days away",
 }
 
 
