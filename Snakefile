@@ -14,6 +14,7 @@ from pipeline.workflow import (
     convert_command,
     index_args,
     is_dicom_input,
+    lift_default_submission_limit,
     limbtrack_command,
     input_digest,
     load_subjects,
@@ -82,6 +83,11 @@ rule all:
         ),
         COHORT,
     default_target: True
+
+
+onstart:
+    # Snakemake's own CPU linear in the cohort: see pipeline.workflow (a timer pile-up)
+    lift_default_submission_limit(workflow.scheduler)
 
 
 onerror:

@@ -6,16 +6,20 @@ time, subjects per hour, and where the CPU time went:
 
 - *Snakemake*: the CPU time of the Snakemake process itself (DAG, scheduling, checkpoint
   re-evaluation), read from /proc/<pid>/stat just before it exits;
-- *job start-up*: per job, starting Python and importing the step's module
-  (``python -c "import pipeline.<step>"``, measured separately, median of 3) times the number of
-  jobs of each step;
+- *job start-up*: per job, starting Python and importing the module of the step's
+  ``limbtrack`` subcommand (:data:`pipeline.cli.COMMANDS`; ``python -c "import pipeline.cli,
+  <module>"``, measured separately, median of 3) times the number of jobs of each step;
 - *compute*: the jobs' CPU time (from the kernel's accounting of Snakemake's children) minus
   their start-up.
 
 Overhead share = (Snakemake + job start-up) / all CPU time. CPU rather than wall time is used
 for the split because a shared machine's load inflates wall time but hardly CPU time.
 
-    python benchmarks/cohort_speed.py [--sizes 5,10,20] [--cores 2] [--work DIR]
+Snakemake's CPU per subject is the number to watch for large cohorts (issue 16: flat from 8 to
+32 subjects once its scheduler's timers no longer pile up; see pipeline.workflow); for the DAG
+alone at hundreds or thousands of subjects, benchmarks/cohort_dag.py.
+
+    python benchmarks/cohort_speed.py [--sizes 5,10,20] [--cores 2] [--work DIR] [--realistic]
 """
 
 from __future__ import annotations
@@ -37,12 +41,20 @@ ROOT = Path(__file__).resolve().parents[1]
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def make_phantom(out: Path, subject: str, seed: int) -> Path:
+#: The phantom of each subject: small by default; --realistic: three sessions of 320 x 320 x 40.
+SMALL = {"slices": "16", "matrix": "128x96", "leg_radius_mm": "40",
+         "sessions": "-2:0.1:4:0.3,10:0:0:0"}
+REALISTIC = {"slices": "40", "matrix": "320x320",  # the phantom's own leg radius
+             "sessions": "-2:0.1:4:0.3,10:0.15:5:0.5,30:0:0:0"}
+
+
+def make_phantom(out: Path, subject: str, seed: int, shape: dict[str, str] = SMALL) -> Path:
     if not (out / "dicom").is_dir():
         subprocess.run(
             [sys.executable, "-m", "pipeline.cli", "phantom", str(out), "--subject", subject,
-             "--seed", str(seed), "--slices", "16", "--matrix", "128x96", "--leg-radius-mm",
-             "40", "--sessions=-2:0.1:4:0.3,10:0:0:0"],
+             "--seed", str(seed), "--slices", shape["slices"], "--matrix", shape["matrix"],
+             *(["--leg-radius-mm", shape["leg_radius_mm"]] if "leg_radius_mm" in shape else []),
+             f"--sessions={shape['sessions']}"],
             check=True, capture_output=True, text=True,
         )
     return out / "dicom"
@@ -63,10 +75,15 @@ def child_cpu_s(cmd: list[str]) -> float:
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def startup_cpu_s(module: str, repeats: int = 3) -> float:
-    """Median CPU seconds to start Python and import ``module`` (a job's fixed cost)."""
+def startup_cpu_s(command: str, repeats: int = 3) -> float:
+    """Median CPU seconds to start Python and import the module of ``limbtrack command``
+    (a job's fixed cost)."""
+    from pipeline.cli import COMMANDS
+
+    module = COMMANDS[command][0]
     return statistics.median(
-        child_cpu_s([sys.executable, "-c", f"import {module}"]) for _ in range(repeats)
+        child_cpu_s([sys.executable, "-c", f"import pipeline.cli, {module}"])
+        for _ in range(repeats)
     )
 
 
@@ -101,7 +118,7 @@ def run_cohort(sheet: Path, work: Path, cores: int) -> dict[str, object]:
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     if proc.returncode != 0:
         raise SystemExit(f"workflow failed ({proc.returncode}); see {log_path}")
-    modules = Counter(re.findall(r"^Shell command: \S+ -m (pipeline\.\w+)",
+    modules = Counter(re.findall(r"^Shell command: \S+ -m pipeline\.cli (\w+)",
                                  log_path.read_text(), flags=re.M))
     return {"wall_s": wall, "total_cpu_s": usage.ru_utime + usage.ru_stime,
             "snakemake_cpu_s": snakemake_cpu, "jobs": modules}
@@ -112,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="5,10,20", help="cohort sizes, comma-separated")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
+    ap.add_argument("--realistic", action="store_true",
+                    help="three sessions of 320 x 320 x 40 per subject (default: two small)")
     args = ap.parse_args(argv)
+    shape = REALISTIC if args.realistic else SMALL
     sizes = [int(s) for s in args.sizes.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="cohort_speed_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -120,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"phantoms: {max(sizes)} subjects in {work}", file=sys.stderr)
     with ThreadPoolExecutor(max_workers=args.cores) as pool:
         dicom_dirs = list(pool.map(
-            lambda i: make_phantom(work / "phantoms" / f"C{i:03d}", f"C{i:03d}", 100 + i),
+            lambda i: make_phantom(work / "phantoms" / f"C{i:03d}", f"C{i:03d}", 100 + i,
+                                   shape),
             range(1, max(sizes) + 1)))
 
     rows, startup = [], {}
@@ -144,16 +165,19 @@ def main(argv: list[str] | None = None) -> int:
                      100 * (snakemake_cpu + startup_cpu) / total,
                      100 * total / (wall * args.cores)))
 
-    print(f"\nCohorts of phantom subjects (2 sessions, 16 x 128 x 96), --cores {args.cores}\n")
+    n_sessions = len(shape["sessions"].split(","))
+    print(f"\nCohorts of phantom subjects ({n_sessions} sessions, {shape['slices']} x "
+          f"{shape['matrix'].replace('x', ' x ')}), --cores {args.cores}\n")
     print("| subjects | jobs | wall (s) | subjects/hour | wall/subject (s) | CPU (s) "
-          "| Snakemake CPU (s) | job start-up CPU (s) | compute CPU (s) | overhead share "
-          "| cores busy |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| Snakemake CPU (s) | Snakemake CPU/subject (s) | job start-up CPU (s) "
+          "| compute CPU (s) | overhead share | cores busy |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:.0f} | {r[3]:.0f} | {r[4]:.1f} | {r[5]:.0f} "
-              f"| {r[6]:.1f} | {r[7]:.1f} | {r[8]:.1f} | {r[9]:.0f} % | {r[10]:.0f} % |")
+              f"| {r[6]:.1f} | {r[6] / r[0]:.2f} | {r[7]:.1f} | {r[8]:.1f} | {r[9]:.0f} % "
+              f"| {r[10]:.0f} % |")
     print("\nStart-up CPU per job (python + imports, median of 3): "
-          + ", ".join(f"{m.removeprefix('pipeline.')} {s:.2f} s" for m, s in
+          + ", ".join(f"{m} {s:.2f} s" for m, s in
                       sorted(startup.items())))
     return 0
 

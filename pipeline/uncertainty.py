@@ -37,7 +37,6 @@ from typing import Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.optimize import nnls
 
 #: Two-sided 95 % quantile of the standard normal distribution.
 Z95: Final = 1.959964
@@ -114,6 +113,8 @@ def fit_structure(pairs: Sequence[Pair], terms: Sequence[str] = TERMS) -> Struct
     # A squared difference's own sd is proportional to its expectation (chi-square, 1 dof):
     # iteratively reweighted by the predicted variance, so that large limbs do not drown the
     # small lesions of the same structure. Starts from each row scaled by its feature sum.
+    from scipy.optimize import nnls  # here: the jobs that only apply a model never load it
+
     weight = 1.0 / np.maximum(design.sum(axis=1), 1e-12)
     coef = np.zeros(design.shape[1])
     for _ in range(8):

@@ -365,3 +365,27 @@ def pass_research_salt(config: Mapping[str, Any]) -> None:
     salt = str(config.get("research", {}).get("salt") or "")
     if salt:
         os.environ["LIMBTRACK_RESEARCH_SALT"] = salt
+
+
+#: Snakemake's default ``--max-jobs-per-timespan`` (its command line's ``100/1s``).
+DEFAULT_SUBMISSION_LIMIT = (100, 1.0)
+
+
+def lift_default_submission_limit(scheduler: Any) -> bool:
+    """Drop the default job submission limit (100 jobs per second) from Snakemake's job
+    scheduler before it starts (the Snakefile's ``onstart``); a limit the user set otherwise
+    is kept. Returns whether it was dropped.
+
+    Why: with a limit, Snakemake's scheduler (9.x) arms a one-timespan timer each time it
+    wakes with jobs waiting, and each timer wakes it again, so the timers pile up, one more
+    per job finished: with 8 small subjects its loop turned ~30 times a second by the end,
+    each turn costing time in the number of waiting jobs, and its CPU grew with the square
+    of the cohort. 100 jobs per second limits nothing here: the jobs take seconds to
+    minutes, and ``jobs:`` in profiles/slurm bounds what is queued on a cluster."""
+    limiter = getattr(scheduler, "job_rate_limiter", None)
+    if limiter is None:
+        return False
+    if (limiter.max_jobs, float(limiter.timespan)) != DEFAULT_SUBMISSION_LIMIT:
+        return False
+    scheduler.job_rate_limiter = None
+    return True

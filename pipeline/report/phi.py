@@ -15,8 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import pydicom
-
 from pipeline.io.dicom_values import parse_dicom_date
 from pipeline.report.qcview import NOT_AVAILABLE
 
@@ -56,6 +54,8 @@ def _first_file(entry: Mapping[str, Any]) -> Path | None:
 
 
 def _identity_of(path: Path) -> dict[str, str | None]:
+    import pydicom  # here: read only with show_phi; a report job does not load it otherwise
+
     ds = pydicom.dcmread(path, stop_before_pixels=True,
                          specific_tags=list(IDENTITY_TAGS.values()))
     return {

@@ -15,6 +15,7 @@ from pipeline.workflow import (
     default_events,
     index_args,
     is_dicom_input,
+    lift_default_submission_limit,
     limbtrack_command,
     load_subjects,
     session_labels,
@@ -271,3 +272,21 @@ def test_limbtrack_command():
     # --use-conda: the environment's python, this folder's package
     assert limbtrack_command("/x/python", conda=True, package_dir="/repo dir") == (
         "PYTHONPATH='/repo dir' python -m pipeline.cli")
+
+
+def test_default_submission_limit_is_lifted_a_chosen_one_kept():
+    """The Snakefile's onstart drops Snakemake's default limit (its timers pile up), only it."""
+    from types import SimpleNamespace
+
+    from snakemake.scheduling.job_scheduler import JobRateLimiter
+    from snakemake.settings.types import MaxJobsPerTimespan
+
+    default = SimpleNamespace(
+        job_rate_limiter=JobRateLimiter(MaxJobsPerTimespan.parse_choice("100/1s")))
+    assert lift_default_submission_limit(default)
+    assert default.job_rate_limiter is None
+    chosen = SimpleNamespace(
+        job_rate_limiter=JobRateLimiter(MaxJobsPerTimespan.parse_choice("10/1m")))
+    assert not lift_default_submission_limit(chosen)
+    assert chosen.job_rate_limiter is not None
+    assert not lift_default_submission_limit(SimpleNamespace(job_rate_limiter=None))

@@ -27,6 +27,9 @@ TEARDOWN = ROOT / "tests" / "slurm_teardown.sh"
 SKIP_EXIT = 77  # slurm_setup.sh: SLURM cannot be set up on this machine
 # (subject, seed, affected side): small two-session phantoms, one of them right-sided.
 COHORT = (("S1", 11, "left"), ("S2", 12, "right"))
+# profiles/slurm groups jobs: per subject the index, its images (convert, segment, register of
+# every session) and its tables (measure, longitudinal, report); then the cohort's table.
+SLURM_JOBS_PER_SUBJECT = 3
 SLURM_TIMEOUT_S = 240
 STATUS_DELAY_S = 2  # first status check after a submission; MinJobAge (300 s) >= 3 x this
 
@@ -130,6 +133,7 @@ def test_cohort_on_slurm_equals_local(slurm_env: dict[str, str], cohort: Path,
     comments = {comment for _, comment in states.values()}
     for subject, _, _ in COHORT:  # each subject's first step ran as a job of its own
         assert f"rule_index_wildcards_{subject}" in comments, comments
+    assert len(job_ids) == SLURM_JOBS_PER_SUBJECT * len(COHORT) + 1, states
 
     start = time.monotonic()
     local = subprocess.run(snakemake_cmd(local_dir, cohort, local_dir / "results",
