@@ -6,7 +6,13 @@ points and the report all use :func:`baseline_position`, so they cannot disagree
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
+
+
+def session_day(study_date: str, day0: str) -> int:
+    """Days from day 0 to the study date (both YYYY-MM-DD; negative before day 0)."""
+    return (dt.date.fromisoformat(study_date) - dt.date.fromisoformat(day0)).days
 
 
 def baseline_position(days: Sequence[int]) -> int:

@@ -37,6 +37,7 @@ from pipeline.io.files import (
     write_tsv_atomic,
 )
 from pipeline.labels import STRUCTURES, other_side
+from pipeline.names import session_of
 from pipeline.settings import ConfigSection
 
 LONGITUDINAL_COLUMNS = (
@@ -1019,7 +1020,7 @@ def _session_sidecars(sidecars: Sequence[Path], subject_dir: Path
     qc = {}
     session_files: dict[str, dict[str, str]] = {}
     for q in sidecars:
-        label = q.name.split("_ses-")[1].split("_")[0]
+        label = session_of(q)
         qc[label] = json.loads(q.read_text(encoding="utf-8"))
         stem = q.name[: -len("_dseg.json")]
         rel = q.parent.relative_to(subject_dir)

@@ -9,7 +9,6 @@ the image geometry.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,7 +21,7 @@ import SimpleITK as sitk
 from numpy.typing import NDArray
 
 from pipeline import qc as qc_mod
-from pipeline.baseline import baseline_position
+from pipeline.baseline import baseline_position, session_day
 from pipeline.extent import (
     FieldOfView,
     Geometry,
@@ -177,11 +176,6 @@ def infer_affected_side(sessions: Sequence[SessionVolumes]) -> tuple[str | None,
                 f"{right:.1f} mL summed over {len(sessions)} session(s)"
             )
     return None, "no side has more lesion, edema or soft tissue than the other"
-
-
-def session_day(study_date: str, day0: str) -> int:
-    """Days from day 0 to the study date (negative before day 0)."""
-    return (dt.date.fromisoformat(study_date) - dt.date.fromisoformat(day0)).days
 
 
 def volume_rows(

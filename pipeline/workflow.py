@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.baseline import baseline_position
+from pipeline.baseline import baseline_position, session_day
 from pipeline.io.files import is_within, read_tsv, walk_entries
 from pipeline.io.nifti_input import SHEET_COLUMNS, is_sessions_sheet
 
@@ -325,8 +325,7 @@ def baseline_session(sessions_json: str | Path, day0: str) -> str:
     sessions = sorted(data["sessions"], key=lambda s: s["study_date"])
     if not sessions:
         raise ValueError(f"{sessions_json}: no sessions")
-    first_day = dt.date.fromisoformat(day0)
-    days = [(dt.date.fromisoformat(s["study_date"]) - first_day).days for s in sessions]
+    days = [session_day(s["study_date"], day0) for s in sessions]
     return str(sessions[baseline_position(days)]["session"])
 
 
