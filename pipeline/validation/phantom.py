@@ -103,6 +103,10 @@ _SOFT_CODES: tuple[int, ...] = (FAT, FASCIA, MUSCLE, EDEMA_MUSCLE, EDEMA_FAT)
 
 REGIONS: tuple[str, ...] = ("thigh", "knee", "calf")
 
+#: Nominal radius of a leg per region, as a fraction of `leg_radius_mm` (the thigh's at the
+#: centre of the field of view); a leg's axis lies this radius + half the gap from the midline.
+REGION_LEG_RADIUS: dict[str, float] = {"thigh": 1.0, "knee": 0.80, "calf": 0.70}
+
 #: Centre of the default field of view per region, mm above the knee joint line (z = 0).
 REGION_Z_CENTRE: dict[str, float] = {"thigh": 200.0, "knee": 10.0, "calf": -170.0}
 
@@ -150,6 +154,11 @@ class SessionSpec:
     affected_only : bool
         Only the affected limb is in the field of view at this visit (a follow-up of the
         affected leg alone); the other limb is left out of the image, not cut by its edge.
+    split_series : bool
+        Each leg in its own pair of series (T1 and STIR) of the study, each field of view
+        centred on its leg (a dedicated extremity coil, one leg at a time; the
+        ``PhantomSpec.split_*`` options shape the right leg's series). With `affected_only`,
+        only the affected leg's series are written.
     """
 
     day: int
@@ -163,6 +172,7 @@ class SessionSpec:
     signal_void_slices: int = 0
     signal_void_end: str = "both"
     affected_only: bool = False
+    split_series: bool = False
 
     def __post_init__(self) -> None:
         if self.fov_clip_side not in ("affected", "contralateral", "left", "right", "both"):
@@ -171,12 +181,15 @@ class SessionSpec:
             raise ValueError(f"unknown signal_void_end {self.signal_void_end!r}")
         if self.fov_clip_mm < 0 or self.signal_void_slices < 0:
             raise ValueError("fov_clip_mm and signal_void_slices must be >= 0")
+        if self.split_series and (self.fov_clip_mm > 0 or self.signal_void_slices > 0):
+            raise ValueError("split_series does not combine with fov_clip_mm or "
+                             "signal_void_slices (each leg has its own field of view)")
 
 
 #: Session options added after the first release, with the values that leave a phantom as it was.
 _NEW_SESSION_DEFAULTS: dict[str, Any] = {
     "fov_clip_mm": 0.0, "fov_clip_side": "affected", "signal_void_slices": 0,
-    "signal_void_end": "both", "affected_only": False,
+    "signal_void_end": "both", "affected_only": False, "split_series": False,
 }
 
 
@@ -199,6 +212,18 @@ class PhantomSpec:
     `stir_fat_suppressed` (False: fat bright on the fluid image, a T2 without fat saturation)
     and `t1_like` (False: the anatomical series has STIR-like contrast). `leg_radius_mm` and
     `bone_radius_mm` are the thigh's and the femoral shaft's; knee and calf scale from them.
+
+    Sessions with ``split_series`` image each leg in its own series (extremity-coil layout):
+    a square field of view `split_fov_factor` x the leg's nominal diameter, centred on the
+    leg. The right leg's series may differ from the left's as two separate acquisitions do:
+    `split_right_pixel_mm` (0: the same pixel size), `split_right_offset_mm` (its field of
+    view's centre moved in x and y, LPS mm; a fraction of a pixel puts its grid off the left
+    one's), `split_right_extra_slices` (more, or with a minus sign fewer, slices about the
+    same centre; even, so that the slices of the two series line up) and `split_right_gain`
+    (another receive coil: stored values x gain, signal and noise alike). The Laterality tag
+    (0020,0060) and the description (``... LT`` / ``... RT``) name each series' leg;
+    `split_wrong_laterality` (``SIDE`` or ``SIDE:KIND``, KIND ``T1w`` or ``STIR``) gives that
+    leg's series (or only its KIND series) the other side's tag and description.
     """
 
     subject: str = "demo"
@@ -232,6 +257,13 @@ class PhantomSpec:
     growth_plates: bool = False
     stir_fat_suppressed: bool = True
     t1_like: bool = True
+    # one series per leg (sessions with split_series)
+    split_fov_factor: float = 1.6
+    split_right_pixel_mm: float = 0.0
+    split_right_offset_mm: tuple[float, float] = (0.0, 0.0)
+    split_right_extra_slices: int = 0
+    split_right_gain: float = 1.0
+    split_wrong_laterality: str = ""
 
     def __post_init__(self) -> None:
         if self.region not in REGIONS:
@@ -246,6 +278,20 @@ class PhantomSpec:
             raise ValueError(f"sides must be left and/or right, not {self.sides}")
         if self.affected_side not in self.sides:
             raise ValueError(f"affected side {self.affected_side} is not among sides {self.sides}")
+        self._check_split()
+
+    def _check_split(self) -> None:
+        if self.split_right_extra_slices % 2:
+            raise ValueError(f"split_right_extra_slices {self.split_right_extra_slices}: must be "
+                             "even (the two series' slices line up about one centre)")
+        if self.split_fov_factor < 1.0 or self.split_right_gain <= 0:
+            raise ValueError("split_fov_factor must be >= 1 and split_right_gain > 0")
+        wrong = self.split_wrong_laterality.split(":")
+        if self.split_wrong_laterality and (
+                wrong[0] not in ("left", "right") or len(wrong) > 2
+                or (len(wrong) == 2 and wrong[1] not in SEQUENCES)):
+            raise ValueError(f"split_wrong_laterality {self.split_wrong_laterality!r}: want "
+                             "SIDE or SIDE:KIND (left/right, T1w/STIR)")
 
 
 #: Phantom options added after the first release, with the values that leave it as it was.
@@ -253,6 +299,10 @@ _NEW_SPEC_DEFAULTS: dict[str, Any] = {
     "region": "thigh", "vessels": False, "growth_plates": False, "stir_fat_suppressed": True,
     "t1_like": True,
 }
+#: Options of the split layout: in truth.json only when some session uses it.
+_SPLIT_SPEC_KEYS: tuple[str, ...] = (
+    "split_fov_factor", "split_right_pixel_mm", "split_right_offset_mm",
+    "split_right_extra_slices", "split_right_gain", "split_wrong_laterality")
 
 
 def is_legacy(spec: PhantomSpec) -> bool:
@@ -678,7 +728,8 @@ def _knee_claim(pts: NDArray[np.float64], spec: PhantomSpec, sess: SessionSpec,
     b, lr = spec.bone_radius_mm, spec.leg_radius_mm
     z = pts[:, 2]
     r0 = lr * (0.80 + 0.08 * np.clip(z / 120.0, -1.0, 1.0))
-    leg = _envelope(pts, spec, sess, fields, side, r0, 0.80 * lr + spec.gap_mm / 2,
+    leg = _envelope(pts, spec, sess, fields, side, r0,
+                    REGION_LEG_RADIUS["knee"] * lr + spec.gap_mm / 2,
                     [(0.05, 2, 0.3), (0.03, 1, -np.pi / 2)])
     if leg is None:
         return None
@@ -800,7 +851,8 @@ def _calf_claim(pts: NDArray[np.float64], spec: PhantomSpec, sess: SessionSpec,
     span = spec.n_slices * spec.slice_mm
     z = pts[:, 2]
     r0 = lr * (0.70 + 0.10 * (z - _z_centre(spec)) / span)  # the calf tapers distally
-    leg = _envelope(pts, spec, sess, fields, side, r0, 0.70 * lr + spec.gap_mm / 2,
+    leg = _envelope(pts, spec, sess, fields, side, r0,
+                    REGION_LEG_RADIUS["calf"] * lr + spec.gap_mm / 2,
                     [(0.06, 2, 0.2), (0.07, 1, -np.pi / 2)])
     if leg is None:
         return None
@@ -885,6 +937,19 @@ def render_session(
     """
     fields = fields or _fields(spec)
     grid = make_grid(spec, sess.table_shift_mm, sess.n_slices)
+    rendered: dict[str, Any] = {"grid": grid,
+                                "fractions": render_fractions(spec, sess, fields, grid)}
+    if sess.fov_clip_mm > 0:
+        rendered = _clip_fov(spec, sess, rendered)
+    if sess.signal_void_slices > 0:
+        rendered["void_slices"] = _void_slices(rendered["grid"], sess)
+    return rendered
+
+
+def render_fractions(spec: PhantomSpec, sess: SessionSpec, fields: _Fields, grid: Grid
+                     ) -> NDArray[np.float32]:
+    """Partial-volume fractions (2 x N_TISSUES, Z, Y, X) of the anatomy of `sess` on `grid`
+    (see :func:`render_session`)."""
     nz, ny, nx = grid.shape_zyx
     offs = _supersample_offsets(spec)
     n_sub = offs.shape[0]
@@ -909,12 +974,7 @@ def render_session(
         counts = np.bincount(flat, minlength=ny * nx * 2 * N_TISSUES)
         counts = counts.reshape(ny * nx, 2 * N_TISSUES)
         fractions[:, k] = (counts / n_sub).T.reshape(2 * N_TISSUES, ny, nx)
-    rendered: dict[str, Any] = {"grid": grid, "fractions": fractions}
-    if sess.fov_clip_mm > 0:
-        rendered = _clip_fov(spec, sess, rendered)
-    if sess.signal_void_slices > 0:
-        rendered["void_slices"] = _void_slices(rendered["grid"], sess)
-    return rendered
+    return fractions
 
 
 def _clip_sides(spec: PhantomSpec, sess: SessionSpec) -> list[str]:
@@ -1014,9 +1074,11 @@ def bias_field(spec: PhantomSpec, grid: Grid) -> NDArray[np.float64]:
 
 
 def synthesize(
-    spec: PhantomSpec, rendered: dict[str, Any], rng: np.random.Generator
+    spec: PhantomSpec, rendered: dict[str, Any], rng: np.random.Generator, gain: float = 1.0
 ) -> dict[str, NDArray[np.uint16]]:
-    """T1-weighted and STIR magnitude images (stored values, 12-bit) from tissue fractions."""
+    """T1-weighted and STIR magnitude images (stored values, 12-bit) from tissue fractions.
+
+    `gain` scales the stored values (signal and noise alike), as another receive coil does."""
     frac = rendered["fractions"]
     b = bias_field(spec, rendered["grid"])
     void: dict[int, float] = rendered.get("void_slices", {})
@@ -1040,6 +1102,8 @@ def synthesize(
             noise_re[ks] *= 1.5
             noise_im[ks] *= 1.5
         mag = np.hypot(sig + noise_re, noise_im)
+        if gain != 1.0:
+            mag = mag * gain
         out[name] = np.clip(np.round(mag * 1000.0), 0, 4095).astype(np.uint16)
     return out
 
@@ -1120,6 +1184,16 @@ SEQUENCES: dict[str, dict[str, Any]] = {
     "STIR": dict(desc="STIR AX", ss="SE\\IR", sv="SK\\SP\\MP", so="IR", tr=4200.0, te=45.0,
                  ti=150.0, etl=11, proto="tir_tra_stir"),
 }
+#: Laterality tag (0020,0060) and series-description suffix of a one-leg series.
+LATERALITY_CODE: dict[str, str] = {"left": "L", "right": "R"}
+LATERALITY_SUFFIX: dict[str, str] = {"left": "LT", "right": "RT"}
+
+
+def series_description(kind: str, laterality: str) -> str:
+    """Description of a one-leg series, e.g. ``T1 TSE AX LT``."""
+    return f"{SEQUENCES[kind]['desc']} {LATERALITY_SUFFIX[laterality]}"
+
+
 _STUDY_DESCRIPTIONS = {"thigh": "MR THIGHS BILATERAL", "knee": "MR KNEES BILATERAL",
                        "calf": "MR LOWER LEGS BILATERAL"}
 
@@ -1223,14 +1297,25 @@ def write_series(
     study: dict[str, str],
     series_number: int,
     kind: str,
+    laterality: str = "",
+    coil: str = "",
 ) -> list[Path]:
-    """Write one axial series as MR Image Storage files, one per slice, named by instance."""
+    """Write one axial series as MR Image Storage files, one per slice, named by instance.
+
+    `laterality` (``left`` or ``right``; the split layout) sets the Laterality tag
+    (0020,0060) and ends the series description with ``LT`` or ``RT``; `coil` the Receive Coil
+    Name (0018,1250)."""
     series_uid = _uid(spec.seed, study["uid"], series_number)
     ids: dict[str, Any] = {"study_uid": study["uid"], "series_uid": series_uid,
                            "frame_uid": _uid(spec.seed, study["uid"], "frame"),
                            "study_id": study["id"], "series_number": series_number}
     out_dir.mkdir(parents=True, exist_ok=True)
     header = _series_header(spec, study, grid, kind)
+    if laterality:
+        header.Laterality = LATERALITY_CODE[laterality]
+        header.SeriesDescription = series_description(kind, laterality)
+    if coil:
+        header.ReceiveCoilName = coil
     paths = []
     for inst, k in enumerate(_instance_order(grid.shape_zyx[0], spec.slice_order), start=1):
         ds = _slice_dataset(header, pixels, grid, kind, k, {**ids, "instance": inst})
@@ -1278,12 +1363,234 @@ def _carried_truth(spec: PhantomSpec, sessions_truth: list[dict[str, Any]]) -> N
         t["contralateral_truth_session"] = ref["session"]
 
 
+# -------------------------------------------------------------------------------------------
+# Split layout: each leg in its own series (extremity coil, one leg per field of view)
+# -------------------------------------------------------------------------------------------
+
+#: Receive coil of a one-leg series: the same extremity coil for both legs, another coil for
+#: the right leg's series when its signal scale differs (`split_right_gain`).
+EXTREMITY_COIL = "EXTREMITY 16"
+OTHER_COIL = "FLEX LARGE 4"
+
+#: Series numbers per leg of a split study, (T1w, STIR); a bilateral study uses 3 and 4.
+SPLIT_SERIES_NUMBERS: dict[str, dict[str, int]] = {"left": {"T1w": 3, "STIR": 4},
+                                                    "right": {"T1w": 5, "STIR": 6}}
+
+
+def make_split_grid(spec: PhantomSpec, sess: SessionSpec, side: str) -> Grid:
+    """One leg's field of view (anatomy coordinates): square, `split_fov_factor` x the leg's
+    nominal diameter, centred on its axis (the right leg's moved by `split_right_offset_mm`),
+    slices about the same centre as the bilateral grid's."""
+    row, col = (np.asarray(v, dtype=float) for v in POSITION_IOP[spec.position])
+    normal = np.cross(row, col)
+    right = side == "right"
+    pixel_mm = spec.split_right_pixel_mm if right and spec.split_right_pixel_mm > 0 \
+        else spec.pixel_mm
+    r_mm = REGION_LEG_RADIUS[spec.region] * spec.leg_radius_mm
+    n = int(np.ceil(spec.split_fov_factor * 2 * r_mm / pixel_mm - 1e-9))
+    nz = (sess.n_slices or spec.n_slices) + (spec.split_right_extra_slices if right else 0)
+    if nz < 1:
+        raise ValueError(f"split_right_extra_slices {spec.split_right_extra_slices} leaves "
+                         "the right leg's series no slice")
+    sgn = 1.0 if side == "left" else -1.0
+    centre = np.array([sgn * (r_mm + spec.gap_mm / 2), 0.0, _z_centre(spec) - sess.table_shift_mm])
+    if right:
+        centre[:2] += np.asarray(spec.split_right_offset_mm, dtype=float)
+    origin = (centre - (row + col) * pixel_mm * (n - 1) / 2
+              - normal * spec.slice_mm * (nz - 1) / 2)
+    return Grid(origin, row, col, normal, pixel_mm, spec.slice_mm, (nz, n, n))
+
+
+def _index_of(grid: Grid, pts: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Continuous voxel indices (i, j, k) on `grid` of points (N, 3) (axes orthogonal)."""
+    d = pts - grid.origin
+    return np.stack([d @ grid.row_dir / grid.pixel_mm, d @ grid.col_dir / grid.pixel_mm,
+                     d @ grid.normal / grid.slice_mm], axis=-1)
+
+
+def _centres(grid: Grid) -> NDArray[np.float64]:
+    """Voxel centres (Z, Y, X, 3) of `grid`."""
+    nz, ny, nx = grid.shape_zyx
+    k, j, i = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    return (grid.origin + (i * grid.pixel_mm)[..., None] * grid.row_dir
+            + (j * grid.pixel_mm)[..., None] * grid.col_dir
+            + (k * grid.slice_mm)[..., None] * grid.normal)
+
+
+def union_grid(ref: Grid, grids: Sequence[Grid]) -> tuple[Grid, tuple[int, int, int]]:
+    """A grid on `ref`'s lattice holding every voxel centre of `grids`, and the (k, j, i) index
+    of `ref`'s first voxel in it."""
+    lo, hi = np.zeros(3), np.array(ref.shape_zyx[::-1], dtype=float) - 1
+    for g in grids:
+        nz, ny, nx = g.shape_zyx
+        corners = np.array([[i, j, k] for i in (0, nx - 1) for j in (0, ny - 1)
+                            for k in (0, nz - 1)], dtype=float)
+        pts = g.origin + corners @ np.stack([g.row_dir * g.pixel_mm, g.col_dir * g.pixel_mm,
+                                             g.normal * g.slice_mm])
+        idx = _index_of(ref, pts)
+        lo = np.minimum(lo, np.floor(idx.min(axis=0) + 1e-6))
+        hi = np.maximum(hi, np.ceil(idx.max(axis=0) - 1e-6))
+    origin = ref.origin + lo @ np.stack([ref.row_dir * ref.pixel_mm, ref.col_dir * ref.pixel_mm,
+                                         ref.normal * ref.slice_mm])
+    size = (hi - lo + 1).astype(int)
+    grid = dataclasses.replace(ref, origin=origin, shape_zyx=(int(size[2]), int(size[1]),
+                                                              int(size[0])))
+    return grid, (int(-lo[2]), int(-lo[1]), int(-lo[0]))
+
+
+def _one_side(frac: NDArray[np.float32], side: str,
+              keep: NDArray[np.bool_] | None = None) -> NDArray[np.float32]:
+    """`frac` with only the tissues of `side` (the other leg is outside the coil: no signal,
+    no truth), optionally only where `keep` (Z, Y, X) is True."""
+    out = np.zeros_like(frac)
+    s_idx = 0 if side == "right" else 1
+    channels = slice(s_idx * N_TISSUES, (s_idx + 1) * N_TISSUES)
+    out[channels] = frac[channels] if keep is None else frac[channels] * keep
+    return out
+
+
+def render_split_session(spec: PhantomSpec, sess: SessionSpec, fields: _Fields | None = None
+                         ) -> dict[str, Any]:
+    """Fractions of a split session: per leg imaged, its series' grid and fractions (that leg
+    alone), and the truth grid holding them all (on the left series' lattice, else the right's)
+    with each leg's fractions inside its own series' field of view.
+
+    Both legs are always rendered together (touching legs flatten at their contact as in a
+    bilateral image) and each series keeps its own leg: the anatomy is that of the bilateral
+    phantom of the same seed."""
+    fields = fields or _fields(spec)
+    sides = session_sides(spec, sess)
+    grids = {s: make_split_grid(spec, sess, s) for s in sides}
+    ref = "left" if "left" in sides else "right"
+    truth_grid, (k0, j0, i0) = union_grid(grids[ref], list(grids.values()))
+    frac = render_fractions(spec, sess, fields, truth_grid)
+    nz, ny, nx = grids[ref].shape_zyx
+    in_ref = np.zeros(truth_grid.shape_zyx, dtype=bool)
+    in_ref[k0:k0 + nz, j0:j0 + ny, i0:i0 + nx] = True
+    series = {ref: _one_side(frac[:, k0:k0 + nz, j0:j0 + ny, i0:i0 + nx], ref)}
+    truth_frac = _one_side(frac, ref, in_ref)
+    for side in sides:
+        if side == ref:
+            continue
+        g = grids[side]
+        series[side] = _one_side(render_fractions(spec, sess, fields, g), side)
+        idx = _index_of(g, _centres(truth_grid))
+        inside = np.all((idx >= -0.5) & (idx <= np.array(g.shape_zyx[::-1]) - 0.5), axis=-1)
+        truth_frac += _one_side(frac, side, inside)
+    return {"grids": grids, "series": series,
+            "truth": {"grid": truth_grid, "fractions": truth_frac}}
+
+
+def _common_slices(grids: dict[str, Grid]) -> dict[str, slice]:
+    """Per leg, its series' slices inside the slab every series covers (same centre, slices
+    lined up: the longer series loses as many slices at each end)."""
+    n_common = min(g.shape_zyx[0] for g in grids.values())
+    out = {}
+    for side, g in grids.items():
+        trim = (g.shape_zyx[0] - n_common) // 2
+        out[side] = slice(trim, trim + n_common)
+    return out
+
+
+def _split_volumes(spec: PhantomSpec, split: dict[str, Any]
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Exact volumes per leg on its own series' grid: over the slab common to the session's
+    series (what both legs can be compared over) and over the whole series."""
+    empty = truth_of(spec, {"grid": next(iter(split["grids"].values())),
+                            "fractions": np.zeros((2 * N_TISSUES, 1, 1, 1), np.float32)})[0]
+    common = {s: dict(v) for s, v in empty.items()}
+    whole = {s: dict(v) for s, v in empty.items()}
+    slabs = _common_slices(split["grids"])
+    for side, g in split["grids"].items():
+        frac = split["series"][side]
+        whole[side] = truth_of(spec, {"grid": g, "fractions": frac})[0][side]
+        nz, ny, nx = g.shape_zyx
+        n = slabs[side].stop - slabs[side].start
+        sub = {"grid": dataclasses.replace(g, shape_zyx=(n, ny, nx)),
+               "fractions": frac[:, slabs[side]]}
+        common[side] = truth_of(spec, sub)[0][side]
+    return common, whole
+
+
+def _labelled_side(spec: PhantomSpec, side: str, kind: str) -> str:
+    """The side a series' Laterality tag and description name (`split_wrong_laterality`)."""
+    wrong = spec.split_wrong_laterality.split(":")
+    if wrong[0] == side and (len(wrong) == 1 or wrong[1] == kind):
+        return "left" if side == "right" else "right"
+    return side
+
+
+def _write_split_series(spec: PhantomSpec, n: int, sess: SessionSpec, split: dict[str, Any],
+                        study: dict[str, str], study_dir: Path) -> list[dict[str, Any]]:
+    """Write each leg's T1 and STIR series; their description for the truth."""
+    out = []
+    for side, g in split["grids"].items():
+        rng = np.random.default_rng([spec.seed, n, 0 if side == "right" else 1])
+        gain = spec.split_right_gain if side == "right" else 1.0
+        coil = EXTREMITY_COIL if gain == 1.0 else OTHER_COIL
+        images = synthesize(spec, {"grid": g, "fractions": split["series"][side]}, rng, gain)
+        grid = dataclasses.replace(g, origin=g.origin + [0.0, 0.0, sess.table_shift_mm])
+        x_edges = sorted(float(grid.origin[0] + e * grid.row_dir[0] * grid.pixel_mm)
+                         for e in (-0.5, g.shape_zyx[2] - 0.5))
+        for kind in ("T1w", "STIR"):
+            number = SPLIT_SERIES_NUMBERS[side][kind]
+            tag = _labelled_side(spec, side, kind)
+            write_series(study_dir / f"SE{number:04d}", images[kind], grid, spec=spec,
+                         study=study, series_number=number, kind=kind, laterality=tag,
+                         coil=coil)
+            out.append({"series_number": number, "kind": kind, "side": side,
+                        "laterality_tag": LATERALITY_CODE[tag],
+                        "description": series_description(kind, tag),
+                        "laterality_tag_wrong": tag != side, "pixel_mm": g.pixel_mm,
+                        "shape_zyx": list(g.shape_zyx), "gain": gain, "coil": coil,
+                        "x_range_mm": [round(x, 4) for x in x_edges]})
+    return out
+
+
+def _generate_split_session(spec: PhantomSpec, fields: Any, n: int, sess: SessionSpec,
+                            out_dir: Path) -> dict[str, Any]:
+    """Render, write (two series per leg, the true label map on a grid holding both legs)
+    and describe split session `n`."""
+    import nibabel as nib
+
+    split = render_split_session(spec, sess, fields)
+    volumes, whole = _split_volumes(spec, split)
+    date = dt.date.fromisoformat(spec.day0) + dt.timedelta(days=sess.day)
+    study = _study_of(spec, sess, n, date)
+    series = _write_split_series(spec, n, sess, split, study, out_dir / "dicom" / f"ST{n:04d}")
+    tg: Grid = split["truth"]["grid"]
+    tg = dataclasses.replace(tg, origin=tg.origin + [0.0, 0.0, sess.table_shift_mm])
+    labels = truth_of(spec, split["truth"])[1]
+    label_path = out_dir / "truth" / f"ses-{study['date']}_truth_dseg.nii.gz"
+    label_path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.transpose(labels, (2, 1, 0)), _affine_ras(tg)), label_path)
+    clipped = sorted({s for side, f in split["series"].items()
+                      for s in clipped_sides({"fractions": f})})
+    return {
+        "session": study["date"],
+        "study_date": date.isoformat(),
+        "day": sess.day,
+        "params": _session_json(sess, False),
+        "volumes_ml": volumes,
+        "soft_tissue_asymmetry_pct": None if sess.affected_only else _asymmetry_pct(spec, volumes),
+        "label_map": str(label_path.relative_to(out_dir)),
+        "fov_clipped_sides": clipped,
+        "volumes_ml_unclipped": volumes,
+        "signal_void_slices": [],
+        "volumes_ml_valid": volumes,
+        "volumes_ml_series": whole,
+        "series": series,
+    }
+
+
 def _generate_session(
     spec: PhantomSpec, fields: Any, n: int, sess: SessionSpec, out_dir: Path
 ) -> dict[str, Any]:
     """Render, write (two series and the true label map) and describe session `n`."""
     import nibabel as nib
 
+    if sess.split_series:
+        return _generate_split_session(spec, fields, n, sess, out_dir)
     legacy = is_legacy(spec)
     rng = np.random.default_rng([spec.seed, n])
     rendered = render_session(spec, sess, fields)
@@ -1349,6 +1656,15 @@ def generate(spec: PhantomSpec, out_dir: Path) -> dict[str, Any]:
             "against the contralateral limb of contralateral_truth_session, the nearest session "
             "holding both limbs (the phantom's contralateral limb does not change)."
         )
+    if any(s.split_series for s in spec.sessions):
+        truth["note"] += (
+            " A split session (params.split_series) holds each leg in its own series "
+            "(``series``: number, kind, side imaged, Laterality tag and description written, "
+            "grid, gain, x range in mm): its volumes_ml are exact on each leg's own series "
+            "grid over the slab common to the session's series, volumes_ml_series over each "
+            "whole series; its label map lies on a grid holding both legs (the left series' "
+            "lattice, else the right's), each leg inside its own series' field of view."
+        )
     write_json_atomic(out_dir / "truth.json", truth)
     return truth
 
@@ -1371,15 +1687,22 @@ def _spec_json(spec: PhantomSpec) -> dict[str, Any]:
     if legacy:
         for k in _NEW_SPEC_DEFAULTS:
             d.pop(k)
+    if not any(s.split_series for s in spec.sessions):
+        for k in _SPLIT_SPEC_KEYS:
+            d.pop(k)
     d["sessions"] = [_session_json(s, legacy) for s in spec.sessions]
     return d
 
 
 def _session_json(sess: SessionSpec, legacy: bool) -> dict[str, Any]:
+    """A session's parameters as JSON; `split_series` only where it is set (a phantom made
+    before the split layout keeps its truth.json)."""
     d = dataclasses.asdict(sess)
     if legacy:
         for k in _NEW_SESSION_DEFAULTS:
             d.pop(k)
+    elif not sess.split_series:
+        d.pop("split_series")
     return d
 
 
@@ -1496,7 +1819,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--void-slices", action="append", default=[], metavar="SESSION:N[:END]",
                    help="coil-edge signal loss on N end slices of session SESSION (1-based, or "
                    "'all'); END inferior, superior or both (default); repeatable")
+    _add_split_arguments(p, d)
     return p
+
+
+def _add_split_arguments(p: argparse.ArgumentParser, d: PhantomSpec) -> None:
+    """Options of the split layout (one series per leg)."""
+    p.add_argument("--split-series", nargs="?", const="all", default="", metavar="N[,N...]",
+                   help="sessions (1-based; no value: all) whose study holds each leg in its "
+                   "own T1 and STIR series, each field of view centred on its leg")
+    p.add_argument("--split-fov-factor", type=float, default=d.split_fov_factor,
+                   help="one-leg field of view / the leg's nominal diameter")
+    p.add_argument("--split-right-pixel-mm", type=float, default=d.split_right_pixel_mm,
+                   help="pixel size of the right leg's series (0: as --pixel-mm)")
+    p.add_argument("--split-right-offset-mm", default="0,0", metavar="X[,Y]",
+                   help="move the right leg's field of view (LPS mm; a fraction of a pixel "
+                   "puts its grid off the left one's)")
+    p.add_argument("--split-right-extra-slices", type=int, default=d.split_right_extra_slices,
+                   help="more (negative: fewer) slices in the right leg's series; even")
+    p.add_argument("--split-right-gain", type=float, default=d.split_right_gain,
+                   help="receive-coil scale of the right leg's series (stored values x gain)")
+    p.add_argument("--split-wrong-laterality", default="", metavar="SIDE[:KIND]",
+                   help="give that leg's series (or only its T1w / STIR one) the other side's "
+                   "Laterality tag and description")
 
 
 def _session_overrides(sessions: tuple[SessionSpec, ...], items: Sequence[str],
@@ -1520,6 +1865,24 @@ def _session_overrides(sessions: tuple[SessionSpec, ...], items: Sequence[str],
                 kw[fields_[1]] = parts[2]
             out[i] = dataclasses.replace(out[i], **kw)
     return tuple(out)
+
+
+def _session_numbers(text: str, n_sessions: int, option: str) -> set[int]:
+    """Session numbers (1-based) of ``N[,N...]`` or ``all``."""
+    if text.strip() == "all":
+        return set(range(1, n_sessions + 1))
+    chosen = {int(n) for n in text.split(",") if n.strip()}
+    if chosen - set(range(1, n_sessions + 1)):
+        raise ValueError(f"{option} {text}: sessions are 1..{n_sessions}")
+    return chosen
+
+
+def _offset_mm(text: str) -> tuple[float, float]:
+    """``X[,Y]`` in mm (Y defaults to 0)."""
+    vals = [float(v) for v in text.split(",")]
+    if not 1 <= len(vals) <= 2:
+        raise ValueError(f"cannot parse offset {text!r}: want X[,Y] in mm")
+    return (vals[0], vals[1] if len(vals) == 2 else 0.0)
 
 
 def spec_from_args(args: argparse.Namespace) -> PhantomSpec:
@@ -1552,17 +1915,23 @@ def spec_from_args(args: argparse.Namespace) -> PhantomSpec:
         growth_plates=args.growth_plates,
         stir_fat_suppressed=args.stir_fat_suppressed,
         t1_like=args.t1_like,
+        split_fov_factor=args.split_fov_factor,
+        split_right_pixel_mm=args.split_right_pixel_mm,
+        split_right_offset_mm=_offset_mm(args.split_right_offset_mm),
+        split_right_extra_slices=args.split_right_extra_slices,
+        split_right_gain=args.split_right_gain,
+        split_wrong_laterality=args.split_wrong_laterality,
     )
     sessions = parse_sessions(args.sessions) if args.sessions else DEFAULT_SESSIONS
     sessions = _session_overrides(sessions, args.fov_clip, ("fov_clip_mm", "fov_clip_side"),
                                   float)
     sessions = _session_overrides(sessions, args.void_slices,
                                   ("signal_void_slices", "signal_void_end"), int)
-    only = {int(n) for n in args.affected_only.split(",") if n.strip()}
-    if only - set(range(1, len(sessions) + 1)):
-        raise ValueError(f"--affected-only {args.affected_only}: sessions are 1..{len(sessions)}")
-    sessions = tuple(dataclasses.replace(s, affected_only=True) if n in only else s
-                     for n, s in enumerate(sessions, start=1))
+    for flag, text in (("affected_only", args.affected_only), ("split_series", args.split_series)):
+        chosen = _session_numbers(text, len(sessions), "--" + flag.replace("_", "-"))
+        set_flag: dict[str, Any] = {flag: True}
+        sessions = tuple(dataclasses.replace(s, **set_flag) if n in chosen else s
+                         for n, s in enumerate(sessions, start=1))
     kwargs["sessions"] = sessions
     return PhantomSpec(**kwargs)
 
