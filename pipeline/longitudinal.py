@@ -886,7 +886,12 @@ def input_checksums(sessions_index: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _describe_series(entry: Mapping[str, Any], role: str) -> str:
+    """'T1 TSE AX (series 3)'; for the legs in two series (pipeline/io/split.py)
+    'T1 LT (series 31, left leg) + T1 RT (series 32, right leg)'."""
     e = entry.get(role, {})
+    if e.get("parts"):
+        return " + ".join(f"{p.get('description', '')} (series {p.get('series_number', '?')}, "
+                          f"{p['side']} leg)" for p in e["parts"])
     return f"{e.get('description', '')} (series {e.get('series_number', '?')})"
 
 

@@ -32,6 +32,11 @@ code                        severity  consequence for the numbers
                                       ``longitudinal.tsv``), at most
                                       ``response.contralateral_max_age_days`` away; asymmetry
                                       is against them, their sd x sqrt(2)
+``split_series_differ``     warn      the left and right leg come from separate series of the
+                                      study (pipeline/io/split.py) that differ in pixel or
+                                      slice spacing, slice positions, tilt, receive coil or
+                                      tissue signal level enough to bias the comparison of the
+                                      legs (listed in the message); nothing is removed
 ``contralateral_too_old``   warn      the session images the affected limb alone and the
                                       nearest session imaging the contralateral limb is more
                                       than ``response.contralateral_max_age_days`` away: no
@@ -44,8 +49,10 @@ An ``exclude`` flag makes its structures *not available*: empty in ``volumes.tsv
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Final, Literal
 
 import numpy as np
@@ -63,6 +70,7 @@ REGISTRATION_FAILED: Final = "registration_failed"
 IMAGES_DO_NOT_OVERLAP: Final = "images_do_not_overlap"
 CONTRALATERAL_FROM_OTHER_SESSION: Final = "contralateral_from_other_session"
 CONTRALATERAL_TOO_OLD: Final = "contralateral_too_old"
+SPLIT_SERIES_DIFFER: Final = "split_series_differ"
 
 #: Structures made not available by an ``exclude`` flag of each code (all: every structure).
 EXCLUDED_STRUCTURES: Final[dict[str, tuple[str, ...]]] = {
@@ -75,6 +83,9 @@ EXCLUDED_STRUCTURES: Final[dict[str, tuple[str, ...]]] = {
     # raised by the longitudinal step, always ``warn``: nothing measured is removed
     CONTRALATERAL_FROM_OTHER_SESSION: (),
     CONTRALATERAL_TOO_OLD: (),
+    # raised by the converter, always ``warn``: the legs are measured, the message says why
+    # their comparison may be biased
+    SPLIT_SERIES_DIFFER: (),
 }
 
 #: What each code means for the numbers, in words (README, report legend).
@@ -93,6 +104,8 @@ MEANING: Final[dict[str, str]] = {
     "reference comes from the nearest session that images it",
     CONTRALATERAL_TOO_OLD: "affected limb alone in the image and no session imaging the "
     "contralateral limb near enough: asymmetry not available",
+    SPLIT_SERIES_DIFFER: "left and right leg imaged in separate series that differ (spacing, "
+    "slices, coil or signal level): their comparison may be biased",
 }
 
 BOTH: Final = "both"
@@ -144,6 +157,18 @@ class QCFlag:
             message=str(d["message"]),
             slices=tuple(int(k) for k in d.get("slices", ()) or ()),
         )
+
+
+def image_sidecar_flags(image_paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """The QC flags a converter left in the JSON sidecars (``QCFlags``) of NIfTI images (a
+    session composed of two one-leg series, :mod:`pipeline.io.split`); none for an image
+    without a sidecar."""
+    flags: list[dict[str, Any]] = []
+    for path in map(Path, image_paths):
+        sidecar = path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+        if sidecar.is_file():
+            flags += json.loads(sidecar.read_text(encoding="utf-8")).get("QCFlags", [])
+    return flags
 
 
 def flags_from_json(items: Iterable[Mapping[str, Any]], session: str | None = None) -> list[QCFlag]:

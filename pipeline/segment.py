@@ -898,6 +898,7 @@ def segment_session(
     labels = resample_onto(labels, fluid_native, is_label=True)
     if len(qc["sides_present"]) < 2:
         warnings.append(f"only {len(qc['sides_present'])} limb(s) found in the field of view")
+    qc["qc_flags"] += qc_mod.image_sidecar_flags([t1_path, fluid_path])
     qc.update(
         warnings=warnings,
         bias_gain_range=[float(gain.min()), float(gain.max())],

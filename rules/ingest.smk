@@ -40,6 +40,7 @@ rule convert:
         subcommand=convert_subcommand,
         out_dir=parent_of("t1"),
         entry=session_entry,
+        min_contact_mm=config["segment"]["min_fov_contact_mm"],
     log:
         f"{SUBJECT_DIR}/logs/convert_ses-{{session}}.log",
     conda:
@@ -53,4 +54,5 @@ rule convert:
     shell:
         "{params.limbtrack} {params.subcommand} --sessions-json {input.sessions_json:q}"
         " --session {wildcards.session} --subject {wildcards.subject}"
-        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --out-dir {params.out_dir:q} --min-fov-contact-mm {params.min_contact_mm}"
+        " > {log:q} 2>&1"

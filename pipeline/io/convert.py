@@ -467,6 +467,7 @@ def _sidecar(ds: pydicom.Dataset, group: VolumeGroup, kept: list[_Slice], step_m
         "Manufacturer": text("Manufacturer"),
         "ManufacturerModelName": text("ManufacturerModelName"),
         "PatientPosition": text("PatientPosition"),
+        "ReceiveCoilName": text("ReceiveCoilName"),
         "ImageOrientationPatient": [float(v) for v in frame.orientation],
         "ImagePositionPatientFirstSlice": [float(v) for v in kept[0].position],
         "SpacingBetweenSlicesFromPositions_mm": step_mm,
@@ -698,9 +699,49 @@ def _refuse_output_inside_input(out_dir: Path, input_dir: str | Path | None,
                                        "folder")
 
 
+def read_role(entry: dict[str, Any], role: str,
+              min_contact_mm: float) -> tuple[sitk.Image, dict[str, Any]]:
+    """The image and sidecar of a session's role: its series, or, for an entry with
+    ``parts`` (the left and the right leg in separate series), both composed by
+    :func:`pipeline.io.split.compose` — the sidecar is the reference series' with
+    ``SplitSeries`` (what was done, each series' identity) and ``QCFlags`` added."""
+    if not entry.get("parts"):
+        return read_series([Path(f) for f in entry["files"]], volume=entry.get("volume") or None)
+    from pipeline.io import split  # noqa: PLC0415 - only split sessions need it
+
+    parts, sidecars = [], {}
+    for part in entry["parts"]:
+        image, sidecar = read_series([Path(f) for f in part["files"]],
+                                     volume=part.get("volume") or None)
+        number = part["series_number"] if part["series_number"] is not None else "?"
+        parts.append(split.Part(part["side"], image, f"series #{number} "
+                                f"'{part['description']}'", sidecar.get("ReceiveCoilName")))
+        sidecars[part["side"]] = sidecar
+    composition = split.compose(parts, t1_like=role == "anatomical",
+                                min_contact_mm=min_contact_mm)
+    reference = composition.record["reference_side"]
+    sidecar = dict(sidecars[reference])
+    for side, part_sidecar in sidecars.items():
+        composition.record["series"][side] |= {
+            key: part_sidecar.get(key) for key in (
+                "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "SliceThickness_mm",
+                "PixelSpacing_mm", "NumberOfSlices", "ImagePositionPatientFirstSlice")}
+    size = composition.image.GetSize()
+    sidecar.update(SeriesInstanceUID=None, SeriesNumber=None,
+                   SeriesDescription=entry["description"], Columns=size[0], Rows=size[1],
+                   NumberOfSlices=size[2],
+                   ImagePositionPatientFirstSlice=list(composition.image.GetOrigin()),
+                   SplitSeries=composition.record,
+                   QCFlags=[flag.to_json() for flag in composition.flags])
+    return composition.image, sidecar
+
+
 def convert_session(sessions_json: Path, session: str, subject: str,
-                    out_dir: Path) -> list[Path]:
+                    out_dir: Path, min_contact_mm: float | None = None) -> list[Path]:
     """Convert a session's anatomical and fluid series; all outputs or none.
+
+    `min_contact_mm` (default: the segmentation setting ``min_fov_contact_mm``) is the
+    contact with a one-leg series' own field-of-view edge that cuts the leg (split sessions).
 
     Returns
     -------
@@ -720,10 +761,13 @@ def convert_session(sessions_json: Path, session: str, subject: str,
     entry = entries[session]
     _refuse_output_inside_input(out_dir, data.get("input_dir"),
                                 [f for role in ROLE_SUFFIX for f in entry[role]["files"]])
+    if min_contact_mm is None:
+        from pipeline.settings import defaults  # noqa: PLC0415
+
+        min_contact_mm = float(defaults()["segment"]["min_fov_contact_mm"])
     volumes = []
     for role in ROLE_SUFFIX:
-        files = [Path(f) for f in entry[role]["files"]]
-        image, sidecar = read_series(files, volume=entry[role].get("volume") or None)
+        image, sidecar = read_role(entry[role], role, min_contact_mm)
         sidecar["Role"] = role
         volumes.append((output_path(out_dir, subject, session, role), image, sidecar))
     written: list[Path] = []
@@ -856,6 +900,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--subject", default=None,
                         help="subject label for the file names (folder mode: 'unknown')")
     parser.add_argument("--out-dir", type=Path, help="session mode: output folder")
+    parser.add_argument("--min-fov-contact-mm", type=float, default=None,
+                        help="session mode: contact (mm) with a one-leg series' own "
+                             "field-of-view edge that cuts the leg (default: the "
+                             "segmentation setting min_fov_contact_mm)")
     parser.add_argument("--compression-level", type=int, default=1, choices=range(0, 10),
                         metavar="0-9", help="gzip level of the NIfTI files (default 1)")
     return parser
@@ -870,7 +918,7 @@ def _session_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             parser.error(f"--sessions-json needs --{name.replace('_', '-')}")
     try:
         written = convert_session(args.sessions_json, args.session, args.subject,
-                                  args.out_dir)
+                                  args.out_dir, args.min_fov_contact_mm)
     except SeriesError as err:
         print(f"ERROR {err.path}: {err.message}", file=sys.stderr)
         return 2

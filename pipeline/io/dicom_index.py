@@ -54,6 +54,7 @@ from pipeline.io.selection import (
     same_day_warnings,
     select_sessions,
     split_by_patient,
+    split_warnings,
     write_outputs,
 )
 
@@ -75,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     series, chosen, not_used, patient_error = split_by_patient(result, args.patient)
     sessions, refused = select_sessions(series, args.anatomical_regex, args.fluid_regex)
     refused = refused + not_used
-    warnings = [*result.warnings, *patient_warnings(chosen), *same_day_warnings(sessions)]
+    warnings = [*result.warnings, *patient_warnings(chosen), *same_day_warnings(sessions),
+                *split_warnings(sessions)]
     write_outputs(result, sessions, refused, args.out_dir, chosen=chosen, warnings=warnings)
     log.info("%s: %d files, %d DICOM, %d series, %d problem files, %d patient(s), "
              "%d sessions, %d studies refused", result.input_dir, result.n_files_seen,

@@ -149,7 +149,11 @@ def xform_conflict(sform: np.ndarray, qform: np.ndarray, shape: Sequence[int]) -
 
 
 def _box(facts: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Box in scanner coordinates covered by an image (voxel edges included)."""
+    """Box in scanner coordinates covered by an image (voxel edges included); of both images
+    for a composed (one leg per image) entry."""
+    if facts.get("parts"):
+        boxes = [_box(part) for part in facts["parts"]]
+        return (np.min([b[0] for b in boxes], axis=0), np.max([b[1] for b in boxes], axis=0))
     affine = np.asarray(facts["affine"], float)
     shape = facts["shape"]
     idx = np.array([[i, j, k, 1.0] for i in (-0.5, shape[0] - 0.5)
@@ -252,14 +256,11 @@ def _inspect_rows(rows: list[dict[str, Any]], problems: list[dict[str, str]]) ->
             problems.append({"path": str(r["path"]), "problem": str(err)})
             why_not.setdefault((r["study_date"], r["role"]), f"{r['path'].name}: {err}")
         entry = by_date.setdefault(r["study_date"], {})
-        if status == "used" and r["role"] in entry:
-            status, reason = "refused", (f"a second {r['role']} image for {r['study_date']} "
-                                         f"(sheet line {r['line']}); one per role and date")
         if status == "used":
-            entry[r["role"]] = {"series_uid": "", "series_number": None,
-                                "description": r["path"].name,
-                                "sequence_class": ROLE_CLASS[r["role"]],
-                                "files": [str(r["path"])], **facts}
+            candidate = {"series_uid": "", "series_number": None,
+                         "description": r["path"].name, "sequence_class": ROLE_CLASS[r["role"]],
+                         "files": [str(r["path"])], **facts}
+            status, reason = _add_image(entry, r["role"], candidate, r["study_date"], r["line"])
         zooms = facts.get("zooms_mm", [None, None, None])
         shape = facts.get("shape", [None, None, None])
         index_rows.append({
@@ -272,6 +273,45 @@ def _inspect_rows(rows: list[dict[str, Any]], problems: list[dict[str, str]]) ->
             "_role": r["role"],
         })
     return index_rows, by_date, why_not
+
+
+def lps_x_range_mm(facts: dict[str, Any]) -> tuple[float, float]:
+    """Left-right range (LPS x = -RAS x, mm) of an image's voxel centres."""
+    x = -_corners(np.asarray(facts["affine"], float), facts["shape"])[:, 0]
+    return float(x.min()), float(x.max())
+
+
+def _add_image(entry: dict[str, Any], role: str, candidate: dict[str, Any], date: str,
+               line: int) -> tuple[str, str]:
+    """Add a usable image to its date's `entry` under `role`; a second image of the role is
+    kept only when the two are one leg each (:func:`pipeline.io.split.pair_sides`: the
+    ``parts`` of one composed entry, sides from geometry). Returns the row's (status,
+    reason)."""
+    from pipeline.io.split import pair_sides  # noqa: PLC0415
+
+    if role not in entry:
+        entry[role] = candidate
+        return "used", ""
+    first = entry[role]
+    if first.get("parts"):
+        return "refused", (f"a third {role} image for {date} (sheet line {line}); one per role "
+                           "and date, or one per leg")
+    sides = pair_sides(lps_x_range_mm(first), lps_x_range_mm(candidate))
+    if sides is None:
+        return "refused", (f"a second {role} image for {date} (sheet line {line}) that is not "
+                           "the other leg of the first (their left-right ranges overlap); one "
+                           "per role and date, or one per leg")
+    parts = sorted(({**image, "side": side, "x_range_mm": [round(v, 2) for v in
+                                                            lps_x_range_mm(image)]}
+                    for side, image in zip(sides, (first, candidate), strict=True)),
+                   key=lambda e: e["side"])
+    entry[role] = {"series_uid": "", "series_number": None,
+                   "description": " + ".join(f"{e['description']} ({e['side']} leg)"
+                                             for e in parts),
+                   "sequence_class": ROLE_CLASS[role],
+                   "files": [f for e in parts for f in e["files"]], "parts": parts,
+                   **{k: first[k] for k in ("shape", "zooms_mm", "affine", "orientation")}}
+    return "used", ""
 
 
 def _pair_sessions(by_date: dict[str, dict[str, Any]], why_not: dict[tuple[str, str], str],
@@ -347,14 +387,54 @@ def write_index(sheet: Path, subject: str, out_dir: Path) -> int:
     return 0
 
 
-def convert_session(sessions_json: Path, session: str, subject: str, out_dir: Path) -> list[Path]:
-    """Write the session's two images as float32 NIfTI (same affine) with JSON sidecars."""
+def _convert_composed(entry: dict[str, Any], role: str, subject: str, session: str,
+                      out_dir: Path, min_contact_mm: float) -> Path:
+    """Write a role given as one image per leg as one image (:func:`pipeline.io.split.compose`;
+    read and written by SimpleITK: the index refused images whose qform and sform disagree,
+    so SimpleITK's reading of the qform is the geometry nibabel reads)."""
+    import SimpleITK as sitk  # noqa: PLC0415 - only composed sessions need it
+
+    from pipeline.io import split  # noqa: PLC0415
+
+    parts = [split.Part(p["side"], sitk.Cast(sitk.ReadImage(p["files"][0]), sitk.sitkFloat32),
+                        Path(p["files"][0]).name) for p in entry[role]["parts"]]
+    composition = split.compose(parts, t1_like=role == "anatomical",
+                                min_contact_mm=min_contact_mm)
+    out = out_dir / f"sub-{subject}_ses-{session}_{ROLE_SUFFIX[role]}.nii.gz"
+    with atomic_path(out) as tmp:
+        sitk.WriteImage(composition.image, str(tmp), True)
+    sources = [Path(p["files"][0]) for p in entry[role]["parts"]]
+    write_json_atomic(out.with_name(out.name.replace(".nii.gz", ".json")), {
+        "Source": "NIfTI sessions sheet", "SourceFile": [p.name for p in sources],
+        "SourceSHA256": [sha256_file(p) for p in sources], "Role": role,
+        "SequenceClass": entry[role]["sequence_class"], "StudyDate": entry["study_date"],
+        "Shape": list(composition.image.GetSize()),
+        "Zooms_mm": list(composition.image.GetSpacing()),
+        "SplitSeries": composition.record,
+        "QCFlags": [flag.to_json() for flag in composition.flags], "warnings": [],
+    })
+    return out
+
+
+def convert_session(sessions_json: Path, session: str, subject: str, out_dir: Path,
+                    min_contact_mm: float | None = None) -> list[Path]:
+    """Write the session's two images as float32 NIfTI (same affine) with JSON sidecars; a
+    role given as one image per leg is composed into one (`min_contact_mm`: see
+    :func:`pipeline.io.convert.convert_session`)."""
+    if min_contact_mm is None:
+        from pipeline.settings import defaults  # noqa: PLC0415
+
+        min_contact_mm = float(defaults()["segment"]["min_fov_contact_mm"])
     data = json.loads(Path(sessions_json).read_text(encoding="utf-8"))
     entries = {s["session"]: s for s in data["sessions"]}
     if session not in entries:
         raise SheetError(f"{sessions_json}: no session {session!r}")
     written = []
     for role in ("anatomical", "fluid"):
+        if entries[session][role].get("parts"):
+            written.append(_convert_composed(entries[session], role, subject, session,
+                                             out_dir, min_contact_mm))
+            continue
         src = Path(entries[session][role]["files"][0])
         img = nib.load(str(src))
         if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
@@ -392,12 +472,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     pc.add_argument("--session", required=True)
     pc.add_argument("--subject", required=True)
     pc.add_argument("--out-dir", required=True, type=Path)
+    pc.add_argument("--min-fov-contact-mm", type=float, default=None,
+                    help="contact (mm) with a one-leg image's own field-of-view edge that cuts "
+                         "the leg (default: the segmentation setting min_fov_contact_mm)")
     args = p.parse_args(argv)
     try:
         if args.command == "index":
             return write_index(args.sheet, args.subject, args.out_dir)
         for path in convert_session(args.sessions_json, args.session, args.subject,
-                                    args.out_dir):
+                                    args.out_dir, args.min_fov_contact_mm):
             print(f"wrote {path}")
     except SheetError as err:
         print(f"ERROR {err}", file=sys.stderr)

@@ -105,6 +105,10 @@ class SeriesRecord:
     patient_fingerprint: str = ""
     #: the patient identity of the series' files (never written anywhere)
     identity: PatientIdentity = field(default_factory=lambda: PatientIdentity(), repr=False)
+    #: left-right range (LPS x, mm) of the voxel centres; None when not placed
+    x_range_mm: tuple[float, float] | None = None
+    #: the Laterality (else ImageLaterality) tag of the first file, '' when absent
+    laterality_tag: str = ""
 
     @property
     def study_key(self) -> tuple[str, str, str]:

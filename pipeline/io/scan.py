@@ -322,7 +322,7 @@ def _volume_geometry(frames: Sequence[FrameInfo],
     first = frames[0]
     info: dict[str, Any] = {"orientation": None, "rows": first.rows, "columns": first.columns,
                             "pixel_spacing_mm": first.pixel_spacing_mm,
-                            "slice_spacing_mm": None, "n_positions": 0}
+                            "slice_spacing_mm": None, "n_positions": 0, "x_range_mm": None}
     missing = [f for f in frames if f.orientation is None or f.position is None
                or f.pixel_spacing_mm is None]
     name = rel or (lambda p: p.name)
@@ -363,7 +363,21 @@ def _volume_geometry(frames: Sequence[FrameInfo],
         [frame_name(ordered[i]) for i in keep])
     if irregular is not None:
         return info, irregular[1]
+    info["x_range_mm"] = _x_range_mm(frames)
     return info, None
+
+
+def _x_range_mm(frames: Sequence[FrameInfo]) -> tuple[float, float]:
+    """Left-right range (LPS x, mm) of the voxel centres of placed frames: where a series
+    lies tells a one-leg field of view's side (:mod:`pipeline.io.split`)."""
+    xs: list[float] = []
+    for f in frames:
+        assert f.orientation is not None and f.position is not None
+        assert f.pixel_spacing_mm is not None
+        last_col = ((f.columns or 1) - 1) * f.pixel_spacing_mm[1] * f.orientation[0]
+        last_row = ((f.rows or 1) - 1) * f.pixel_spacing_mm[0] * f.orientation[3]
+        xs += [f.position[0] + a + b for a in (0.0, last_col) for b in (0.0, last_row)]
+    return min(xs), max(xs)
 
 
 def _series_volumes(
@@ -374,7 +388,7 @@ def _series_volumes(
     info: dict[str, Any] = {"orientation": None, "rows": headers[0].rows,
                             "columns": headers[0].columns,
                             "pixel_spacing_mm": headers[0].pixel_spacing_mm,
-                            "slice_spacing_mm": None}
+                            "slice_spacing_mm": None, "x_range_mm": None}
     broken = [h for h in headers if h.frame_error]
     if broken:
         first_name = rel(broken[0].path) if rel else broken[0].path.name
@@ -557,6 +571,9 @@ def _series_record(key: tuple[str, str, str], all_headers: list[FileHeader],
         files=tuple(sorted(h.path for h in headers)),
         volumes=volumes,
         identity=identity,
+        x_range_mm=geometry["x_range_mm"],
+        laterality_tag=str(safe_get(first, "Laterality", "")
+                           or safe_get(first, "ImageLaterality", "") or "").strip(),
     )
 
 
@@ -589,7 +606,7 @@ def _examine_series(
         modality = str(first.get("Modality", "") or "")
     except Exception as err:  # noqa: BLE001 - a corrupt value of the series' first header
         geometry = {"orientation": None, "rows": None, "columns": None,
-                    "pixel_spacing_mm": None, "slice_spacing_mm": None}
+                    "pixel_spacing_mm": None, "slice_spacing_mm": None, "x_range_mm": None}
         refusal = (f"unreadable header value in {headers[0].path.name} "
                    f"({type(err).__name__}: {err})")
         sequence_class, volumes, modality = "other", (), ""

@@ -15,6 +15,7 @@ from typing import Any
 from pipeline.io.files import is_within, write_json_atomic, write_tsv_atomic
 from pipeline.io.identity import PatientGroup, normalise_patient_id
 from pipeline.io.records import INDEX_COLUMNS, IndexResult, SeriesRecord
+from pipeline.io.split import laterality_warnings, pair_sides
 
 #: Fluid-sensitive classes in order of preference.
 FLUID_PREFERENCE: tuple[str, ...] = ("STIR", "T2FS", "dixon_water")
@@ -64,6 +65,43 @@ def _series_entry(record: SeriesRecord) -> dict[str, Any]:
         "n_files": record.n_files,
         "files": [str(p) for p in record.files],
     }
+
+
+def _role_entry(pick: SeriesRecord, partners: Sequence[SeriesRecord]) -> dict[str, Any]:
+    """The session entry of a role: the picked series' entry, or, when the pick is one leg
+    and another usable series of the same class is the other leg
+    (:func:`pipeline.io.split.pair_sides`), a composed entry whose ``parts`` are the two
+    series' entries with their ``side`` (from geometry), ``files`` both series' files and
+    ``description`` both descriptions."""
+    for other in partners:
+        if other.series_uid == pick.series_uid or other.orientation != pick.orientation \
+                or other.sequence_class != pick.sequence_class:
+            continue
+        sides = pair_sides(pick.x_range_mm, other.x_range_mm)
+        if sides is None:
+            continue
+        parts = sorted(((side, record) for side, record in zip(sides, (pick, other),
+                                                                strict=True)),
+                       key=lambda item: item[0])  # left first
+        entries = [_series_entry(record) | {
+            "side": side, "laterality_tag": record.laterality_tag,
+            "x_range_mm": [round(v, 2) for v in record.x_range_mm or ()]}
+            for side, record in parts]
+        return {
+            "series_uid": "", "volume": "", "series_number": None,
+            "description": " + ".join(f"{e['description']} ({e['side']} leg)" for e in entries),
+            "sequence_class": pick.sequence_class, "orientation": pick.orientation,
+            "n_files": sum(e["n_files"] for e in entries),
+            "files": [f for e in entries for f in e["files"]],
+            "parts": entries,
+        }
+    return _series_entry(pick)
+
+
+def _role_uids(entry: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(series UID, volume, side) of each series a role entry stands for."""
+    return [(e["series_uid"], e.get("volume") or "", e.get("side", ""))
+            for e in entry.get("parts") or [entry]]
 
 
 def _entry_key(entry: dict[str, Any]) -> tuple[str, str, str]:
@@ -149,19 +187,24 @@ def _study_session(
     if study_date is None:
         problems.append("no valid StudyDate (the session label and day count need it)")
     anat_pick = _pick_anatomical(records, usable, anatomical_regex, problems)
-    fluid_pick = _pick_fluid(records, usable, anat_pick, fluid_regex, problems)
+    anatomical = None if anat_pick is None else _role_entry(anat_pick[0], anat_pick)
+    taken = set() if anatomical is None else {uid[:2] for uid in _role_uids(anatomical)}
+    fluid_pick = _pick_fluid(records, [r for r in usable if (r.series_uid, r.volume)
+                                       not in taken], fluid_regex, problems)
     if problems:
         return None, {"study_uid": study_uid, "study_date": study_date,
                       "patient_fingerprint": fingerprint, "reason": "; ".join(problems)}
-    assert anat_pick is not None and fluid_pick is not None
+    assert anatomical is not None and fluid_pick is not None
     return {"session": "", "study_date": study_date, "study_time": study_time,
             "study_uid": study_uid, "patient_fingerprint": fingerprint,
-            "anatomical": _series_entry(anat_pick), "fluid": _series_entry(fluid_pick)}, None
+            "anatomical": anatomical, "fluid": _role_entry(fluid_pick[0], fluid_pick)}, None
 
 
 def _pick_anatomical(records: Sequence[SeriesRecord], usable: Sequence[SeriesRecord],
-                     anatomical_regex: str | None, problems: list[str]) -> SeriesRecord | None:
-    """The best anatomical candidate of a study; when there is none, why goes to `problems`."""
+                     anatomical_regex: str | None,
+                     problems: list[str]) -> list[SeriesRecord] | None:
+    """The anatomical candidates of a study, best first; when there is none, why goes to
+    `problems` (and None is returned)."""
     if anatomical_regex:
         anat = [r for r in usable if _override_matches(r, anatomical_regex)]
         if not anat:
@@ -175,16 +218,14 @@ def _pick_anatomical(records: Sequence[SeriesRecord], usable: Sequence[SeriesRec
                 " usable" + why if (why := _refused_as(
                     records, lambda r, c: c == ANATOMICAL_CLASS)) else ""))
     anat.sort(key=_rank_key)
-    return anat[0] if anat else None
+    return anat or None
 
 
-def _pick_fluid(records: Sequence[SeriesRecord], usable: Sequence[SeriesRecord],
-                anat_pick: SeriesRecord | None, fluid_regex: str | None,
-                problems: list[str]) -> SeriesRecord | None:
-    """The best fluid-sensitive candidate of a study (not the anatomical pick); when there
-    is none, why goes to `problems`."""
-    fluid_pool = [r for r in usable if anat_pick is None
-                  or (r.series_uid, r.volume) != (anat_pick.series_uid, anat_pick.volume)]
+def _pick_fluid(records: Sequence[SeriesRecord], fluid_pool: Sequence[SeriesRecord],
+                fluid_regex: str | None, problems: list[str]) -> list[SeriesRecord] | None:
+    """The fluid-sensitive candidates of a study (of `fluid_pool`: the usable series but the
+    anatomical pick), best first: the most preferred class only; when there is none, why goes
+    to `problems` (and None is returned)."""
     fluid: list[SeriesRecord] = []
     if fluid_regex:
         fluid = sorted((r for r in fluid_pool if _override_matches(r, fluid_regex)),
@@ -202,7 +243,7 @@ def _pick_fluid(records: Sequence[SeriesRecord], usable: Sequence[SeriesRecord],
             problems.append("no fluid-sensitive series (STIR, T2 fat-sat or Dixon water)"
                             + (" usable" + why if (why := _refused_as(
                                 records, lambda r, c: c in FLUID_PREFERENCE)) else ""))
-    return fluid[0] if fluid else None
+    return fluid or None
 
 
 def _label_sessions(chosen: list[dict[str, Any]],
@@ -244,6 +285,21 @@ def same_day_warnings(sessions: Sequence[dict[str, Any]]) -> list[str]:
             if len(labels) > 1]
 
 
+def split_warnings(sessions: Sequence[dict[str, Any]]) -> list[str]:
+    """A warning per one-leg series whose description or Laterality tag names the other side
+    than its geometry (:func:`pipeline.io.split.laterality_warnings`)."""
+    out: list[str] = []
+    for session in sessions:
+        for role in ("anatomical", "fluid"):
+            for part in session[role].get("parts") or ():
+                number = part["series_number"] if part["series_number"] is not None else "?"
+                out += laterality_warnings(
+                    part["side"], f"session {session['session']}, series #{number} "
+                    f"'{part['description']}'", part["description"],
+                    part.get("laterality_tag", ""))
+    return out
+
+
 def annotate_status(
     series: Iterable[SeriesRecord],
     sessions: Sequence[dict[str, Any]],
@@ -253,10 +309,11 @@ def annotate_status(
     used: dict[tuple[tuple[str, str, str], str], list[str]] = defaultdict(list)
     for session in sessions:
         for role, text in (("anatomical", "anatomical"), ("fluid", "fluid-sensitive")):
-            entry = session[role]
-            volume = f" (volume {entry['volume']})" if entry.get("volume") else ""
-            used[(_entry_key(session), entry["series_uid"])].append(
-                f"{text}{volume} of session {session['session']}")
+            for uid, volume, side in _role_uids(session[role]):
+                what = f" (volume {volume})" if volume else ""
+                leg = f" ({side} leg, by geometry)" if side else ""
+                used[(_entry_key(session), uid)].append(
+                    f"{text}{what}{leg} of session {session['session']}")
     study_refusal = {_entry_key(s): s["reason"] for s in refused_studies}
     result = []
     for record in series:
@@ -450,6 +507,9 @@ def write_outputs(
     })
 
     def describe(entry: dict[str, Any]) -> str:
+        if entry.get("parts"):
+            return " + ".join(f"{describe(part)} ({part['side']} leg)"
+                              for part in entry["parts"])
         volume = f" [{entry['volume']}]" if entry.get("volume") else ""
         return f"#{entry['series_number']} {entry['description']}{volume}".strip()
 
