@@ -22,6 +22,13 @@ and inserts, in the affected leg only:
 * **repositioning**: the session's images resampled onto another axial grid, the anatomy moved
   by a table shift along z and rotated about z, optionally with another voxel size.
 
+A session may also image the legs one at a time (``HybridSession.layout``, issue 18): each leg
+in its own anatomical and fluid image (``split``: two rows per role in the sheet, one of the
+legs resampled off the source grid, :class:`SplitLayout`), or the affected leg alone
+(``affected_only``), each image cropped from the bilateral one with a margin, the other leg
+outside the coil (0). The truth does not depend on the layout: the same case imaged
+bilaterally (its ``twin`` in :data:`LAYOUT_SUITE`) has the same truth.json values and masks.
+
 Everything is written as a NIfTI sessions sheet (:mod:`pipeline.io.nifti_input`) with the exact
 truth in ``truth.json`` and truth masks in ``truth/``. Run
 ``python -m pipeline.validation.hybrid OUT_DIR --all`` (or ``--case NAME``).
@@ -116,6 +123,16 @@ BACKGROUND, MUSCLE, FAT, BONE, MARROW = 0, 1, 2, 3, 4
 # limb codes (patient's side)
 NO_LIMB, RIGHT, LEFT = 0, 1, 2
 SIDE_CODE: Final = {"right": RIGHT, "left": LEFT}
+
+
+#: How a session images the legs (:class:`HybridSession`).
+LAYOUTS: Final = ("bilateral", "split", "affected_only")
+#: A one-leg image reaches this fraction of the leg's left-right width beyond it on each side
+#: (a field of view 1.3 x the leg, as an extremity coil's), within the source image.
+LEG_MARGIN_FRACTION: Final = 0.15
+#: The other leg is outside a one-leg image's coil: its voxels (and this far around them, mm,
+#: its partial-volume edge) are set to 0 where they fall inside the crop.
+OTHER_LEG_CLEARANCE_MM: Final = 4.0
 
 
 class RealDataMissing(FileNotFoundError):
@@ -647,6 +664,12 @@ class HybridSession:
         (right-handed in RAS: +x towards +y).
     grid_spacing_mm : (sx, sy, sz), optional
         Voxel size of the session's grid (same field of view); None keeps the source's.
+    layout : 'bilateral', 'split' or 'affected_only'
+        How the session's legs are imaged: both in one image per role; each leg in its own
+        image per role (two anatomical and two fluid rows in the sheet, see
+        :class:`SplitLayout`); or the affected leg alone, cropped from the source (the
+        contralateral reference must come from another session). The last two keep the
+        source grid (no repositioning).
     """
 
     day: int
@@ -656,6 +679,14 @@ class HybridSession:
     table_shift_mm: float = 0.0
     rotation_deg: float = 0.0
     grid_spacing_mm: tuple[float, float, float] | None = None
+    layout: str = "bilateral"
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, not {self.layout!r}")
+        if self.layout != "bilateral" and self.moved:
+            raise ValueError(f"a {self.layout} session keeps the source grid: no table shift, "
+                             "rotation or grid spacing")
 
     @property
     def moved(self) -> bool:
@@ -1028,6 +1059,120 @@ def _to_session(arr: NDArray[Any], affine: NDArray[np.float64], ses: HybridSessi
 
 
 # --------------------------------------------------------------------------------------------
+# one-leg images: split sessions and the affected leg alone
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """How the one-leg images of a split session are made from the session's bilateral images.
+
+    Each leg's image is the source grid cropped in plane to the leg (its box over all slices,
+    widened on each side by :data:`LEG_MARGIN_FRACTION` of its left-right width, within the
+    source image), the other leg's voxels in the crop set to 0 (outside the coil; see
+    :data:`OTHER_LEG_CLEARANCE_MM`). The leg `resampled_side` is then resampled (linear) onto
+    a grid whose first voxel lies `shift_px` source pixels (x, y) from the crop's and whose
+    in-plane pixel is `pixel_mm` (None: the source's); its slices stay the source's, so the
+    other leg stays on the source grid itself.
+    """
+
+    resampled_side: str = "right"
+    shift_px: tuple[float, float] = (0.43, 0.27)
+    pixel_mm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.resampled_side not in SIDE_CODE:
+            raise ValueError(f"resampled_side must be left or right, not {self.resampled_side}")
+
+
+def _leg_box(limb: NDArray[np.uint8], code: int, spacing: tuple[float, float, float]
+             ) -> tuple[slice, slice]:
+    """In-plane box (x, y index slices) of one leg over all slices, with its margin."""
+    this = limb == code
+    ii = np.flatnonzero(this.any(axis=(1, 2)))
+    jj = np.flatnonzero(this.any(axis=(0, 2)))
+    margin_mm = LEG_MARGIN_FRACTION * (ii[-1] - ii[0] + 1) * spacing[0]
+    mx, my = round(margin_mm / spacing[0]), round(margin_mm / spacing[1])
+    return (slice(max(int(ii[0]) - mx, 0), min(int(ii[-1]) + mx + 1, limb.shape[0])),
+            slice(max(int(jj[0]) - my, 0), min(int(jj[-1]) + my + 1, limb.shape[1])))
+
+
+def _outside_coil(limb: NDArray[np.uint8], code: int, spacing: tuple[float, float, float]
+                  ) -> BoolArray:
+    """Voxels of the other leg, and up to :data:`OTHER_LEG_CLEARANCE_MM` around it, that are
+    not next to this leg: what a one-leg coil does not receive."""
+    reach = max(1, round(OTHER_LEG_CLEARANCE_MM / spacing[0]))
+    in_plane = np.ones((3, 3, 1), dtype=bool)
+    other = ndimage.binary_dilation((limb > 0) & (limb != code), in_plane, iterations=reach)
+    return np.asarray(other & ~ndimage.binary_dilation(limb == code, in_plane, iterations=1))
+
+
+def _crop_affine(affine: NDArray[np.float64], box: tuple[slice, slice]) -> NDArray[np.float64]:
+    out = np.array(affine, dtype=np.float64)
+    out[:3, 3] = affine[:3, :3] @ np.array([box[0].start, box[1].start, 0.0]) + affine[:3, 3]
+    return out
+
+
+def _off_grid(arr: FloatArray, affine: NDArray[np.float64], split: SplitLayout
+              ) -> tuple[FloatArray, NDArray[np.float64]]:
+    """`arr` resampled (linear, 0 outside) onto `split`'s shifted grid (see SplitLayout)."""
+    sp = np.asarray(_spacing_mm(affine))
+    new_sp = sp.copy()
+    if split.pixel_mm:
+        new_sp[:2] = split.pixel_mm
+    shift = np.array([split.shift_px[0], split.shift_px[1], 0.0])
+    extent = np.asarray(arr.shape) * sp - shift * sp
+    size = np.floor(extent / new_sp + 1e-6).astype(int)
+    size[2] = arr.shape[2]
+    # the new grid's first voxel starts `shift` source pixels in from the crop's first one;
+    # its centre, in source voxel indices (the slices are the source's):
+    first = np.array([shift[0] - 0.5 + 0.5 * new_sp[0] / sp[0],
+                      shift[1] - 0.5 + 0.5 * new_sp[1] / sp[1], 0.0])
+    aff = np.eye(4)
+    aff[:3, :3] = affine[:3, :3] / sp * new_sp
+    aff[:3, 3] = affine[:3, :3] @ first + affine[:3, 3]
+    ref = to_sitk(np.zeros(tuple(size), dtype=np.float32), aff)
+    out = sitk.Resample(to_sitk(arr.astype(np.float32), affine), ref, sitk.Transform(),
+                        sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    res, res_aff = from_sitk(out)
+    return res.astype(np.float32), res_aff
+
+
+def _write_layout(ses: HybridSession, split: SplitLayout, images: Mapping[str, FloatArray],
+                  affine: NDArray[np.float64], limb: NDArray[np.uint8], affected: int,
+                  ses_name: str, out_dir: Path) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Write a session's images as its layout says: the truth's record of them and the
+    sessions-sheet rows (role, path). `images` holds ``anatomical`` and ``fluid`` on the
+    source (or session) grid; `limb` the limb codes on that grid."""
+    if ses.layout == "bilateral":
+        rel = {"t1": f"{ses_name}/t1.nii.gz", "fluid": f"{ses_name}/fluid.nii.gz"}
+        write_nifti(out_dir / rel["t1"], images["anatomical"].astype(np.float32), affine)
+        write_nifti(out_dir / rel["fluid"], images["fluid"].astype(np.float32), affine)
+        return rel, [("anatomical", rel["t1"]), ("fluid", rel["fluid"])]
+    spacing = _spacing_mm(affine)
+    codes = [affected] if ses.layout == "affected_only" else [RIGHT, LEFT]
+    record: list[dict[str, Any]] = []
+    rows: list[tuple[str, str]] = []
+    for code in codes:
+        side = "right" if code == RIGHT else "left"
+        box = _leg_box(limb, code, spacing)
+        outside = _outside_coil(limb, code, spacing)[box]
+        resampled = ses.layout == "split" and side == split.resampled_side
+        for role, stem in (("anatomical", "t1"), ("fluid", "fluid")):
+            arr = np.where(outside, 0.0, images[role][box]).astype(np.float32)
+            aff = _crop_affine(affine, box)
+            if resampled:
+                arr, aff = _off_grid(arr, aff, split)
+            path = f"{ses_name}/{stem}_{side}.nii.gz"
+            write_nifti(out_dir / path, arr, aff)
+            rows.append((role, path))
+            record.append({"role": role, "side": side, "path": path, "resampled": resampled,
+                           "grid": {"shape": list(arr.shape),
+                                    "affine": np.round(aff, 6).tolist()}})
+    return {"images": record}, rows
+
+
+# --------------------------------------------------------------------------------------------
 # 3. cases
 # --------------------------------------------------------------------------------------------
 
@@ -1105,7 +1250,7 @@ def make_case(
     subject: str = "HYB", day0: str = "2024-01-15", seed: int = 0,
     fluid: FluidKind = "water", t1_fat_gain: float = 1.0,
     crop_slices: tuple[int, int] | None = None, realdata: str | Path | None = None,
-    name: str = "",
+    name: str = "", split: SplitLayout | None = None,
 ) -> dict[str, Any]:
     """Write one hybrid case: sessions sheet, images, truth masks and ``truth.json``.
 
@@ -1135,6 +1280,9 @@ def make_case(
         The ``legs`` folder (see :func:`realdata_dir`).
     name : str
         Case name, for the record.
+    split : SplitLayout, optional
+        How the one-leg images of ``split`` sessions are made (default: the right leg
+        resampled 0.43 x 0.27 pixels off the source grid).
 
     Returns
     -------
@@ -1146,6 +1294,7 @@ def make_case(
     if len({s.day for s in sessions}) != len(sessions):
         raise ValueError("two sessions on one day")
     side = SIDE_CODE[affected_side]
+    split = split or SplitLayout()
     src, anat = _source_and_anatomy(region, str(realdata_dir(realdata)), crop_slices)
     base = _case_base(src, anat, side, seed, fluid, t1_fat_gain)
     start = dt.date.fromisoformat(day0)
@@ -1154,9 +1303,9 @@ def make_case(
     sheet_rows: list[tuple[str, str, str, str]] = []
     truth_sessions: list[dict[str, Any]] = []
     for ses in sorted(sessions, key=lambda s: s.day):
-        entry = _write_hybrid_session(ses, base, src, anat, side, start, out_dir)
-        sheet_rows += [(subject, entry["study_date"], "anatomical", entry["t1"]),
-                       (subject, entry["study_date"], "fluid", entry["fluid"])]
+        entry = _write_hybrid_session(ses, base, src, anat, side, start, out_dir, split)
+        sheet_rows += [(subject, entry["study_date"], role, path)
+                       for role, path in entry.pop("_sheet")]
         truth_sessions.append(entry)
     with open(out_dir / "sessions.tsv", "w", encoding="utf-8") as fh:
         fh.write("subject\tstudy_date\trole\tpath\n")
@@ -1242,9 +1391,20 @@ def _case_base(src: Source, anat: Anatomy, side: int, seed: int, fluid: FluidKin
                      vox_ml, affected_ml, contra_ml)
 
 
+def _session_params(ses: HybridSession) -> dict[str, Any]:
+    """A session's parameters for the truth; the layout only where it is not bilateral (a
+    case made before layouts existed keeps its truth.json)."""
+    d = asdict(ses)
+    if ses.layout == "bilateral":
+        d.pop("layout")
+    return d
+
+
 def _write_hybrid_session(ses: HybridSession, base: _CaseBase, src: Source, anat: Anatomy,
-                          side: int, start: dt.date, out_dir: Path) -> dict[str, Any]:
-    """Insert session `ses`'s changes, write its images and truth masks; its truth entry."""
+                          side: int, start: dt.date, out_dir: Path,
+                          split: SplitLayout) -> dict[str, Any]:
+    """Insert session `ses`'s changes, write its images (as its layout says) and truth masks;
+    its truth entry (with the sheet rows under ``_sheet``)."""
     aff, vox_ml = src.affine, base.voxel_ml
     ses_name, date = _session_name(start, ses.day)
     state = _State(base.t1.copy(), base.fluid.copy(), anat.limb.copy(), anat.tissue.copy(),
@@ -1261,18 +1421,17 @@ def _write_hybrid_session(ses: HybridSession, base: _CaseBase, src: Source, anat
     fl_s, _ = _to_session(state.fluid, aff, ses, label=False)
     les_s, _ = _to_session(lesion.astype(np.uint8), aff, ses, label=True)
     ede_s, _ = _to_session(edema.astype(np.uint8), aff, ses, label=True)
-    rel = {"t1": f"{ses_name}/t1.nii.gz", "fluid": f"{ses_name}/fluid.nii.gz",
-           "lesion_mask": f"truth/{ses_name}_lesion.nii.gz",
+    written, sheet = _write_layout(ses, split, {"anatomical": t1_s, "fluid": fl_s}, aff_s,
+                                   state.limb, side, ses_name, out_dir)
+    rel = {**written, "lesion_mask": f"truth/{ses_name}_lesion.nii.gz",
            "edema_mask": f"truth/{ses_name}_edema.nii.gz"}
-    write_nifti(out_dir / rel["t1"], t1_s.astype(np.float32), aff_s)
-    write_nifti(out_dir / rel["fluid"], fl_s.astype(np.float32), aff_s)
     write_nifti(out_dir / rel["lesion_mask"], les_s.astype(np.uint8), aff_s)
     write_nifti(out_dir / rel["edema_mask"], ede_s.astype(np.uint8), aff_s)
     ses_vox_ml = voxel_volume_ml(aff_s)
     z_world = aff[2, 2] * np.arange(by_slice.size) + aff[2, 3] + ses.table_shift_mm
     return {
         "session": ses_name, "study_date": date, "day": ses.day,
-        "params": asdict(ses),
+        "params": _session_params(ses), "_sheet": sheet,
         "lesion_ml": round(float(lesion.sum()) * vox_ml, 6),
         "edema_ml": round(float(edema.sum()) * vox_ml, 6),
         "edema_in_fat_ml": round(float((edema & (state.tissue == FAT)).sum()) * vox_ml, 6),
@@ -1304,6 +1463,9 @@ class HybridCase:
     t1_fat_gain: float = 1.8
     seed: int = 0
     crop_slices: tuple[int, int] | None = None
+    split: SplitLayout | None = None
+    #: the bilateral case this one images otherwise (same anatomy, changes and seed)
+    twin: str = ""
 
     def write(self, out_dir: Path, realdata: str | Path | None = None) -> dict[str, Any]:
         """Write the case into ``out_dir`` (see :func:`make_case`)."""
@@ -1311,7 +1473,7 @@ class HybridCase:
                          subject=self.name.replace("_", "").replace("-", "")[:24],
                          day0="2024-01-15", seed=self.seed, fluid=self.fluid,
                          t1_fat_gain=self.t1_fat_gain, crop_slices=self.crop_slices,
-                         realdata=realdata, name=self.name)
+                         realdata=realdata, name=self.name, split=self.split)
 
 
 S = HybridSession
@@ -1345,15 +1507,34 @@ HYBRID_SUITE: Final[tuple[HybridCase, ...]] = (
                "fluid image = in-phase echo (not fat-suppressed), lesion 3 mL: stable, "
                "flag fluid_not_fat_suppressed", fluid="in_phase", seed=8),
 )
+
+#: Issue 18: the same changes with the legs imaged otherwise: each leg in its own image (one
+#: of them off the source grid), or follow-ups of the affected leg alone. Each names its
+#: bilateral `twin` in :data:`HYBRID_SUITE`.
+LAYOUT_SUITE: Final[tuple[HybridCase, ...]] = (
+    HybridCase("calf_split", "calf", (S(-1, lesion_ml=2.5, layout="split"),
+                                      S(10, lesion_ml=5.0, layout="split"),
+                                      S(40, lesion_ml=2.0, layout="split")), "right",
+               "calf_lesion with each leg in its own images (the right leg's 0.43 x 0.27 "
+               "pixels off the source grid, 1.0 mm pixels): pseudo-progression", seed=2,
+               split=SplitLayout("right", (0.43, 0.27), 1.0), twin="calf_lesion"),
+    HybridCase("thigh_affonly", "thigh",
+               (S(-3), S(10, swelling_pct=8.0, edema_ml=60.0, layout="affected_only"),
+                S(35, layout="affected_only")), "left",
+               "thigh_swelling_flare with follow-ups of the left leg alone (contralateral "
+               "from the baseline): pseudo-progression", seed=4, twin="thigh_swelling_flare"),
+)
 del S
 
 
 def suite_case(name: str) -> HybridCase:
-    """The :data:`HYBRID_SUITE` case called `name` (KeyError naming the known ones)."""
-    for c in HYBRID_SUITE:
+    """The :data:`HYBRID_SUITE` or :data:`LAYOUT_SUITE` case called `name` (KeyError naming
+    the known ones)."""
+    for c in (*HYBRID_SUITE, *LAYOUT_SUITE):
         if c.name == name:
             return c
-    raise KeyError(f"no hybrid case {name!r}; known: {', '.join(c.name for c in HYBRID_SUITE)}")
+    known = ", ".join(c.name for c in (*HYBRID_SUITE, *LAYOUT_SUITE))
+    raise KeyError(f"no hybrid case {name!r}; known: {known}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1365,7 +1546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("out_dir", type=Path, help="folder to write the cases into (one sub-folder "
                     "per case)")
     grp = ap.add_mutually_exclusive_group(required=True)
-    grp.add_argument("--case", action="append", choices=[c.name for c in HYBRID_SUITE],
+    grp.add_argument("--case", action="append",
+                     choices=[c.name for c in (*HYBRID_SUITE, *LAYOUT_SUITE)],
                      help="case to write (repeatable)")
     grp.add_argument("--all", action="store_true", help="write every case of the suite")
     grp.add_argument("--list", action="store_true", help="list the cases and exit")
@@ -1373,7 +1555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"${REALDATA_ENV}, else {DEFAULT_REALDATA})")
     args = ap.parse_args(argv)
     if args.list:
-        for c in HYBRID_SUITE:
+        for c in (*HYBRID_SUITE, *LAYOUT_SUITE):
             print(f"{c.name}\t{c.region}\t{c.description}")
         return 0
     try:
@@ -1381,7 +1563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RealDataMissing as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cases = HYBRID_SUITE if args.all else tuple(suite_case(n) for n in args.case)
+    cases = (*HYBRID_SUITE, *LAYOUT_SUITE) if args.all else tuple(
+        suite_case(n) for n in args.case)
     for c in cases:
         truth = c.write(args.out_dir / c.name, args.realdata)
         print(f"{c.name}: {args.out_dir / c.name}  expected "
