@@ -19,7 +19,21 @@ Snakemake's CPU per subject is the number to watch for large cohorts (issue 16: 
 32 subjects once its scheduler's timers no longer pile up; see pipeline.workflow); for the DAG
 alone at hundreds or thousands of subjects, benchmarks/cohort_dag.py.
 
+Per rule it also prints the jobs' peak resident memory and longest wall time against the
+``mem_mb`` and ``runtime`` the rule requests (rules/*.smk), sampled from /proc
+(benchmarks/job_monitor.py: the kernel's high-water mark of each job's RSS).
+
+``--executor slurm`` runs the cohort through profiles/slurm on a SLURM cluster of this machine
+(``SLURM_CONF`` set; tests/slurm_setup.sh starts one). Its jobs are not Snakemake's children
+there, so their CPU comes from the /proc samples (each job's last ~0.1 s unseen), and the
+Snakemake that runs each group job inside its allocation counts as Snakemake's CPU.
+
+``--phantoms K`` makes K distinct phantoms and lists them in turn (subject i reads phantom
+i mod K): every subject is still indexed, converted, segmented, ... on its own; only the
+phantoms' generation (100 s of CPU each at the realistic size) is saved.
+
     python benchmarks/cohort_speed.py [--sizes 5,10,20] [--cores 2] [--work DIR] [--realistic]
+        [--phantoms K] [--executor local|slurm]
 """
 
 from __future__ import annotations
@@ -37,8 +51,14 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from job_monitor import SNAKEMAKE, JobMonitor, Proc
+
 ROOT = Path(__file__).resolve().parents[1]
 TICKS = os.sysconf("SC_CLK_TCK")
+#: SLURM status checks: the first one 2 s after a submission (the test cluster's MinJobAge of
+#: 300 s is well above 3 x this; tests/slurm_setup.sh), then Snakemake's default period.
+SLURM_OPTIONS = ("--slurm-status-command", "squeue",
+                 "--slurm-init-seconds-before-status-checks", "2")
 
 
 #: The phantom of each subject: small by default; --realistic: three sessions of 320 x 320 x 40.
@@ -96,14 +116,21 @@ def self_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
 
 
-def run_cohort(sheet: Path, work: Path, cores: int) -> dict[str, object]:
+def run_cohort(sheet: Path, work: Path, cores: int, executor: str = "local"
+               ) -> dict[str, object]:
+    """Run the cohort; wall time, CPU (all, Snakemake's own), jobs per subcommand, and the
+    processes the job monitor saw."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
            "--directory", str(work), "--configfile", str(ROOT / "config" / "config.yaml"),
-           "--cores", str(cores), "--printshellcmds", "--config", f"subjects_sheet={sheet}",
-           f"results_dir={work / 'results'}"]
+           "--printshellcmds"]
+    if executor == "slurm":
+        cmd += ["--profile", str(ROOT / "profiles" / "slurm"), *SLURM_OPTIONS]
+    else:
+        cmd += ["--cores", str(cores)]
+    cmd += ["--config", f"subjects_sheet={sheet}", f"results_dir={work / 'results'}"]
     log_path = work / "snakemake.log"
     start = time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(log_path, "w") as log, JobMonitor(work) as monitor:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         snakemake_cpu = 0.0
         while True:
@@ -118,10 +145,54 @@ def run_cohort(sheet: Path, work: Path, cores: int) -> dict[str, object]:
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     if proc.returncode != 0:
         raise SystemExit(f"workflow failed ({proc.returncode}); see {log_path}")
-    modules = Counter(re.findall(r"^Shell command: \S+ -m pipeline\.cli (\w+)",
-                                 log_path.read_text(), flags=re.M))
-    return {"wall_s": wall, "total_cpu_s": usage.ru_utime + usage.ru_stime,
-            "snakemake_cpu_s": snakemake_cpu, "jobs": modules}
+    jobs = [p for p in monitor.procs.values() if p.kind != SNAKEMAKE]
+    if executor == "slurm":  # jobs and in-job Snakemake are not children: their samples
+        modules = Counter(p.command.split()[0] for p in jobs)
+        in_jobs = sum(p.cpu_s for (pid, _), p in monitor.procs.items()
+                      if p.kind == SNAKEMAKE and pid != proc.pid)
+        # the benchmark's Snakemake (and its sbatch/squeue) + the Snakemake in each job
+        total = usage.ru_utime + usage.ru_stime + in_jobs + sum(p.cpu_s for p in jobs)
+        snakemake_cpu = total - sum(p.cpu_s for p in jobs)
+    else:
+        modules = Counter(re.findall(r"^Shell command: \S+ -m pipeline\.cli (\w+)",
+                                     log_path.read_text(), flags=re.M))
+        total = usage.ru_utime + usage.ru_stime
+    return {"wall_s": wall, "total_cpu_s": total, "snakemake_cpu_s": snakemake_cpu,
+            "jobs": modules, "procs": jobs}
+
+
+def requested(rules_dir: Path = ROOT / "rules") -> dict[str, tuple[int, int]]:
+    """Rule -> (mem_mb, runtime in minutes) as written in rules/*.smk."""
+    out = {}
+    for path in sorted(rules_dir.glob("*.smk")):
+        text = path.read_text(encoding="utf-8")
+        for block in re.split(r"^(?=(?:rule|checkpoint) )", text, flags=re.M):
+            name = re.match(r"(?:rule|checkpoint) (\w+):", block)
+            mem = re.search(r"mem_mb=(\d+)", block)
+            runtime = re.search(r"runtime=(\d+)", block)
+            if name and mem and runtime:
+                out[name.group(1)] = (int(mem.group(1)), int(runtime.group(1)))
+    return out
+
+
+def rule_table(procs: list[Proc]) -> list[str]:
+    """Per rule: jobs, CPU, peak RSS and wall time of its jobs, and what the rule requests."""
+    asked = requested()
+    lines = ["| rule | jobs | CPU/job median (s) | CPU/job max (s) | peak RSS median (MiB) "
+             "| peak RSS max (MiB) | mem_mb requested | wall/job max (s) "
+             "| runtime requested (min) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    by_rule: dict[str, list[Proc]] = {}
+    for p in procs:
+        by_rule.setdefault(p.kind, []).append(p)
+    for rule, ps in sorted(by_rule.items()):
+        mem, runtime = asked.get(rule, (0, 0))
+        cpu = [p.cpu_s for p in ps]
+        rss = [p.peak_rss_mib for p in ps]
+        lines.append(f"| {rule} | {len(ps)} | {statistics.median(cpu):.1f} | {max(cpu):.1f} "
+                     f"| {statistics.median(rss):.0f} | {max(rss):.0f} | {mem} "
+                     f"| {max(p.last_s - p.first_s for p in ps):.0f} | {runtime} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,26 +202,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     ap.add_argument("--realistic", action="store_true",
                     help="three sessions of 320 x 320 x 40 per subject (default: two small)")
+    ap.add_argument("--phantoms", type=int, default=0,
+                    help="distinct phantoms, listed in turn (default: one per subject)")
+    ap.add_argument("--executor", choices=("local", "slurm"), default="local",
+                    help="slurm: through profiles/slurm (SLURM_CONF must name a cluster)")
     args = ap.parse_args(argv)
     shape = REALISTIC if args.realistic else SMALL
     sizes = [int(s) for s in args.sizes.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="cohort_speed_"))
     work.mkdir(parents=True, exist_ok=True)
+    n_phantoms = min(args.phantoms or max(sizes), max(sizes))
 
-    print(f"phantoms: {max(sizes)} subjects in {work}", file=sys.stderr)
+    print(f"phantoms: {n_phantoms} for {max(sizes)} subjects in {work}", file=sys.stderr)
     with ThreadPoolExecutor(max_workers=args.cores) as pool:
-        dicom_dirs = list(pool.map(
+        distinct = list(pool.map(
             lambda i: make_phantom(work / "phantoms" / f"C{i:03d}", f"C{i:03d}", 100 + i,
                                    shape),
-            range(1, max(sizes) + 1)))
+            range(1, n_phantoms + 1)))
+    dicom_dirs = [distinct[i % n_phantoms] for i in range(max(sizes))]
 
-    rows, startup = [], {}
+    rows, startup, rule_tables = [], {}, {}
     for n in sizes:
-        run_dir = work / f"cohort_{n}"
+        run_dir = work / f"cohort_{n}" if args.executor == "local" else work / f"slurm_{n}"
         run_dir.mkdir(exist_ok=True)
         sheet = write_sheet(run_dir / "subjects.tsv", dicom_dirs[:n])
         print(f"cohort of {n} ...", file=sys.stderr)
-        result = run_cohort(sheet, run_dir, args.cores)
+        result = run_cohort(sheet, run_dir, args.cores, args.executor)
+        rule_tables[n] = rule_table(result["procs"])  # type: ignore[arg-type]
         jobs: Counter[str] = result["jobs"]  # type: ignore[assignment]
         for module in jobs:
             if module not in startup:
@@ -166,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
                      100 * total / (wall * args.cores)))
 
     n_sessions = len(shape["sessions"].split(","))
+    how = (f"--cores {args.cores}" if args.executor == "local"
+           else "profiles/slurm on the SLURM cluster of this machine")
     print(f"\nCohorts of phantom subjects ({n_sessions} sessions, {shape['slices']} x "
-          f"{shape['matrix'].replace('x', ' x ')}), --cores {args.cores}\n")
+          f"{shape['matrix'].replace('x', ' x ')}; {n_phantoms} distinct phantoms), {how}\n")
     print("| subjects | jobs | wall (s) | subjects/hour | wall/subject (s) | CPU (s) "
           "| Snakemake CPU (s) | Snakemake CPU/subject (s) | job start-up CPU (s) "
           "| compute CPU (s) | overhead share | cores busy |")
@@ -179,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\nStart-up CPU per job (python + imports, median of 3): "
           + ", ".join(f"{m} {s:.2f} s" for m, s in
                       sorted(startup.items())))
+    for n, lines in rule_tables.items():
+        print(f"\nPer rule, cohort of {n} (peak RSS: VmHWM sampled every 0.1 s; requested: "
+              "rules/*.smk)\n")
+        print("\n".join(lines))
     return 0
 
 

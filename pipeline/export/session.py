@@ -20,10 +20,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.export import ExportError
-from pipeline.export.dicom import DicomPaths, SessionExport, export_dicom
 from pipeline.export.tables import write_dataset_files, write_label_tables
+
+if TYPE_CHECKING:
+    from pipeline.export.dicom import SessionExport
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +78,9 @@ def _run(args: argparse.Namespace) -> tuple[list[Path], SessionExport | None]:
         return write_label_tables(args.dseg, args.lookup, args.itksnap, args.ctbl), None
     if args.what == "dataset":
         return write_dataset_files(args.description, args.lookup), None
+    # lazily: nibabel and pydicom's SR codes (0.6-0.9 s) only for the DICOM export
+    from pipeline.export.dicom import DicomPaths, export_dicom
+
     result = export_dicom(DicomPaths(
         subject=args.subject, session=args.session, dseg=args.dseg,
         fluid_json=args.fluid_json, sessions_json=args.sessions_json,

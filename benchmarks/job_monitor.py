@@ -1,0 +1,127 @@
+"""Peak memory and CPU of every job of a workflow run, read from /proc (issue 16).
+
+:class:`JobMonitor` samples, every ``interval_s``, the processes whose command line or working
+folder names the run's folder: the ``python -m pipeline.cli <subcommand>`` of each job, and
+Snakemake processes (the one started by the benchmark, and under SLURM the Snakemake that runs
+a group job inside its allocation). Nothing in the workflow changes: it works the same for
+local jobs (children of Snakemake) and for jobs that slurmd starts on this machine (the local
+test cluster), which are nobody's children here.
+
+Per process it keeps the last CPU time seen (``utime + stime``) and the kernel's high-water
+mark of its resident memory (``VmHWM``: the peak RSS over the whole life of the process, so a
+sample taken any time before it exits holds the peak up to then). What a sample cannot see:
+the CPU and memory growth of the last ``interval_s`` of a process's life.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+TICKS = os.sysconf("SC_CLK_TCK")
+#: ``limbtrack`` subcommand (with its first argument where one module serves several rules)
+#: -> the rule that runs it (rules/*.smk).
+RULE_OF_COMMAND = {
+    "index": "index", "nifti index": "index", "convert": "convert", "nifti convert": "convert",
+    "segment": "segment", "register": "register", "measure": "measure",
+    "longitudinal": "longitudinal", "report": "report", "cohort": "cohort",
+    "export tables": "export_tables", "export dicom": "export_dicom",
+    "export dataset": "export", "research": "research_export",
+}
+SNAKEMAKE = "snakemake"
+
+
+@dataclass
+class Proc:
+    """One process seen: what it is, its last CPU time and its peak RSS so far."""
+
+    kind: str  # a rule name, or SNAKEMAKE
+    command: str  # the limbtrack subcommand ("" for Snakemake)
+    cpu_s: float = 0.0
+    peak_rss_mib: float = 0.0
+    first_s: float = 0.0
+    last_s: float = 0.0
+
+
+def classify(argv: list[str]) -> tuple[str, str] | None:
+    """(kind, subcommand) of a command line: a limbtrack job or a Snakemake process, else None
+    (the shells around the jobs, sbatch, squeue, ...)."""
+    for i in range(1, len(argv) - 1):
+        if argv[i] == "pipeline.cli" and argv[i - 1] == "-m":
+            words = argv[i + 1:i + 3]
+            for n in (2, 1):
+                command = " ".join(words[:n])
+                if command in RULE_OF_COMMAND:
+                    return RULE_OF_COMMAND[command], command
+            return None
+    head = [Path(a).name for a in argv[:3]]
+    if SNAKEMAKE in head and not Path(argv[0]).name.endswith("sh"):
+        return SNAKEMAKE, ""
+    return None
+
+
+class JobMonitor:
+    """Samples the processes of one run (see the module's text) in a thread."""
+
+    def __init__(self, run_dir: Path, interval_s: float = 0.1):
+        self.run_dir = str(run_dir.resolve())
+        self.interval_s = interval_s
+        self.procs: dict[tuple[int, int], Proc] = {}
+        self._ignored: set[tuple[int, int]] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._t0 = time.monotonic()
+
+    def __enter__(self) -> JobMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def _belongs(self, pid: int, cmdline: str) -> bool:
+        if self.run_dir in cmdline:
+            return True
+        try:
+            return os.readlink(f"/proc/{pid}/cwd") == self.run_dir
+        except OSError:
+            return False
+
+    def sample(self) -> None:
+        now = time.monotonic() - self._t0
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                key = (pid, int(stat[19]))  # starttime: a reused pid is another process
+                if key in self._ignored:
+                    continue
+                proc = self.procs.get(key)
+                if proc is None:
+                    raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    argv = raw.decode(errors="replace").rstrip("\0").split("\0")
+                    kind = classify(argv)
+                    if kind is None or not self._belongs(pid, " ".join(argv)):
+                        self._ignored.add(key)
+                        continue
+                    proc = self.procs[key] = Proc(kind[0], kind[1], first_s=now)
+                status = Path(f"/proc/{pid}/status").read_text()
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            proc.cpu_s = (int(stat[11]) + int(stat[12])) / TICKS
+            proc.last_s = now
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    proc.peak_rss_mib = max(proc.peak_rss_mib, int(line.split()[1]) / 1024)
+                    break
