@@ -185,6 +185,8 @@ class Case:
     expect_flags: tuple[str, ...] = ()
     #: the response pattern the workflow must find ("": not checked)
     expect_label: str = ""
+    #: the case imaging the same patient otherwise (bilaterally), compared volume by volume
+    twin: str = ""
 
 
 SUITE: tuple[Case, ...] = (
@@ -257,11 +259,11 @@ ANATOMY_SUITE: tuple[Case, ...] = (
 
 #: Follow-ups of the affected leg alone (issue 18): the contralateral reference carried from
 #: the nearest session that images both legs, or refused when that session is too far away.
+_AFFONLY = ("--seed", "61", "--pixel-mm", "1.8", "--slices", "24",
+            "--sessions=-2:0.05:3:0.3,6:0.25:4.5:0.8,20:0.02:2.5:0.1")
 CONTRALATERAL_SUITE: tuple[Case, ...] = (
     Case("affonly", "baseline both legs; flare and resolution on follow-ups of the left leg "
-         "alone (reference carried from the baseline)",
-         ("--seed", "61", "--pixel-mm", "1.8", "--slices", "24",
-          "--sessions=-2:0.05:3:0.3,6:0.25:4.5:0.8,20:0.02:2.5:0.1", "--affected-only", "2,3"),
+         "alone (reference carried from the baseline)", (*_AFFONLY, "--affected-only", "2,3"),
          "left", expect_flags=("contralateral_from_other_session",),
          expect_label="pseudo-progression"),
     Case("affonlyold", "the only session with both legs 98+ days before the others (too old): "
@@ -271,6 +273,75 @@ CONTRALATERAL_SUITE: tuple[Case, ...] = (
           "--affected-only", "2,3,4"),
          "left", expect_flags=("contralateral_too_old",), expect_label="pseudo-progression"),
 )
+
+
+#: One study holding each leg in its own series (issue 18 point 1), the fields of view centred
+#: on the legs; `twin` is the same patient imaged bilaterally (same seed: same anatomy).
+_SPLIT_FLARE = ("--seed", "63", "--pixel-mm", "1.8", "--slices", "24",
+                "--sessions=-2:0.05:3:0.3,6:0.25:4.5:0.8,20:0.02:2.5:0.1")
+SPLIT_SUITE: tuple[Case, ...] = (
+    Case("split", "each leg in its own series; the right's 1.6 mm pixels, 0.7 x -0.45 mm off "
+         "the left's grid, another coil at 0.8 x the signal: flare and resolution",
+         (*_SPLIT_FLARE, "--split-series", "--split-right-pixel-mm", "1.6",
+          "--split-right-offset-mm", "0.7,-0.45", "--split-right-gain", "0.8"),
+         "left", expect_flags=("split_series_differ",), expect_label="pseudo-progression",
+         twin="splittwin"),
+    Case("splitlat", "each leg in its own series, the right's tagged and described as the "
+         "left's, 4 slices fewer, 0.5 x 0.3 mm off the left's grid; right affected",
+         ("--seed", "64", "--pixel-mm", "1.8", "--slices", "24", "--affected-side", "right",
+          "--sessions=-1:0.1:4:0.4,12:0.02:2:0.1", "--split-series",
+          "--split-right-extra-slices=-4", "--split-right-offset-mm", "0.5,0.3",
+          "--split-wrong-laterality", "right")),
+    Case("splitaffonly", "affonly with each leg in its own series: baseline both legs, "
+         "follow-ups of the left leg alone in its own field of view",
+         (*_AFFONLY, "--affected-only", "2,3", "--split-series"),
+         "left", expect_flags=("contralateral_from_other_session",),
+         expect_label="pseudo-progression", twin="affonly"),
+)
+#: The bilateral twins of the split cases not in another suite.
+SPLIT_TWINS: tuple[Case, ...] = (
+    Case("splittwin", "the patient of 'split' imaged bilaterally", _SPLIT_FLARE, "left",
+         expect_label="pseudo-progression"),
+)
+
+
+def measured_volumes(subject_dir: Path) -> dict[tuple[str, str, str], float | None]:
+    """``volumes.tsv`` of a workflow run: (study_date, side, structure) -> mL (None: n/a)."""
+    return {(r["study_date"], r["side"], r["structure"]):
+            None if r["volume_ml"] in ("", "n/a") else float(r["volume_ml"])
+            for r in read_tsv(subject_dir / "volumes.tsv")}
+
+
+def twin_differences(case_ml: dict[tuple[str, str, str], float | None],
+                     twin_ml: dict[tuple[str, str, str], float | None],
+                     true_ml: dict[tuple[str, str, str], float] | None = None,
+                     twin_true_ml: dict[tuple[str, str, str], float] | None = None,
+                     ) -> list[dict[str, Any]]:
+    """Per session, side and structure: a case's measured volume against its twin's (the same
+    patient imaged otherwise), difference in %; with the truths, the true difference too."""
+    rows = []
+    for key in sorted(k for k in case_ml if k in twin_ml):
+        a, b = case_ml[key], twin_ml[key]
+        row: dict[str, Any] = {"study_date": key[0], "side": key[1], "structure": key[2],
+                               "case_ml": a, "twin_ml": b,
+                               "diff_pct": None if a is None or not b else 100.0 * (a - b) / b}
+        if true_ml is not None and twin_true_ml is not None and key in true_ml:
+            t, u = true_ml[key], twin_true_ml.get(key)
+            row["true_diff_pct"] = None if not u else 100.0 * (t - u) / u
+        rows.append(row)
+    return rows
+
+
+def summarise_twin(name: str, twin: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Largest |difference| (%) per structure between a case and its twin, over sessions and
+    sides (lesion from 2 mL, edema from 10 mL, as the accuracy targets score them)."""
+    floor = {"marrow_lesion": TARGETS["lesion_scored_from_ml"], "edema": 10.0}
+    out: dict[str, Any] = {"case": name, "twin": twin}
+    for structure in STRUCTURES:
+        vals = [abs(r["diff_pct"]) for r in rows if r["structure"] == structure
+                and r["diff_pct"] is not None and (r["twin_ml"] or 0) >= floor.get(structure, 0)]
+        out[f"{structure}_worst_pct"] = max(vals) if vals else None
+    return out
 
 
 def run_case(case: Case, work: Path, python: str, root: Path) -> dict[str, Any]:

@@ -188,3 +188,40 @@ def test_cli_and_truth_json_of_the_split_options(tmp_path: Path) -> None:
     plain = phantom._spec_json(small_spec(region="calf"))
     assert "split_right_gain" not in plain and "split_series" not in plain["sessions"][0]
     assert json.dumps(plain)  # serialisable
+
+
+def test_accuracy_split_cases_and_their_bilateral_twins() -> None:
+    from pipeline.validation import evaluation as ev
+
+    by_name = {c.name: c for c in (*ev.SPLIT_TWINS, *ev.CONTRALATERAL_SUITE)}
+    defaults = {k: getattr(phantom.PhantomSpec(), k) for k in phantom._SPLIT_SPEC_KEYS}
+
+    def spec(case: ev.Case) -> phantom.PhantomSpec:
+        return phantom.spec_from_args(phantom.build_parser().parse_args(["out", *case.options]))
+
+    for case in ev.SPLIT_SUITE:
+        s = spec(case)
+        assert all(x.split_series for x in s.sessions), case.name
+        if case.twin:  # the twin: the same patient and visits, imaged bilaterally
+            unsplit = dataclasses.replace(s, **defaults, sessions=tuple(
+                dataclasses.replace(x, split_series=False) for x in s.sessions))
+            assert unsplit == spec(by_name[case.twin]), case.name
+            assert case.expect_label == by_name[case.twin].expect_label
+
+
+def test_twin_differences_and_summary() -> None:
+    from pipeline.validation import evaluation as ev
+
+    case = {("2024-01-01", "left", "limb"): 101.0, ("2024-01-01", "left", "edema"): 5.5,
+            ("2024-01-01", "right", "limb"): None}
+    twin = {("2024-01-01", "left", "limb"): 100.0, ("2024-01-01", "left", "edema"): 5.0,
+            ("2024-01-01", "right", "limb"): 99.0}
+    rows = ev.twin_differences(case, twin, {("2024-01-01", "left", "limb"): 100.5},
+                               {("2024-01-01", "left", "limb"): 100.0})
+    by = {(r["side"], r["structure"]): r for r in rows}
+    assert by[("left", "limb")]["diff_pct"] == pytest.approx(1.0)
+    assert by[("left", "limb")]["true_diff_pct"] == pytest.approx(0.5)
+    assert by[("right", "limb")]["diff_pct"] is None
+    summary = ev.summarise_twin("a", "b", rows)
+    assert summary["limb_worst_pct"] == pytest.approx(1.0)
+    assert summary["edema_worst_pct"] is None  # 5 mL edema: below the 10 mL that is scored
