@@ -19,7 +19,7 @@ Conventions
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -110,6 +110,16 @@ class Geometry:
             (int(size[0]), int(size[1]), int(size[2])),
             (float(s[0]), float(s[1]), float(s[2])),
         )
+
+    @classmethod
+    def of_record(cls, record: Mapping[str, Any]) -> Geometry:
+        """From a grid record ``origin_mm``, ``direction`` (9, row-major as SimpleITK),
+        ``spacing_mm``, ``size`` (:func:`pipeline.io.split.grid_record`)."""
+        d = np.array(record["direction"], dtype=float).reshape(3, 3)
+        s = np.array(record["spacing_mm"], dtype=float)
+        size = [int(v) for v in record["size"]]
+        return cls(np.array(record["origin_mm"], dtype=float), d * s[None, :],
+                   (size[0], size[1], size[2]), (float(s[0]), float(s[1]), float(s[2])))
 
     @property
     def layer_axis_xyz(self) -> int:
@@ -301,10 +311,28 @@ FOV_MARGIN_VOXELS = 0.0
 
 @dataclass(frozen=True)
 class FieldOfView:
-    """A session's grid and its baseline-to-session transform: what that session can see."""
+    """A session's grid and its baseline-to-session transform: what that session can see.
+
+    ``pieces``: for a session image composed of one-leg series (:mod:`pipeline.io.split`),
+    per composed image the grids of its series: a point is seen only inside one grid of each
+    (the composed grid also holds what neither series covered, as 0).
+    """
 
     geometry: Geometry
     transform: TransformLike
+    pieces: tuple[tuple[Geometry, ...], ...] = ()
+
+
+def _inside_in_plane(points_mm: NDArray[np.float64], geometry: Geometry) -> NDArray[np.bool_]:
+    """True for session points (N, 3) inside `geometry`'s grid in-plane."""
+    idx = (points_mm - geometry.origin) @ np.linalg.inv(geometry.matrix).T
+    ok = np.ones(points_mm.shape[0], bool)
+    for i in range(3):
+        if i == geometry.layer_axis_xyz:
+            continue
+        n = geometry.size_xyz[i]
+        ok &= (idx[:, i] >= FOV_MARGIN_VOXELS - 0.5) & (idx[:, i] <= n - 0.5 - FOV_MARGIN_VOXELS)
+    return ok
 
 
 def inside_fovs(
@@ -316,15 +344,9 @@ def inside_fovs(
     for fov in fovs:
         a, b = affine_of(fov.transform)
         p = points_baseline_mm @ a.T + b
-        idx = (p - fov.geometry.origin) @ np.linalg.inv(fov.geometry.matrix).T
-        axis = fov.geometry.layer_axis_xyz
-        for i in range(3):
-            if i == axis:
-                continue
-            n = fov.geometry.size_xyz[i]
-            ok &= (idx[:, i] >= FOV_MARGIN_VOXELS - 0.5) & (
-                idx[:, i] <= n - 0.5 - FOV_MARGIN_VOXELS
-            )
+        ok &= _inside_in_plane(p, fov.geometry)
+        for union in fov.pieces:
+            ok &= np.logical_or.reduce([_inside_in_plane(p, g) for g in union])
     return ok
 
 

@@ -318,13 +318,26 @@ def collect_flags(sessions: Sequence[Session | Mapping[str, Any]]) -> list[QCFla
 # ----------------------------------------------------------------------------- measuring
 
 
+def fov_pieces(s: Session) -> tuple[tuple[Geometry, ...], ...]:
+    """The grids of the one-leg series a session's images were composed of, per composed
+    image (the segmentation's ``fields_of_view``, :func:`pipeline.qc.image_sidecar_facts`);
+    empty for a session imaged in one field of view."""
+    if s.qc is None or not s.qc.is_file():
+        return ()
+    records = json.loads(s.qc.read_text(encoding="utf-8")).get("fields_of_view") or []
+    return tuple(tuple(Geometry.of_record(r) for r in union) for union in records)
+
+
 def measurement_extent(
     label_maps: Sequence[sitk.Image], transforms: Sequence[sitk.Transform | None],
-    usable: Sequence[bool],
+    usable: Sequence[bool], pieces: Sequence[tuple[tuple[Geometry, ...], ...]] | None = None,
 ) -> tuple[tuple[float, float], list[FieldOfView], dict[str, Any]]:
     """The baseline cranio-caudal extent every usable session covers, the fields of view to
     intersect in-plane, and how they were set; every slice (with a warning) when no common
-    extent can be set. The baseline is the session without a transform."""
+    extent can be set. The baseline is the session without a transform. `pieces`: per
+    session, the grids of the one-leg series its images were composed of
+    (:func:`fov_pieces`)."""
+    pieces = list(pieces) if pieces is not None else [()] * len(label_maps)
     info: dict[str, Any] = {"method": "common extent after registration"}
     fovs: list[FieldOfView] = []
     try:
@@ -344,7 +357,9 @@ def measurement_extent(
         info.update(z_min_mm=round(z_lo, 2), z_max_mm=round(z_hi, 2),
                     length_mm=round(z_hi - z_lo, 2))
         if len(maps_ok) > 1:
-            fovs = [FieldOfView(Geometry.of(m), t) for m, t in zip(maps_ok, trs_ok, strict=True)]
+            pieces_ok = [p for p, u in zip(pieces, usable, strict=True) if u]
+            fovs = [FieldOfView(Geometry.of(m), t, p)
+                    for m, t, p in zip(maps_ok, trs_ok, pieces_ok, strict=True)]
             info["in_plane"] = "voxels seen by every session's field of view"
     except ValueError as err:
         z_lo, z_hi = -np.inf, np.inf
@@ -418,7 +433,7 @@ def measure_subject(
     transforms = [None if s.label == baseline else s.transform for s in ordered]
     usable = [not qc_mod.session_excluded(flags, s.label) for s in ordered]
     extent, fovs, extent_info = measurement_extent([s.labels for s in ordered], transforms,
-                                                   usable)
+                                                   usable, [fov_pieces(s) for s in ordered])
     measured = [measure_session(s, xfm, extent, fovs if ok else (), flags)
                 for s, xfm, ok in zip(ordered, transforms, usable, strict=True)]
     side, how = resolve_side(affected_side, measured)

@@ -159,16 +159,24 @@ class QCFlag:
         )
 
 
-def image_sidecar_flags(image_paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """The QC flags a converter left in the JSON sidecars (``QCFlags``) of NIfTI images (a
-    session composed of two one-leg series, :mod:`pipeline.io.split`); none for an image
-    without a sidecar."""
+def image_sidecar_facts(
+        image_paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[list[Any]]]:
+    """What a converter left in the JSON sidecars of NIfTI images composed of two one-leg
+    series (:mod:`pipeline.io.split`): their QC flags (``QCFlags``), and per composed image
+    the grids of its series (``SplitSeries``; a point is seen only inside one of them:
+    :class:`pipeline.extent.FieldOfView`). Nothing for an image without a sidecar."""
     flags: list[dict[str, Any]] = []
+    pieces: list[list[Any]] = []
     for path in map(Path, image_paths):
         sidecar = path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
-        if sidecar.is_file():
-            flags += json.loads(sidecar.read_text(encoding="utf-8")).get("QCFlags", [])
-    return flags
+        if not sidecar.is_file():
+            continue
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+        flags += data.get("QCFlags", [])
+        series = (data.get("SplitSeries") or {}).get("series") or {}
+        if series:
+            pieces.append([part["grid"] for _, part in sorted(series.items())])
+    return flags, pieces
 
 
 def flags_from_json(items: Iterable[Mapping[str, Any]], session: str | None = None) -> list[QCFlag]:

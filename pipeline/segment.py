@@ -898,7 +898,10 @@ def segment_session(
     labels = resample_onto(labels, fluid_native, is_label=True)
     if len(qc["sides_present"]) < 2:
         warnings.append(f"only {len(qc['sides_present'])} limb(s) found in the field of view")
-    qc["qc_flags"] += qc_mod.image_sidecar_flags([t1_path, fluid_path])
+    # the converter's findings on a session composed of one-leg series (pipeline/io/split.py;
+    # the sidecars are written by the same convert job as the images)
+    converter_flags, qc["fields_of_view"] = qc_mod.image_sidecar_facts([t1_path, fluid_path])
+    qc["qc_flags"] += converter_flags
     qc.update(
         warnings=warnings,
         bias_gain_range=[float(gain.min()), float(gain.max())],

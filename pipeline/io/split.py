@@ -316,6 +316,15 @@ def _differences(reference: Part, other: Part, grid: sitk.Image) -> list[str]:
     return why
 
 
+def grid_record(image: sitk.Image) -> dict[str, Any]:
+    """An image's grid as JSON: ``origin_mm``, ``direction`` (9, row-major), ``spacing_mm``,
+    ``size`` (:meth:`pipeline.extent.Geometry.of_record` reads it back)."""
+    return {"origin_mm": [round(v, 4) for v in image.GetOrigin()],
+            "direction": [round(v, 8) for v in image.GetDirection()],
+            "spacing_mm": [round(v, 6) for v in image.GetSpacing()],
+            "size": list(image.GetSize())}
+
+
 def _rounded(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -388,9 +397,7 @@ def compose(parts: Sequence[Part], *, t1_like: bool, min_contact_mm: float) -> C
     record = {
         "layout": "left and right leg in separate series, composed on the reference grid",
         "reference_side": reference.side,
-        "series": {p.side: {"name": p.name, "spacing_mm": [round(v, 5) for v in
-                                                             p.image.GetSpacing()],
-                            "size": list(p.image.GetSize()),
+        "series": {p.side: {"name": p.name, "grid": grid_record(p.image),
                             "x_range_mm": [round(v, 2) for v in ranges[p.side]],
                             "receive_coil": p.coil,
                             "tissue_signal": _rounded(levels[p.side])} for p in parts},

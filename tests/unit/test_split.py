@@ -217,11 +217,15 @@ def test_converted_split_session_equals_the_bilateral_one(split_demo_study: Path
     assert sidecar["QCFlags"] == []
 
 
-def test_segmentation_carries_the_converters_flags(tmp_path: Path) -> None:
+def test_segmentation_carries_the_converters_flags_and_fields_of_view(tmp_path: Path) -> None:
     flag = qc_mod.QCFlag("", qc_mod.BOTH, qc_mod.SPLIT_SERIES_DIFFER, "warn", "differ")
     (tmp_path / "a_T1w.json").write_text(json.dumps({"QCFlags": [flag.to_json()]}))
-    assert qc_mod.image_sidecar_flags([tmp_path / "a_T1w.nii.gz",
-                                       tmp_path / "a_fluid.nii.gz"]) == [flag.to_json()]
+    grid = split.grid_record(_image(np.zeros((2, 3, 4)), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0)))
+    (tmp_path / "a_fluid.json").write_text(json.dumps(
+        {"SplitSeries": {"series": {"right": {"grid": grid}, "left": {"grid": grid}}}}))
+    flags, pieces = qc_mod.image_sidecar_facts([tmp_path / "a_T1w.nii.gz",
+                                                tmp_path / "a_fluid.nii.gz"])
+    assert flags == [flag.to_json()] and pieces == [[grid, grid]]
 
 
 # ------------------------------------------------------------------------------ NIfTI sheet
@@ -264,3 +268,22 @@ def test_sheet_with_two_overlapping_images_of_a_role_refuses_the_second(tmp_path
     [second] = [r for r in result["index_rows"] if r["series_description"] == "b.nii.gz"]
     assert second["status"] == "refused"
     assert "not the other leg of the first" in second["reason"]
+
+
+def test_a_composed_session_sees_only_what_one_of_its_series_covers() -> None:
+    from pipeline.extent import FieldOfView, Geometry, inside_fovs
+
+    array = _two_legs()
+    left, right = _halves(array, 2.0, reach=-10)  # a 40 mm gap in the middle
+    composed = split.compose([split.Part("left", left, "L"), split.Part("right", right, "R")],
+                             t1_like=False, min_contact_mm=3.0)
+    grids = tuple(Geometry.of_record(composed.record["series"][side]["grid"])
+                  for side in ("left", "right"))
+    fov = FieldOfView(Geometry.of(composed.image), None, (grids,))
+    points = np.array([[-100.0, 0.0, 5.0],   # right leg's series
+                       [0.0, 0.0, 5.0],      # the gap: in the composed grid, in no series
+                       [100.0, 0.0, 5.0],    # left leg's series
+                       [200.0, 0.0, 5.0]])   # outside everything
+    assert inside_fovs(points, [fov]).tolist() == [True, False, True, False]
+    assert inside_fovs(points, [FieldOfView(Geometry.of(composed.image), None)]).tolist() == [
+        True, True, True, False]
