@@ -7,6 +7,10 @@ The sheet is a TSV with columns ``subject, study_date, role, path``:
   (fluid-sensitive: STIR, T2 fat-saturated, Dixon water; also accepted: ``STIR``, ``T2FS``);
 * ``path``: a NIfTI file (``.nii`` or ``.nii.gz``), relative to the sheet's folder or absolute.
 
+One image per role and date; or, where each leg was imaged in its own field of view, two rows
+of the same role and date, one image per leg: which is left comes from their geometry
+(:mod:`pipeline.io.split`), and ``convert`` composes them into one image.
+
 Give the sheet where a study folder would go: ``--config input_dir=sessions.tsv``.
 ``index`` writes the same ``index.tsv``, ``problems.tsv``, ``sessions.json`` and
 ``sessions.tsv`` as the DICOM index; ``convert`` writes a session's two images under the same
