@@ -19,6 +19,24 @@ Coding (DICOM PS3.16 context groups, as listed by pydicom's code dictionaries):
     Anatomic Region Modifier; the whole-limb segments also carry it as Segmented Property
     Type Modifier, as for paired anatomical structures.
 
+A session whose legs are in two series of the study (issue 18: the index's role entry has
+``parts``, convert composed them on the *reference* series' lattice, extended to hold the other
+leg; ``SplitSeries`` of the fluid sidecar) still gets one SEG and one SR. highdicom builds a
+SEG from source images of one series only, so:
+    * the SEG's frames lie on the label map's own grid (:func:`label_map_grid`: the reference
+      series' orientation, pixel spacing and slice step over the label map's box), given to
+      highdicom as plane positions, orientation and pixel measures; its Frame of Reference,
+      patient and study are the reference series' (its ``source_images``);
+    * the other leg's series is a further source (``further_source_images``): it is listed
+      with the reference in the Source Image Sequence and in the Referenced Series Sequence of
+      the Common Instance Reference module, and a frame coplanar with its slices names them in
+      its Derivation Image Sequence (Spatial Locations Preserved NO). Both series must be of
+      one study (DICOM: all sources of a SEG are);
+    * in the SR, each TID 1411 group's "Source series for segmentation" is the series that
+      imaged that leg (TID 1411 allows one per referenced segment; the segment of a leg was
+      made from that series' voxels), and the evidence lists both series and the SEG.
+Segment specifications, tracking UIDs and SR content are those of a bilateral session.
+
 Volumes in the SR are those of ``volumes.tsv``: counted over the field of view common to all
 sessions (docs/design.md), which may be less than the whole segment. Each measurement therefore
 names its method with a local code (``99LMBTRK``); :func:`export_dicom` also returns the
@@ -208,6 +226,26 @@ def tracking_uid(subject: str, side: str, structure: str) -> str:
 
 
 @dataclass(frozen=True)
+class Grid:
+    """Voxel centres of a stack of parallel planes: (n slices, rows, cols) in patient space."""
+
+    row_cosine: NDArray[np.float64]  # direction of increasing column index
+    col_cosine: NDArray[np.float64]  # direction of increasing row index
+    pixel_spacing_mm: tuple[float, float]  # (between rows, between columns)
+    positions_mm: NDArray[np.float64]  # (n, 3) position of each plane's first voxel, LPS
+    shape: tuple[int, int, int]
+
+    def voxel_centres_lps(self) -> NDArray[np.float64]:
+        """(n, rows, cols, 3) LPS position (mm) of every voxel centre."""
+        _, rows, cols = self.shape
+        r = np.arange(rows, dtype=float)[:, None, None] * self.pixel_spacing_mm[0]
+        c = np.arange(cols, dtype=float)[None, :, None] * self.pixel_spacing_mm[1]
+        plane = r * self.col_cosine + c * self.row_cosine  # (rows, cols, 3)
+        out: NDArray[np.float64] = self.positions_mm[:, None, None, :] + plane[None]
+        return out
+
+
+@dataclass(frozen=True)
 class SourceSeries:
     """The source fluid-sensitive series: datasets (no pixels) in slice order, geometry."""
 
@@ -223,14 +261,57 @@ class SourceSeries:
         ds = self.datasets[0]
         return len(self.datasets), int(ds.Rows), int(ds.Columns)
 
+    @property
+    def series_uid(self) -> str:
+        return str(self.datasets[0].SeriesInstanceUID)
+
+    @property
+    def grid(self) -> Grid:
+        """The series' own voxel grid."""
+        return Grid(self.row_cosine, self.col_cosine, self.pixel_spacing_mm, self.positions_mm,
+                    self.shape)
+
     def voxel_centres_lps(self) -> NDArray[np.float64]:
         """(n, rows, cols, 3) LPS position (mm) of every voxel centre."""
-        n, rows, cols = self.shape
-        r = np.arange(rows, dtype=float)[:, None, None] * self.pixel_spacing_mm[0]
-        c = np.arange(cols, dtype=float)[None, :, None] * self.pixel_spacing_mm[1]
-        plane = r * self.col_cosine + c * self.row_cosine  # (rows, cols, 3)
-        out: NDArray[np.float64] = self.positions_mm[:, None, None, :] + plane[None]
+        return self.grid.voxel_centres_lps()
+
+
+@dataclass(frozen=True)
+class SessionSources:
+    """The source fluid-sensitive series of a session: one series holding both legs, or one
+    series per leg (issue 18, the ``parts`` of the index's role entry).
+
+    ``reference`` gives the SEG its source images, Frame of Reference, patient and study: the
+    only series of a bilateral session, else the series whose grid the session's image (and
+    label map) extends (``SplitSeries.reference_side`` of the fluid sidecar). ``by_side`` is the
+    series that imaged each leg: the SR names it as the source series of that leg's segments.
+    """
+
+    reference: SourceSeries
+    by_side: Mapping[str, SourceSeries]
+
+    @property
+    def split(self) -> bool:
+        """Whether the legs are in separate series."""
+        return len({s.series_uid for s in self.by_side.values()}) > 1
+
+    def further(self) -> list[pydicom.Dataset]:
+        """The images of the series other than the reference (the other leg's)."""
+        uids = {self.reference.series_uid}
+        out: list[pydicom.Dataset] = []
+        for side in SIDES:
+            series = self.by_side[side]
+            if series.series_uid not in uids:
+                uids.add(series.series_uid)
+                out += series.datasets
         return out
+
+    def description(self) -> str:
+        """The source series' descriptions, reference first."""
+        names = [str(self.reference.datasets[0].get("SeriesDescription", ""))]
+        names += [str(self.by_side[side].datasets[0].get("SeriesDescription", ""))
+                  for side in SIDES if self.by_side[side] is not self.reference]
+        return " + ".join(names)
 
 
 def read_source_series(files: Sequence[Path | str]) -> SourceSeries:
@@ -279,10 +360,65 @@ def read_source_series(files: Sequence[Path | str]) -> SourceSeries:
         positions_mm=positions[order])
 
 
+def label_map_grid(dseg: Path, reference: SourceSeries,
+                   tolerance_mm: float = GEOMETRY_TOLERANCE_MM) -> Grid:
+    """The label map's own grid as planes parallel to `reference`'s slices, in its order.
+
+    The image of a session whose legs are in two series is composed on the finer series'
+    lattice (same orientation, pixel spacing and slice step), extended by whole voxels to hold
+    the other leg (:mod:`pipeline.io.split`); its label map is on that grid. This is that
+    lattice over the label map's box; :func:`labels_on_source_grid` then reads the labels onto
+    it one to one.
+
+    Raises
+    ------
+    ExportError
+        The label map's corner voxels are off `reference`'s lattice by more than
+        `tolerance_mm`, or its box does not hold `reference`'s field of view.
+    """
+    img = nib.load(str(dseg))
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image) or len(img.shape) != 3:
+        raise ExportError(f"{dseg}: not a 3D NIfTI label map")
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    index_to_lps = ras_to_lps @ np.asarray(img.affine, dtype=np.float64)
+    corners = np.array([[i, j, k, 1.0] for i in (0, img.shape[0] - 1)
+                        for j in (0, img.shape[1] - 1) for k in (0, img.shape[2] - 1)])
+    points = (corners @ index_to_lps.T)[:, :3] - reference.positions_mm[0]
+    normal = np.cross(reference.row_cosine, reference.col_cosine)
+    step_mm = _slice_step_mm(reference)
+    # lattice coordinates (slice, row, column) of `reference`, and their steps in mm
+    steps_mm = np.array([step_mm, *reference.pixel_spacing_mm])
+    lattice = np.stack([normal, reference.col_cosine, reference.row_cosine])
+    coords = points @ lattice.T / steps_mm
+    nearest = np.rint(coords)
+    off_mm = float(np.max(np.linalg.norm((coords - nearest) * steps_mm, axis=1)))
+    if off_mm > tolerance_mm:
+        raise ExportError(
+            f"{dseg}: label map grid is off the lattice of the reference series "
+            f"{reference.series_uid} by up to {off_mm:.3f} mm (tolerance {tolerance_mm} mm); "
+            "it is not on the session image's grid")
+    lo, hi = nearest.min(axis=0).astype(int), nearest.max(axis=0).astype(int)
+    if np.any(lo > 0) or np.any(hi < np.asarray(reference.shape) - 1):
+        raise ExportError(f"{dseg}: the label map does not hold the field of view of the "
+                          f"reference series {reference.series_uid}")
+    n_ref = len(reference.positions_mm)
+    in_plane = (lo[1] * reference.pixel_spacing_mm[0] * reference.col_cosine
+                + lo[2] * reference.pixel_spacing_mm[1] * reference.row_cosine)
+    # the reference's own slice positions where it has the slice (exact plane matches)
+    positions = np.array([
+        (reference.positions_mm[k] if 0 <= k < n_ref
+         else reference.positions_mm[0] + k * step_mm * normal) + in_plane
+        for k in range(lo[0], hi[0] + 1)])
+    shape = tuple(int(v) for v in hi - lo + 1)
+    return Grid(reference.row_cosine, reference.col_cosine, reference.pixel_spacing_mm,
+                positions, (shape[0], shape[1], shape[2]))
+
+
 def labels_on_source_grid(
-    dseg: Path, source: SourceSeries, tolerance_mm: float = GEOMETRY_TOLERANCE_MM
+    dseg: Path, source: SourceSeries | Grid, tolerance_mm: float = GEOMETRY_TOLERANCE_MM
 ) -> NDArray[np.uint8]:
-    """The label map resampled (by index only, no interpolation) onto the source slices.
+    """The label map resampled (by index only, no interpolation) onto the source slices
+    (a series, or a :class:`Grid` such as :func:`label_map_grid`'s).
 
     Every voxel centre of the source series must coincide with one of the label map within
     `tolerance_mm`, one to one; otherwise the label map is not on the source grid.
@@ -386,20 +522,54 @@ def segment_masks(labels: NDArray[np.integer[Any]], specs: Sequence[SegmentSpec]
     return np.stack([np.isin(labels, spec.labels) for spec in specs], axis=-1)
 
 
-def build_segmentation(
-    source: SourceSeries, labels: NDArray[np.uint8], subject: str, content_hash: str
-) -> tuple[Any, list[SegmentSpec]]:
-    """The DICOM Segmentation (highdicom) of `labels` on `source`. Returns (seg, specs)."""
+def _plane_geometry(grid: Grid, reference: SourceSeries) -> dict[str, Any]:
+    """highdicom's plane positions, orientation and pixel measures of `grid`'s planes."""
     import highdicom as hd
 
-    first = source.datasets[0]
+    patient = hd.CoordinateSystemNames.PATIENT
+    thickness = getattr(reference.datasets[0], "SliceThickness", None)
+    return {
+        "plane_positions": [hd.PlanePositionSequence(patient, [float(v) for v in position])
+                            for position in grid.positions_mm],
+        "plane_orientation": hd.PlaneOrientationSequence(
+            patient, [float(v) for v in (*grid.row_cosine, *grid.col_cosine)]),
+        "pixel_measures": hd.PixelMeasuresSequence(
+            pixel_spacing=list(grid.pixel_spacing_mm),
+            slice_thickness=float(thickness) if thickness else _slice_step_mm(reference),
+            spacing_between_slices=_slice_step_mm(reference)),
+    }
+
+
+def build_segmentation(
+    sources: SessionSources | SourceSeries, labels: NDArray[np.uint8], subject: str,
+    content_hash: str, grid: Grid | None = None,
+) -> tuple[Any, list[SegmentSpec]]:
+    """The DICOM Segmentation (highdicom) of `labels`. Returns (seg, specs).
+
+    Without `grid`, `labels` are on the source images of the reference series, slice for
+    slice. With `grid` (a session whose legs are in two series: the label map's own grid,
+    :func:`label_map_grid`) the frames carry `grid`'s plane positions; the reference series
+    is the source of the geometry (Frame of Reference, patient, study) and the other leg's
+    series is recorded as a further source (Source Image Sequence and the Referenced Series
+    Sequence of the Common Instance Reference module)."""
+    import highdicom as hd
+
+    if isinstance(sources, SourceSeries):
+        sources = SessionSources(sources, {side: sources for side in SIDES})
+    first = sources.reference.datasets[0]
     region = limb_region(getattr(first, "BodyPartExamined", None))
     specs = segment_specs(region)
     algorithm = _algorithm()
     descriptions = [_segment_description(s, region, algorithm, subject) for s in specs]
     series_uid = str(first.SeriesInstanceUID)
+    placement: dict[str, Any] = {}
+    if grid is not None:
+        placement = _plane_geometry(grid, sources.reference)
+    further = sources.further()
+    if further:
+        placement["further_source_images"] = further
     seg = hd.seg.Segmentation(
-        source_images=source.datasets,
+        source_images=sources.reference.datasets,
         pixel_array=segment_masks(labels, specs),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -411,11 +581,11 @@ def build_segmentation(
         manufacturer_model_name="limbtrack",
         software_versions=__version__,
         device_serial_number="1",
-        series_description=f"limbtrack segmentation ({first.get('SeriesDescription', '')})"
-        [:64],
+        series_description=f"limbtrack segmentation ({sources.description()})"[:64],
         content_label="LIMBTRACK",
         content_description="Limb soft tissue, edema, bone and marrow lesion per side",
         omit_empty_frames=True,
+        **placement,
     )
     return seg, specs
 
@@ -523,18 +693,22 @@ def _volume_group(row: VolumeRow, spec: SegmentSpec, seg: Any, series_uid: str, 
 
 
 def build_report(
-    source: SourceSeries, seg: Any, specs: Sequence[SegmentSpec], volumes: Sequence[VolumeRow],
-    subject: str, baseline_study_date: str, time_point_order: int, content_hash: str,
+    sources: SessionSources | SourceSeries, seg: Any, specs: Sequence[SegmentSpec],
+    volumes: Sequence[VolumeRow], subject: str, baseline_study_date: str,
+    time_point_order: int, content_hash: str,
 ) -> Any:
     """TID 1500 Measurement Report (Comprehensive 3D SR) carrying `volumes`, one TID 1411
-    group per side and structure referencing its segment in `seg`.
+    group per side and structure referencing its segment in `seg`; its source series for
+    segmentation is the series that imaged that side (the one series of a bilateral session).
 
     `volumes` are rows of :func:`session_rows`: a row whose volume is not available gets a
     group without measurement, with a qualitative 'not available' evaluation (its QC codes);
     rows of :func:`session_volumes` (available only) give measurements only."""
     import highdicom as hd
 
-    first = source.datasets[0]
+    if isinstance(sources, SourceSeries):
+        sources = SessionSources(sources, {side: sources for side in SIDES})
+    first = sources.reference.datasets[0]
     region = limb_region(getattr(first, "BodyPartExamined", None))
     series_uid = str(first.SeriesInstanceUID)
     side_order: dict[str, int] = {s: i for i, s in enumerate(SIDES)}
@@ -544,7 +718,7 @@ def build_report(
     time_point = _time_point(volumes[0], baseline_study_date, time_point_order)
     groups = [
         _volume_group(row, structure_segment(specs, row.side, row.structure), seg,
-                      series_uid, region, time_point, subject)
+                      sources.by_side[row.side].series_uid, region, time_point, subject)
         for row in sorted(volumes, key=lambda r: (side_order[r.side], order[r.structure]))
     ]
     observer = hd.sr.ObserverContext(
@@ -560,7 +734,7 @@ def build_report(
         title=codes.DCM.ImagingMeasurementReport,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*source.datasets, seg],
+        evidence=[*sources.reference.datasets, *sources.further(), seg],
         content=report,
         series_instance_uid=_uid("sr-series", series_uid, content_hash, __version__),
         series_number=SR_SERIES_NUMBER,
@@ -630,9 +804,55 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def source_of(paths: DicomPaths) -> tuple[Mapping[str, Any], SourceSeries]:
-    """The session's entry in sessions.json and its source fluid series (checked against the
-    fluid sidecar's SeriesInstanceUID when the sidecar exists)."""
+def _fluid_sidecar(paths: DicomPaths) -> Mapping[str, Any]:
+    if not Path(paths.fluid_json).exists():
+        return {}
+    data = json.loads(Path(paths.fluid_json).read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def _split_sources(paths: DicomPaths, parts: Sequence[Mapping[str, Any]],
+                   sidecar: Mapping[str, Any]) -> SessionSources:
+    """The two one-leg series of a session (index ``parts``), the reference series named by
+    the fluid sidecar's ``SplitSeries`` (the series whose grid the session image extends)."""
+    record = sidecar.get("SplitSeries") or {}
+    reference_side = record.get("reference_side")
+    if reference_side not in SIDES:
+        raise ExportError(f"{paths.fluid_json}: session {paths.session} has its legs in two "
+                          "series but the fluid sidecar names no SplitSeries reference_side; "
+                          "convert the session again")
+    by_side: dict[str, SourceSeries] = {}
+    for part in parts:
+        side = str(part.get("side"))
+        if side not in SIDES or side in by_side:
+            raise ExportError(f"{paths.sessions_json}: session {paths.session}: fluid parts "
+                              f"are not one series per leg ({side!r})")
+        if part.get("volume"):
+            raise ExportError(f"{paths.sessions_json}: session {paths.session} uses volume "
+                              f"{part['volume']!r} of a multi-volume series; the DICOM export "
+                              "supports classic single-frame series only")
+        series = read_source_series(part.get("files") or [])
+        expected = ((record.get("series") or {}).get(side) or {}).get("SeriesInstanceUID")
+        if expected and expected != series.series_uid:
+            raise ExportError(f"{paths.fluid_json}: the {side} leg's fluid series {expected} "
+                              f"is not the series of its files in sessions.json "
+                              f"({series.series_uid})")
+        by_side[side] = series
+    if sorted(by_side) != sorted(SIDES):
+        raise ExportError(f"{paths.sessions_json}: session {paths.session}: fluid parts "
+                          f"cover {sorted(by_side)}, not both legs")
+    studies = {str(s.datasets[0].StudyInstanceUID) for s in by_side.values()}
+    if len(studies) != 1:
+        raise ExportError(f"{paths.sessions_json}: session {paths.session}: the legs' series "
+                          "belong to different studies; one SEG cannot reference both")
+    return SessionSources(by_side[reference_side], by_side)
+
+
+def source_of(paths: DicomPaths) -> tuple[Mapping[str, Any], SessionSources]:
+    """The session's entry in sessions.json and its source fluid series: the one series
+    (checked against the fluid sidecar's SeriesInstanceUID when the sidecar exists), or, when
+    the legs are in two series (the entry's ``parts``), both, with the reference series of the
+    fluid sidecar's ``SplitSeries``."""
     entry = _session_entry(paths.sessions_json, paths.session)
     fluid = entry.get("fluid") or {}
     files = fluid.get("files") or []
@@ -643,16 +863,16 @@ def source_of(paths: DicomPaths) -> tuple[Mapping[str, Any], SourceSeries]:
     if not files:
         raise ExportError(f"{paths.sessions_json}: session {paths.session} has no source DICOM "
                           "files (NIfTI input?); the DICOM export needs DICOM input")
+    sidecar = _fluid_sidecar(paths)
+    if fluid.get("parts"):
+        return entry, _split_sources(paths, fluid["parts"], sidecar)
     source = read_source_series(files)
-    sidecar_uid = None
-    if Path(paths.fluid_json).exists():
-        sidecar_uid = json.loads(Path(paths.fluid_json).read_text(encoding="utf-8")).get(
-            "SeriesInstanceUID")
-    source_uid = str(source.datasets[0].SeriesInstanceUID)
+    sidecar_uid = sidecar.get("SeriesInstanceUID")
+    source_uid = source.series_uid
     if sidecar_uid and sidecar_uid != source_uid:
         raise ExportError(f"{paths.fluid_json}: fluid series {sidecar_uid} is not the series "
                           f"of the files in sessions.json ({source_uid})")
-    return entry, source
+    return entry, SessionSources(source, {side: source for side in SIDES})
 
 
 def export_dicom(paths: DicomPaths) -> SessionExport:
@@ -664,15 +884,16 @@ def export_dicom(paths: DicomPaths) -> SessionExport:
         No source DICOM (NIfTI input), source series and label map on different grids,
         or no volumes for the session.
     """
-    entry, source = source_of(paths)
-    labels = labels_on_source_grid(paths.dseg, source)
+    entry, sources = source_of(paths)
+    grid = label_map_grid(paths.dseg, sources.reference) if sources.split else None
+    labels = labels_on_source_grid(paths.dseg, grid or sources.reference)
     content_hash = hashlib.sha256(
         (_sha256(paths.dseg) + _sha256(paths.volumes_tsv)).encode()).hexdigest()
     study_date = str(entry["study_date"])
     volumes = session_rows(paths.volumes_tsv, study_date)
-    seg, specs = build_segmentation(source, labels, paths.subject, content_hash)
+    seg, specs = build_segmentation(sources, labels, paths.subject, content_hash, grid)
     dates = sorted({r["study_date"] for r in read_tsv(paths.volumes_tsv)})
-    sr = build_report(source, seg, specs, volumes, paths.subject,
+    sr = build_report(sources, seg, specs, volumes, paths.subject,
                       baseline_date(paths.volumes_tsv), dates.index(study_date) + 1,
                       content_hash)
     with atomic_path(paths.seg) as tmp:
@@ -681,17 +902,26 @@ def export_dicom(paths: DicomPaths) -> SessionExport:
         sr.save_as(tmp, enforce_file_format=True)
     result = SessionExport(paths.session, [Path(paths.seg), Path(paths.sr)],
                            not_available=unavailable_volumes(paths.volumes_tsv, study_date))
-    result.volumes_ml = whole_segment_volumes(volumes, specs, labels, source)
+    result.volumes_ml = whole_segment_volumes(volumes, specs, labels,
+                                              label_map_voxel_mm3(paths.dseg))
     return result
+
+
+def label_map_voxel_mm3(dseg: Path) -> float:
+    """Voxel volume (mm3) of a label map, from its header, as the measure step counts it."""
+    img = nib.load(str(dseg))
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise ExportError(f"{dseg}: not a NIfTI image")
+    return float(np.prod(img.header.get_zooms()[:3]))
 
 
 def whole_segment_volumes(
     volumes: Sequence[VolumeRow], specs: Sequence[SegmentSpec], labels: NDArray[np.uint8],
-    source: SourceSeries,
+    voxel_mm3: float,
 ) -> dict[tuple[str, str], tuple[float, float]]:
     """``(side, structure) -> (volume_ml of volumes.tsv, volume_ml of the whole segment)`` for
-    the available volumes (the SR's are over the common extent, which may be less)."""
-    voxel_mm3 = float(np.prod(source.pixel_spacing_mm)) * _slice_step_mm(source)
+    the available volumes (the SR's are over the common extent, which may be less);
+    `voxel_mm3` is the label map's voxel volume."""
     out: dict[tuple[str, str], tuple[float, float]] = {}
     for row in volumes:
         if row.volume_ml is None:

@@ -245,9 +245,15 @@ def test_exports_write_where_named_and_read_only_what_is_named(tmp_path: Path) -
 # ----------------------------------------------------------------------------- SEG
 
 
+def load_nifti(path: Path | str) -> nib.Nifti1Image:
+    img = nib.load(str(path))
+    assert isinstance(img, nib.Nifti1Image)
+    return img
+
+
 def nifti_labels_at(points_lps: np.ndarray, dseg: str) -> np.ndarray:
     """Label map values at LPS points (mm), which must be voxel centres of the map."""
-    img = nib.load(dseg)
+    img = load_nifti(dseg)
     to_index = np.linalg.inv(np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine)
     index = points_lps @ to_index[:3, :3].T + to_index[:3, 3]
     nearest = np.rint(index)
@@ -255,6 +261,18 @@ def nifti_labels_at(points_lps: np.ndarray, dseg: str) -> np.ndarray:
     data = np.asarray(img.dataobj)
     i, j, k = nearest.astype(int).T
     return data[i, j, k]
+
+
+def seg_and_nifti_labels(seg: Any, dseg: str) -> tuple[np.ndarray, np.ndarray]:
+    """The label values (1..8) of every voxel of a SEG's volume, and the label map's at the
+    same LPS points (which must be label map voxel centres)."""
+    volume = seg.get_volume(segment_numbers=list(range(1, 9)), combine_segments=True,
+                            relabel=False)
+    n, rows, cols = volume.shape
+    kk, rr, cc = np.meshgrid(np.arange(n), np.arange(rows), np.arange(cols), indexing="ij")
+    index = np.stack([kk, rr, cc, np.ones_like(kk)], axis=-1).reshape(-1, 4)
+    points = (index @ volume.affine.T)[:, :3]
+    return volume.array.reshape(-1), nifti_labels_at(points, dseg)
 
 
 @pytest.mark.parametrize("session", list(SESSIONS))
@@ -281,14 +299,7 @@ def test_seg_round_trip_same_voxels_in_physical_space(subject: dict[str, Any],
         assert region.AnatomicRegionModifierSequence[0].CodeMeaning == side.capitalize()
 
     seg = hd.seg.segread(path)
-    volume = seg.get_volume(segment_numbers=list(range(1, 9)), combine_segments=True,
-                            relabel=False)
-    n, rows, cols = volume.shape
-    kk, rr, cc = np.meshgrid(np.arange(n), np.arange(rows), np.arange(cols), indexing="ij")
-    index = np.stack([kk, rr, cc, np.ones_like(kk)], axis=-1).reshape(-1, 4)
-    points = (index @ volume.affine.T)[:, :3]
-    from_seg = volume.array.reshape(-1)
-    from_nifti = nifti_labels_at(points, stem(subject, session) + "_dseg.nii.gz")
+    from_seg, from_nifti = seg_and_nifti_labels(seg, stem(subject, session) + "_dseg.nii.gz")
     mismatches = int(np.count_nonzero(from_seg != from_nifti))
     print(f"ses-{session}: {from_seg.size} voxels compared in LPS space, {mismatches} differ; "
           f"label counts SEG {np.bincount(from_seg, minlength=9).tolist()} "
@@ -326,7 +337,7 @@ def test_label_map_off_the_source_grid_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"off the source series grid by up to 0\.350"):
         dicom.labels_on_source_grid(shifted, source)
     cropped = tmp_path / "cropped.nii.gz"
-    img = nib.load(tmp_path / "shifted.nii.gz")
+    img = load_nifti(tmp_path / "shifted.nii.gz")
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, :-1], img.affine), cropped)
     with pytest.raises(ExportError, match="not on the source grid"):
         dicom.labels_on_source_grid(cropped, source)
@@ -430,7 +441,7 @@ NOT_FAT_SUPPRESSED = "fluid_not_fat_suppressed"
 def _mark_not_available(volumes_tsv: Path, date: str, structures: tuple[str, ...],
                         code: str) -> None:
     """volumes.tsv as the QC contract writes it: n/a (never 0) and the codes in ``qc``."""
-    rows = read_tsv(volumes_tsv)
+    rows: list[dict[str, Any]] = [dict(r) for r in read_tsv(volumes_tsv)]
     for r in rows:
         hit = r["study_date"] == date and r["structure"] in structures
         r["volume_ml"] = None if hit else r["volume_ml"]
@@ -443,7 +454,8 @@ def _sr_volumes(path: str) -> tuple[dict[tuple[str, str], float], dict[tuple[str
     sr = hd.sr.srread(path)
     found, not_available = {}, {}
     for group in sr.content.get_volumetric_roi_measurement_groups():
-        key = tuple(str(group.tracking_identifier).split(" "))
+        side, structure = str(group.tracking_identifier).split(" ")
+        key = (side, structure)
         measurements = group.get_measurements(name=codes.SCT.Volume)
         evaluations = group.get_qualitative_evaluations(name=dicom.NOT_AVAILABLE)
         assert len(measurements) + bool(evaluations) == 1, key  # a volume or a reason
