@@ -29,7 +29,7 @@ import SimpleITK as sitk
 from numpy.typing import NDArray
 
 from pipeline.io.files import mm3_to_ml
-from pipeline.labels import SIDES, STRUCTURES, structure_labels
+from pipeline.labels import SIDE_OFFSET, SIDES, STRUCTURES, structure_labels
 
 
 class HasTransform(Protocol):
@@ -321,6 +321,9 @@ class FieldOfView:
     geometry: Geometry
     transform: TransformLike
     pieces: tuple[tuple[Geometry, ...], ...] = ()
+    #: the sides the session images: its field of view restricts only these (a follow-up of
+    #: the affected leg alone in a one-leg field of view says nothing of the other leg)
+    sides: tuple[str, ...] = SIDES
 
 
 def _inside_in_plane(points_mm: NDArray[np.float64], geometry: Geometry) -> NDArray[np.bool_]:
@@ -336,17 +339,23 @@ def _inside_in_plane(points_mm: NDArray[np.float64], geometry: Geometry) -> NDAr
 
 
 def inside_fovs(
-    points_baseline_mm: NDArray[np.float64], fovs: Sequence[FieldOfView]
+    points_baseline_mm: NDArray[np.float64], fovs: Sequence[FieldOfView],
+    point_sides: NDArray[np.str_] | None = None,
 ) -> NDArray[np.bool_]:
     """True for baseline points (N, 3) that lie inside the in-plane field of view of every
-    session in `fovs` (the cranio-caudal range is the extent's business, not this one's)."""
+    session in `fovs` (the cranio-caudal range is the extent's business, not this one's).
+    With `point_sides` (the side of each point), a session's field of view restricts only
+    the points of the sides it images (:attr:`FieldOfView.sides`)."""
     ok = np.ones(points_baseline_mm.shape[0], bool)
     for fov in fovs:
         a, b = affine_of(fov.transform)
         p = points_baseline_mm @ a.T + b
-        ok &= _inside_in_plane(p, fov.geometry)
+        seen = _inside_in_plane(p, fov.geometry)
         for union in fov.pieces:
-            ok &= np.logical_or.reduce([_inside_in_plane(p, g) for g in union])
+            seen &= np.logical_or.reduce([_inside_in_plane(p, g) for g in union])
+        if point_sides is not None:
+            seen |= ~np.isin(point_sides, fov.sides)
+        ok &= seen
     return ok
 
 
@@ -394,7 +403,8 @@ def volumes_in_extent(
         if fovs:
             jj, ii = np.nonzero(lab[k])
             idx = np.stack([ii, jj, np.full(ii.size, k)], axis=1).astype(float)
-            seen = inside_fovs(c0[None, :] + idx @ c_mat.T, fovs)
+            sides = np.where(lab[k][jj, ii] > SIDE_OFFSET["left"], "left", "right")
+            seen = inside_fovs(c0[None, :] + idx @ c_mat.T, fovs, sides)
             w = w.copy()
             w[jj[~seen], ii[~seen]] = 0.0
         sums += np.bincount(lab[k].ravel(), weights=w.ravel(), minlength=9)

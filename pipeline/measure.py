@@ -28,6 +28,7 @@ from pipeline.extent import (
     common_extent,
     covered_range,
     read_label_map,
+    sides_present,
     volumes_in_extent,
 )
 from pipeline.io.files import finite_float, mm3_to_ml, write_json_atomic, write_tsv_atomic
@@ -358,7 +359,8 @@ def measurement_extent(
                     length_mm=round(z_hi - z_lo, 2))
         if len(maps_ok) > 1:
             pieces_ok = [p for p, u in zip(pieces, usable, strict=True) if u]
-            fovs = [FieldOfView(Geometry.of(m), t, p)
+            fovs = [FieldOfView(Geometry.of(m), t, p,
+                                tuple(sides_present(sitk.GetArrayViewFromImage(m))))
                     for m, t, p in zip(maps_ok, trs_ok, pieces_ok, strict=True)]
             info["in_plane"] = "voxels seen by every session's field of view"
     except ValueError as err:

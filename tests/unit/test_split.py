@@ -287,3 +287,15 @@ def test_a_composed_session_sees_only_what_one_of_its_series_covers() -> None:
     assert inside_fovs(points, [fov]).tolist() == [True, False, True, False]
     assert inside_fovs(points, [FieldOfView(Geometry.of(composed.image), None)]).tolist() == [
         True, True, True, False]
+
+
+def test_a_one_leg_field_of_view_restricts_only_the_leg_it_images() -> None:
+    from pipeline.extent import FieldOfView, Geometry, inside_fovs
+
+    # a follow-up imaging the left leg alone, in a field of view over x 20..150 mm
+    one_leg = _image(np.zeros((4, 60, 66)), (2.0, 2.0, 5.0), (20.0, -60.0, 0.0))
+    fov = FieldOfView(Geometry.of(one_leg), None, (), ("left",))
+    points = np.array([[-80.0, 0.0, 5.0], [-80.0, 0.0, 5.0], [80.0, 0.0, 5.0]])
+    sides = np.array(["right", "left", "left"])
+    # the right leg of another session is not narrowed by it; a left-leg point outside it is
+    assert inside_fovs(points, [fov], sides).tolist() == [True, False, True]
