@@ -159,8 +159,8 @@ def main() -> int:
                                     "bone_worst_pct", "lesion_min_dice", "lesion_worst_pct",
                                     "edema_min_dice", "edema_worst_pct", "asymmetry_worst_pp",
                                     "false_lesion_ml", "false_edema_ml", "side_auto_ok",
-                                    "qc_codes", "flags_ok", "label", "label_ok", "ok",
-                                    "failed"]))
+                                    "qc_codes", "flags_ok", "label", "label_ok",
+                                    "warning_ok", "ok", "failed"]))
     if hybrids:
         print("\n## Hybrid cases of the one-leg layouts (real anatomy, inserted changes)\n")
         print("Targets: " + ", ".join(f"{k} {v:g}" for k, v in HYBRID_TARGETS.items()) + "\n")

@@ -187,6 +187,8 @@ class Case:
     expect_label: str = ""
     #: the case imaging the same patient otherwise (bilaterally), compared volume by volume
     twin: str = ""
+    #: text some warning of summary.json must contain ("": not checked)
+    expect_warning: str = ""
 
 
 SUITE: tuple[Case, ...] = (
@@ -291,7 +293,8 @@ SPLIT_SUITE: tuple[Case, ...] = (
          ("--seed", "64", "--pixel-mm", "1.8", "--slices", "24", "--affected-side", "right",
           "--sessions=-1:0.1:4:0.4,12:0.02:2:0.1", "--split-series",
           "--split-right-extra-slices=-4", "--split-right-offset-mm", "0.5,0.3",
-          "--split-wrong-laterality", "right")),
+          "--split-wrong-laterality", "right"),
+         expect_label="response", expect_warning="the image geometry shows the right leg"),
     Case("splitaffonly", "affonly with each leg in its own series: baseline both legs, "
          "follow-ups of the left leg alone in its own field of view",
          (*_AFFONLY, "--affected-only", "2,3", "--split-series"),
@@ -416,6 +419,9 @@ def score_case(result: dict[str, Any]) -> dict[str, Any]:
         "label": result["summary"]["classification"],
         "label_ok": None if not result["case"].expect_label
         else result["summary"]["classification"] == result["case"].expect_label,
+        "warning_ok": None if not result["case"].expect_warning
+        else any(result["case"].expect_warning in w
+                 for w in result["summary"].get("warnings", [])),
     }
     checks = {
         "limb_median_pct": lambda v: v <= t["limb_median_pct"],
@@ -431,6 +437,7 @@ def score_case(result: dict[str, Any]) -> dict[str, Any]:
         "side_auto_ok": lambda v: bool(v),
         "flags_ok": lambda v: bool(v),
         "label_ok": lambda v: bool(v),
+        "warning_ok": lambda v: bool(v),
     }
     failed = [k for k, ok in checks.items() if out[k] is not None and not ok(out[k])]
     out["ok"] = not failed
