@@ -21,6 +21,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
+from dicom_factory import rotation, write_series
 from test_export import load_nifti, seg_and_nifti_labels
 
 from pipeline.export import ExportError, dicom
@@ -38,8 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from split_factory import split_study  # noqa: E402
 
 hd = pytest.importorskip("highdicom")
-# index, convert and segment of the demo's first study, twice (~15 s of CPU each)
-pytestmark = pytest.mark.slow
 from pydicom.sr.codedict import codes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +50,9 @@ DAY = -3
 #: pixels become 1.6 x 1.8 mm: a coarser series, off the right one's lattice).
 WIDER_COLUMN_MM = 1.8
 LAYOUTS = ("one_lattice", "left_wider_columns")
+SYNTH_SHAPE = (5, 16, 18)  # slices, rows, columns of the synthetic reference series
+SYNTH_SPACING = (0.8, 0.7)  # PixelSpacing: between rows, between columns (mm)
+SYNTH_STEP_MM = 3.0
 
 
 def _widen_columns(study_dir: Path, side: str, column_mm: float) -> None:
@@ -101,7 +104,9 @@ def build_split_session(root: Path, layout: str) -> dict[str, Any]:
             "split": split_record}
 
 
-@pytest.fixture(scope="module", params=LAYOUTS)
+# index, convert and segment of the demo's first study, per layout (~15 s of CPU each)
+@pytest.fixture(scope="module",
+                params=[pytest.param(layout, marks=pytest.mark.slow) for layout in LAYOUTS])
 def split_session(request: pytest.FixtureRequest,
                   tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     built = build_split_session(tmp_path_factory.mktemp(request.param), request.param)
@@ -245,3 +250,69 @@ def test_split_objects_pass_dciodvfy(split_session: dict[str, Any], kind: str) -
     print(f"dciodvfy {kind}: {len(messages)} messages", *sorted(set(messages)), sep="\n  ")
     # the only warning expected: our private coding scheme (declared in the SR)
     assert all("99LMBTRK" in m for m in messages)
+
+
+# ----------------------------------------------------------------------------- geometry (fast)
+
+
+@pytest.mark.parametrize("reverse_slices", [False, True])
+def test_seg_on_the_reference_lattice_extended_every_way(tmp_path: Path,
+                                                         reverse_slices: bool) -> None:
+    """An oblique reference series and a label map on its lattice extended by whole voxels
+    before its first slice, row and column and past its last slice (as convert extends it to
+    hold the other leg, slices included): the SEG's frames are the label map's voxels."""
+    rot = rotation(12.0, -7.0, 25.0)
+    frame_uid = pydicom.uid.generate_uid()
+    common = {"sequence": "STIR", "row_cosine": rot[:, 0], "col_cosine": rot[:, 1],
+              "pixel_spacing": SYNTH_SPACING, "slice_step": SYNTH_STEP_MM,
+              "tags": {"FrameOfReferenceUID": frame_uid, "BodyPartExamined": "LEG"}}
+    reference = write_series(tmp_path / "left", np.zeros(SYNTH_SHAPE, np.uint16),
+                             origin=(20.0, 5.0, 60.0), series_number=31, **common)
+    # the other leg's series, of the same study, further to the patient's right
+    other_origin = reference.positions[0] - 12 * SYNTH_SPACING[1] * rot[:, 0]
+    other = write_series(tmp_path / "right", np.zeros(SYNTH_SHAPE, np.uint16),
+                         origin=other_origin, study_uid=reference.study_uid, series_number=32,
+                         **common)
+    lo = np.array([-2, -3, -12])  # slices, rows, columns before the reference's first
+    shape = tuple(int(v) for v in np.array(SYNTH_SHAPE) - lo + [1, 0, 0])
+    labels = np.random.default_rng(3).integers(0, 9, shape).astype(np.uint8)
+    labels[[0, 4]] = 0  # two planes hold no segment: no frames there
+    steps = np.array([SYNTH_STEP_MM, *SYNTH_SPACING])
+    lattice = np.stack([reference.normal, reference.col_cosine, reference.row_cosine])
+    origin = reference.positions[0] + (lo * steps) @ lattice
+    arr, slice_dir = labels, reference.normal
+    if reverse_slices:  # the same voxels stored from the last plane to the first
+        arr, slice_dir = labels[::-1], -reference.normal
+        origin = origin + (shape[0] - 1) * SYNTH_STEP_MM * reference.normal
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+    img.SetOrigin([float(v) for v in origin])
+    img.SetSpacing((SYNTH_SPACING[1], SYNTH_SPACING[0], SYNTH_STEP_MM))
+    img.SetDirection(np.column_stack([reference.row_cosine, reference.col_cosine, slice_dir])
+                     .ravel().tolist())
+    dseg = tmp_path / "dseg.nii.gz"
+    sitk.WriteImage(img, str(dseg))
+
+    ref_series = dicom.read_source_series(reference.files)
+    grid = dicom.label_map_grid(dseg, ref_series)
+    assert grid.shape == shape
+    np.testing.assert_allclose(grid.positions_mm[2], reference.positions[0]
+                               + (lo[1:] * steps[1:]) @ lattice[1:], atol=1e-6)
+    on_grid = dicom.labels_on_source_grid(dseg, grid)
+    np.testing.assert_array_equal(on_grid, labels)
+    sources = dicom.SessionSources(
+        ref_series, {"left": ref_series, "right": dicom.read_source_series(other.files)})
+    seg, specs = dicom.build_segmentation(sources, on_grid, "synth", "0" * 64, grid)
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    ds = pydicom.dcmread(path)
+    assert [item.SeriesInstanceUID for item in ds.ReferencedSeriesSequence] == [
+        reference.series_uid, other.series_uid]
+    assert ds.FrameOfReferenceUID == frame_uid
+    planes_with = sum(int(np.isin(labels, spec.labels).any(axis=(1, 2)).sum())
+                      for spec in specs)
+    assert int(ds.NumberOfFrames) == planes_with
+    from_seg, from_nifti = seg_and_nifti_labels(hd.seg.segread(path), str(dseg))
+    assert np.array_equal(from_seg, from_nifti)
+    # every labelled voxel is in the SEG (its volume spans the planes with frames only)
+    counts = np.bincount(from_seg, minlength=9)
+    assert counts[1:].tolist() == np.bincount(labels.ravel(), minlength=9)[1:].tolist()
