@@ -290,6 +290,11 @@ class SessionSources:
     reference: SourceSeries
     by_side: Mapping[str, SourceSeries]
 
+    @classmethod
+    def bilateral(cls, source: SourceSeries) -> SessionSources:
+        """One series holding both legs."""
+        return cls(source, {side: source for side in SIDES})
+
     @property
     def split(self) -> bool:
         """Whether the legs are in separate series."""
@@ -541,7 +546,7 @@ def _plane_geometry(grid: Grid, reference: SourceSeries) -> dict[str, Any]:
 
 
 def build_segmentation(
-    sources: SessionSources | SourceSeries, labels: NDArray[np.uint8], subject: str,
+    sources: SessionSources, labels: NDArray[np.uint8], subject: str,
     content_hash: str, grid: Grid | None = None,
 ) -> tuple[Any, list[SegmentSpec]]:
     """The DICOM Segmentation (highdicom) of `labels`. Returns (seg, specs).
@@ -554,8 +559,6 @@ def build_segmentation(
     Sequence of the Common Instance Reference module)."""
     import highdicom as hd
 
-    if isinstance(sources, SourceSeries):
-        sources = SessionSources(sources, {side: sources for side in SIDES})
     first = sources.reference.datasets[0]
     region = limb_region(getattr(first, "BodyPartExamined", None))
     specs = segment_specs(region)
@@ -693,7 +696,7 @@ def _volume_group(row: VolumeRow, spec: SegmentSpec, seg: Any, series_uid: str, 
 
 
 def build_report(
-    sources: SessionSources | SourceSeries, seg: Any, specs: Sequence[SegmentSpec],
+    sources: SessionSources, seg: Any, specs: Sequence[SegmentSpec],
     volumes: Sequence[VolumeRow], subject: str, baseline_study_date: str,
     time_point_order: int, content_hash: str,
 ) -> Any:
@@ -706,8 +709,6 @@ def build_report(
     rows of :func:`session_volumes` (available only) give measurements only."""
     import highdicom as hd
 
-    if isinstance(sources, SourceSeries):
-        sources = SessionSources(sources, {side: sources for side in SIDES})
     first = sources.reference.datasets[0]
     region = limb_region(getattr(first, "BodyPartExamined", None))
     series_uid = str(first.SeriesInstanceUID)
@@ -872,7 +873,7 @@ def source_of(paths: DicomPaths) -> tuple[Mapping[str, Any], SessionSources]:
     if sidecar_uid and sidecar_uid != source_uid:
         raise ExportError(f"{paths.fluid_json}: fluid series {sidecar_uid} is not the series "
                           f"of the files in sessions.json ({source_uid})")
-    return entry, SessionSources(source, {side: source for side in SIDES})
+    return entry, SessionSources.bilateral(source)
 
 
 def export_dicom(paths: DicomPaths) -> SessionExport:
