@@ -165,18 +165,26 @@ def image_sidecar_facts(
     series (:mod:`pipeline.io.split`): their QC flags (``QCFlags``), and per composed image
     the grids of its series (``SplitSeries``; a point is seen only inside one of them:
     :class:`pipeline.extent.FieldOfView`). Nothing for an image without a sidecar."""
-    flags: list[dict[str, Any]] = []
+    flags: dict[tuple[str, str], dict[str, Any]] = {}
     pieces: list[list[Any]] = []
     for path in map(Path, image_paths):
         sidecar = path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
         if not sidecar.is_file():
             continue
         data = json.loads(sidecar.read_text(encoding="utf-8"))
-        flags += data.get("QCFlags", [])
+        role = str(data.get("Role") or path.name)
+        for flag in data.get("QCFlags", []):
+            # one flag per code and side: the images' findings joined, each named
+            key = (flag["code"], flag["side"])
+            named = f"{role} image: {flag['message']}"
+            if key in flags:
+                flags[key]["message"] += f"; {named}"
+            else:
+                flags[key] = dict(flag, message=named)
         series = (data.get("SplitSeries") or {}).get("series") or {}
         if series:
             pieces.append([part["grid"] for _, part in sorted(series.items())])
-    return flags, pieces
+    return list(flags.values()), pieces
 
 
 def flags_from_json(items: Iterable[Mapping[str, Any]], session: str | None = None) -> list[QCFlag]:

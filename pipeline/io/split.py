@@ -15,8 +15,11 @@ is analysed as if both legs had been imaged together:
   finer series (the *reference*), extended to hold the other one. The reference's voxels are
   copied unchanged; the other series is resampled onto that grid (exactly, by index, when the
   two grids line up; else by cubic B-spline, through-plane too when the slices do not
-  coincide). Each voxel comes from the series whose field-of-view centre is nearer in x (the
-  other one where only it covers the voxel); voxels neither covers are 0. Everything
+  coincide). Each voxel comes from the series whose field-of-view centre is nearer in x —
+  unless that series shows no tissue there that the other shows (local signal below
+  :data:`DARK_FRACTION` of the other's: a swollen leg reaching past the middle, outside the
+  other leg's coil) — or from the only series covering it; voxels neither covers are 0.
+  Everything
   downstream (segmentation, registration, tables, report, exports) then works per session as
   for a bilateral acquisition.
 * **What may bias the comparison** is measured, written to the image's JSON sidecar
@@ -72,6 +75,13 @@ MAX_SIGNAL_RATIO: Final = 1.25
 #: Tissue, for the field-of-view edge check: brighter than this fraction of the tissue level
 #: (muscle on a T1-weighted image is ~0.4 x fat; background noise is a few per cent).
 TISSUE_FRACTION: Final = 0.25
+
+#: Where the two fields of view overlap, the series nearer in x gives a voxel unless its
+#: local signal is below this fraction of the other's there (it does not see the tissue the
+#: other sees: a leg reaching past the middle, outside the nearer series' coil).
+DARK_FRACTION: Final = 0.25
+#: In-plane smoothing (mm) of that local signal: a few voxels, so that noise does not decide.
+LOCAL_SIGNAL_SIGMA_MM: Final = 2.0
 
 SIDES: Final = ("left", "right")
 _SIDE_WORDS: Final = {"left": {"left", "lt", "lft", "l", "links", "sin", "sinistra"},
@@ -241,6 +251,16 @@ def _x_of_voxels(grid: sitk.Image) -> NDArray[np.float64]:
         direction[a] * np.arange(size[a], dtype=float).reshape(shapes[a]) for a in range(3))
 
 
+def _local_signal(array: NDArray[np.float32], grid: sitk.Image) -> NDArray[np.float32]:
+    """`array` smoothed in-plane (Gaussian, sigma :data:`LOCAL_SIGNAL_SIGMA_MM`): whether a
+    series shows tissue around a voxel, not its noise."""
+    from scipy import ndimage  # noqa: PLC0415 - only split sessions use it
+
+    sigma_px = [0.0] + [LOCAL_SIGNAL_SIGMA_MM / v for v in grid.GetSpacing()[1::-1]]
+    out: NDArray[np.float32] = ndimage.gaussian_filter(array, sigma_px)
+    return out
+
+
 def _tissue_level(array: NDArray[np.floating[Any]]) -> float | None:
     """Median signal of the tissue (above Otsu's threshold of the non-zero voxels), None when
     the image holds too little signal."""
@@ -361,7 +381,15 @@ def compose(parts: Sequence[Part], *, t1_like: bool, min_contact_mm: float) -> C
     ranges = {p.side: x_range_mm(p.image) for p in parts}
     boundary_x = (sum(ranges["left"]) + sum(ranges["right"])) / 4
     x = _x_of_voxels(grid)
-    from_left = covered["left"] & ((x >= boundary_x) | ~covered["right"])
+    nearer_left = (x >= boundary_x) | ~covered["right"]
+    # where the nearer series shows no tissue that the other one shows (a swollen leg reaching
+    # past the middle into the other leg's field of view, outside that leg's coil), the
+    # other series' voxels are the leg's
+    local = {side: _local_signal(arrays[side], grid) for side in SIDES}
+    left_blind = local["left"] < DARK_FRACTION * local["right"]
+    right_blind = local["right"] < DARK_FRACTION * local["left"]
+    from_left = covered["left"] & ((nearer_left & ~left_blind) | (~nearer_left & right_blind)
+                                   | ~covered["right"])
     from_right = covered["right"] & ~from_left
     composed = np.where(from_left, arrays["left"], np.where(from_right, arrays["right"], 0))
     image = sitk.GetImageFromArray(composed.astype(np.float32))

@@ -225,7 +225,17 @@ def test_segmentation_carries_the_converters_flags_and_fields_of_view(tmp_path: 
         {"SplitSeries": {"series": {"right": {"grid": grid}, "left": {"grid": grid}}}}))
     flags, pieces = qc_mod.image_sidecar_facts([tmp_path / "a_T1w.nii.gz",
                                                 tmp_path / "a_fluid.nii.gz"])
-    assert flags == [flag.to_json()] and pieces == [[grid, grid]]
+    assert flags == [dict(flag.to_json(), message="a_T1w.nii.gz image: differ")]
+    assert pieces == [[grid, grid]]
+    # the same finding on both images is one flag naming both
+    (tmp_path / "a_fluid.json").write_text(json.dumps({"Role": "fluid",
+                                                       "QCFlags": [flag.to_json()]}))
+    (tmp_path / "a_T1w.json").write_text(json.dumps({"Role": "anatomical",
+                                                     "QCFlags": [flag.to_json()]}))
+    flags, _ = qc_mod.image_sidecar_facts([tmp_path / "a_T1w.nii.gz",
+                                           tmp_path / "a_fluid.nii.gz"])
+    assert [f["message"] for f in flags] == [
+        "anatomical image: differ; fluid image: differ"]
 
 
 # ------------------------------------------------------------------------------ NIfTI sheet
@@ -299,3 +309,27 @@ def test_a_one_leg_field_of_view_restricts_only_the_leg_it_images() -> None:
     sides = np.array(["right", "left", "left"])
     # the right leg of another session is not narrowed by it; a left-leg point outside it is
     assert inside_fovs(points, [fov], sides).tolist() == [True, False, True]
+
+
+def test_a_leg_reaching_past_the_middle_keeps_its_own_series_voxels() -> None:
+    array = _two_legs()
+    nx = array.shape[2]
+    # each series sees only its own leg (the other leg lies outside its coil: no signal)
+    left_only, right_only = array.copy(), array.copy()
+    left_only[:, :, : nx // 2] = 5
+    right_only[:, :, nx // 2:] = 5
+    # the left leg swells past the middle: 8 columns of it inside the right series' half
+    left_only[:, 20:40, nx // 2 - 8: nx // 2] = 600
+    reach = 20
+    left = _image(left_only[:, :, nx // 2 - reach:], (2.0, 2.0, 5.0),
+                  ((nx // 2 - reach) * 2.0 - 120.0, -60.0, 0.0))
+    right = _image(right_only[:, :, : nx // 2 + reach], (2.0, 2.0, 5.0), (-120.0, -60.0, 0.0))
+    out = sitk.GetArrayFromImage(split.compose(
+        [split.Part("left", left, "L"), split.Part("right", right, "R")],
+        t1_like=False, min_contact_mm=3.0).image)
+    np.testing.assert_array_equal(out[:, 20:40, nx // 2 - 8: nx // 2], 600)
+    # elsewhere each half is its own leg's series
+    np.testing.assert_array_equal(out[:, :, : nx // 2 - 12],
+                                  right_only[:, :, : nx // 2 - 12].astype(np.float32))
+    np.testing.assert_array_equal(out[:, :, nx // 2 + 4:],
+                                  left_only[:, :, nx // 2 + 4:].astype(np.float32))
