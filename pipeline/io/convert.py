@@ -468,6 +468,7 @@ def _sidecar(ds: pydicom.Dataset, group: VolumeGroup, kept: list[_Slice], step_m
         "ManufacturerModelName": text("ManufacturerModelName"),
         "PatientPosition": text("PatientPosition"),
         "ReceiveCoilName": text("ReceiveCoilName"),
+        "FrameOfReferenceUID": text("FrameOfReferenceUID"),
         "ImageOrientationPatient": [float(v) for v in frame.orientation],
         "ImagePositionPatientFirstSlice": [float(v) for v in kept[0].position],
         "SpacingBetweenSlicesFromPositions_mm": step_mm,
@@ -715,7 +716,8 @@ def read_role(entry: dict[str, Any], role: str,
                                      volume=part.get("volume") or None)
         number = part["series_number"] if part["series_number"] is not None else "?"
         parts.append(split.Part(part["side"], image, f"series #{number} "
-                                f"'{part['description']}'", sidecar.get("ReceiveCoilName")))
+                                f"'{part['description']}'", sidecar.get("ReceiveCoilName"),
+                                sidecar.get("FrameOfReferenceUID")))
         sidecars[part["side"]] = sidecar
     composition = split.compose(parts, t1_like=role == "anatomical",
                                 min_contact_mm=min_contact_mm)

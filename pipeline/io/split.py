@@ -144,12 +144,15 @@ def laterality_warnings(side: str, name: str, description: str,
 
 @dataclass(frozen=True)
 class Part:
-    """One leg's series: its side (from geometry), image, name for messages, receive coil."""
+    """One leg's series: its side (from geometry), image, name for messages, receive coil,
+    Frame of Reference."""
 
     side: str
     image: sitk.Image
     name: str
     coil: str | None = None
+    #: FrameOfReferenceUID: two series place the legs in one coordinate system only when equal
+    frame_of_reference: str | None = None
 
 
 @dataclass
@@ -330,6 +333,10 @@ def _differences(reference: Part, other: Part, grid: sitk.Image) -> list[str]:
         if offset > SLICE_OFFSET_FRACTION:
             why.append(f"the {other.side} leg's slices lie {offset * ref_sp[2]:.2g} mm off the "
                        f"{reference.side} leg's: interpolated across slices")
+    if reference.frame_of_reference and other.frame_of_reference \
+            and reference.frame_of_reference != other.frame_of_reference:
+        why.append("the two series have different Frames of Reference (the patient may have "
+                   "been moved between them): their relative position is not guaranteed")
     if reference.coil and other.coil and reference.coil != other.coil:
         why.append(f"receive coils {reference.coil!r} ({reference.side}) and {other.coil!r} "
                    f"({other.side})")

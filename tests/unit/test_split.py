@@ -131,6 +131,16 @@ def test_an_off_grid_leg_is_resampled_and_the_differences_are_flagged() -> None:
     np.testing.assert_array_equal(out[:, :, 60:], array[:, :, 60:].astype(np.float32))
 
 
+def test_different_frames_of_reference_and_coils_are_named() -> None:
+    left, right = _halves(_two_legs(), 2.0, reach=6)
+    composed = split.compose([split.Part("left", left, "L", "Knee L", "1.2.3"),
+                              split.Part("right", right, "R", "Knee R", "1.2.4")],
+                             t1_like=False, min_contact_mm=3.0)
+    [flag] = composed.flags
+    assert "different Frames of Reference" in flag.message
+    assert "receive coils 'Knee L' (left) and 'Knee R' (right)" in flag.message
+
+
 def test_slices_that_do_not_coincide_are_named() -> None:
     array = _two_legs()
     left, right = _halves(array, 2.0, reach=6)
