@@ -19,7 +19,9 @@ Method (each step's numbers go to the QC sidecar):
    muscle-plus-partial-volume, grown down to half-way between lesion and marrow.
 5. Edema: soft tissue whose fluid signal exceeds a high percentile of the contralateral soft
    tissue's (``edema_seed_percentile``) or the same place of the mirrored contralateral limb
-   (seeds), grown by hysteresis toward muscle (``edema_grow_fraction``), specks removed.
+   (seeds), grown by hysteresis toward muscle (``edema_grow_fraction``), specks removed. One
+   limb alone is its own reference: the mode of its deep muscle and that peak's lower side,
+   which edema cannot reach.
 
 The settings (``segment:`` of config/config.yaml) are :class:`SegmentSettings`; the fixed
 numbers of the method are the module's constants, each with its reason.
@@ -39,7 +41,7 @@ from typing import Any, ClassVar, Final
 import numpy as np
 import SimpleITK as sitk
 from numpy.typing import NDArray
-from scipy import ndimage
+from scipy import ndimage, special
 from skimage import filters, morphology, segmentation
 
 from pipeline import __version__
@@ -145,6 +147,12 @@ MIN_MUSCLE_LIKE_VOXELS: Final = 20
 EDEMA_LEVEL_ROUNDS: Final = 3
 #: Edema never grows below this multiple of muscle (normal muscle's noise and shading).
 EDEMA_GROW_MIN_REL_MUSCLE: Final = 1.2
+#: One limb, its own reference (no contralateral limb, no mirrored control): edema grows only
+#: where normal muscle rarely reaches, this many sd above its level (0.6 % of normal muscle,
+#: one-sided); the mirrored control plays this part with two limbs. Chosen on 24 limbs
+#: segmented alone (18 phantom, 6 hybrid real; 13 with edema): 2 sd took in the noisy rim of
+#: sparse edema (affonlyold day 20: +17 %, Dice 0.75), 3 sd cut edema by up to 17 %.
+OWN_REFERENCE_GROW_SD: Final = 2.5
 
 # Contrast checks (_contrast_checks)
 #: The anatomical image locates fat for the fluid check only when its fat ring is brighter
@@ -226,6 +234,18 @@ class SideFindings:
     fluid_muscle_level: float
     lesion_qc: dict[str, Any]
     edema_qc: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class OwnMuscleReference:
+    """One limb as its own reference: its normal muscle on the fluid image (signal units).
+
+    ``level`` is the mode, ``sd`` the spread of normal muscle about it, read on the lower side
+    of its histogram peak only (edema is brighter than muscle: it cannot widen that side).
+    """
+
+    level: float
+    sd: float
 
 
 @dataclass
@@ -469,17 +489,76 @@ def _remove_small(mask: BoolArray, min_mm3: float, voxel_mm3: float) -> BoolArra
     )
 
 
-def _muscle_level_fluid(values: FloatArray) -> float:
-    """Muscle signal on the fluid image: the histogram mode of the brighter Otsu class of soft
-    tissue (fat is the darker class on fat-suppressed images). The mode, unlike a median, is
-    not pulled up by edema when the limb is its own reference."""
-    if values.size < MIN_VALUES_FOR_MODE:
-        return float(np.median(values)) if values.size else 0.0
-    upper = values[values >= filters.threshold_otsu(values)]
-    hist, edges = np.histogram(upper, bins=MODE_HISTOGRAM_BINS)
+def _smoothed_histogram(values: FloatArray) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Counts of `values` (not empty) smoothed over :data:`MODE_SMOOTHING_BINS`, and the bin
+    centres."""
+    hist, edges = np.histogram(values, bins=MODE_HISTOGRAM_BINS)
     smooth = ndimage.gaussian_filter1d(hist.astype(float), MODE_SMOOTHING_BINS)
+    return smooth, _half_way(edges[:-1], edges[1:])
+
+
+def _peak(values: FloatArray) -> float:
+    """The peak of the smoothed histogram of `values` (not empty)."""
+    smooth, centres = _smoothed_histogram(values)
+    return float(centres[int(np.argmax(smooth))])
+
+
+def _too_few_for_mode(values: FloatArray) -> float | None:
+    """The median of `values` (0 when empty) when they are too few for a histogram mode."""
+    if values.size >= MIN_VALUES_FOR_MODE:
+        return None
+    return float(np.median(values)) if values.size else 0.0
+
+
+def _muscle_level_fluid(values: FloatArray) -> float:
+    """Muscle signal on the fluid image of a healthy (contralateral) limb: the histogram mode
+    of the brighter Otsu class of its soft tissue (fat is the darker class on fat-suppressed
+    images)."""
+    few = _too_few_for_mode(values)
+    if few is not None:
+        return few
+    return _peak(values[values >= filters.threshold_otsu(values)])
+
+
+def _peak_and_lower_sd(values: FloatArray) -> OwnMuscleReference:
+    """The peak of the smoothed histogram of `values` (not empty) and the sd of a normal peak
+    as wide on its lower side: half-width at half-maximum below the peak / 1.177, the
+    smoothing taken out (0 when the histogram does not fall to half below the peak)."""
+    smooth, centres = _smoothed_histogram(values)
     k = int(np.argmax(smooth))
-    return float(_half_way(edges[k], edges[k + 1]))
+    half = 0.5 * smooth[k]
+    under = np.nonzero(smooth[:k] < half)[0]
+    if under.size == 0:
+        return OwnMuscleReference(float(centres[k]), 0.0)
+    j = int(under[-1])  # smooth[j] < half <= smooth[j + 1]
+    width = float(centres[1] - centres[0])
+    at_half = centres[j] + (half - smooth[j]) / (smooth[j + 1] - smooth[j]) * width
+    sd_smoothed = (centres[k] - at_half) / np.sqrt(2.0 * np.log(2.0))
+    sd = np.sqrt(max(0.0, sd_smoothed**2 - (MODE_SMOOTHING_BINS * width) ** 2))
+    return OwnMuscleReference(float(centres[k]), float(sd))
+
+
+def own_muscle_reference(
+    fluid: FloatArray, limb: LimbTissues, pixel_mm: float
+) -> OwnMuscleReference:
+    """The normal muscle of a limb that is its own reference (no contralateral limb).
+
+    Muscle is located by position, deep in the limb (:func:`pipeline.qc.deep_tissue`), and
+    the mode of its fluid signal is the level: normal muscle stays the larger peak in a flare
+    (phantom affonly day 6: 31 % of the deep tissue edematous, mode 366 for a muscle at 371).
+    The spread is read on the peak's lower side, which edema (brighter) cannot widen.
+    The brighter Otsu class of the soft tissue, the reference of a healthy limb, is edematous
+    muscle itself in such a flare (its mode read 680; 7 of 303 mL of edema were found). T1
+    does not locate muscle reliably enough for this: on real thighs with little fat, its Otsu
+    split put the muscle level at two thirds of the muscle's T1 (hybrid thigh cases).
+    """
+    soft = limb.soft_tissue & (fluid > 0)
+    deep = qc_mod.deep_tissue(limb.limb, limb.bone, pixel_mm) & soft
+    values = fluid[deep] if deep.sum() >= MIN_VALUES_FOR_MODE else fluid[soft]
+    few = _too_few_for_mode(values)
+    if few is not None:
+        return OwnMuscleReference(few, 0.0)
+    return _peak_and_lower_sd(values)
 
 
 def _per_slice_median(values: FloatArray, region: BoolArray) -> FloatArray:
@@ -572,14 +651,18 @@ def edema_mask(
     muscle_fl: float,
     settings: SegmentSettings,
     voxel_mm3: float,
-    own_reference: bool = False,
+    own_muscle_sd: float | None = None,
     mirror: MirroredReference | None = None,
 ) -> tuple[BoolArray, dict[str, Any]]:
     """Edema of one limb: soft tissue brighter on the fluid image than the contralateral soft
     tissue's `edema_seed_percentile` (seeds), grown down to half-way between muscle and
     edematous muscle. The edematous-muscle level is re-estimated from the grown region (seeds
-    alone are biased upward by the seed threshold); specks are removed. With `own_reference`
-    (one limb only) the seed level is `edema_seed_min_rel_muscle` x muscle alone.
+    alone are biased upward by the seed threshold); specks are removed.
+
+    With `own_muscle_sd` (one limb only, its own reference: `muscle_fl` and this spread are
+    its normal muscle's, :func:`own_muscle_reference`) the seeds are above
+    `edema_seed_min_rel_muscle` x muscle and above the same percentile of normal muscle
+    (level + z sd), and growth stops :data:`OWN_REFERENCE_GROW_SD` sd above muscle.
 
     With `mirror` (the contralateral limb mirrored onto this one, :mod:`pipeline.mirror`)
     edema must also be brighter than the same place of the healthy limb: seeds by
@@ -588,7 +671,13 @@ def edema_mask(
     if ref_soft.size == 0:
         return np.zeros_like(limb.limb), {}
     seed_thr = settings.edema_seed_min_rel_muscle * muscle_fl
-    if not own_reference and mirror is None:
+    grow_min = EDEMA_GROW_MIN_REL_MUSCLE * muscle_fl
+    if own_muscle_sd is not None:
+        # the limb's own normal muscle, its spread read on the lower side of its peak
+        seed_z = float(special.ndtri(settings.edema_seed_percentile / 100.0))
+        seed_thr = max(seed_thr, muscle_fl + seed_z * own_muscle_sd)
+        grow_min = max(grow_min, muscle_fl + OWN_REFERENCE_GROW_SD * own_muscle_sd)
+    elif mirror is None:
         # without a voxel-wise control, the control limb's brightest soft tissue sets the bar
         seed_thr = max(seed_thr, float(np.percentile(ref_soft, settings.edema_seed_percentile)))
     allowed = limb.soft_tissue
@@ -608,8 +697,7 @@ def edema_mask(
     for _ in range(EDEMA_LEVEL_ROUNDS):
         vals = fluid[region & muscle_like]
         core = float(np.median(vals if vals.size > MIN_MUSCLE_LIKE_VOXELS else fluid[region]))
-        low = max(muscle_fl + settings.edema_grow_fraction * (core - muscle_fl),
-                  EDEMA_GROW_MIN_REL_MUSCLE * muscle_fl)
+        low = max(muscle_fl + settings.edema_grow_fraction * (core - muscle_fl), grow_min)
         region = _hysteresis(fluid, allowed, low, seed_thr) & seeds_reach(seeds, allowed)
     edema = _remove_small(region, settings.min_edema_component_mm3, voxel_mm3)
     return edema, dict(
@@ -748,19 +836,23 @@ def side_findings(
     fluid_usable: bool,
     settings: SegmentSettings,
     voxel_mm3: float,
+    pixel_mm: float,
 ) -> SideFindings:
     """Marrow lesion and edema of one limb against the contralateral one.
 
     The contralateral limb is the patient's own control; with one limb only, the same limb's
-    robust levels stand in. A fluid image that is not fat-suppressed is not measured (its QC
-    flag says so): fat would read as fluid, and a guess is never made.
+    robust levels stand in: its deep muscle's mode (:func:`own_muscle_reference`, which edema
+    cannot pull up) and its marrow away from the lesion. A fluid image that is not
+    fat-suppressed is not measured (its QC flag says so): fat would read as fluid, and a guess
+    is never made.
     """
     own = tissues[side]
     contra = tissues.get("left" if side == "right" else "right")
     ref = own if contra is None else contra
     soft_vals = fluid[ref.soft_tissue]
     soft_vals = soft_vals[soft_vals > 0]
-    muscle_fl = _muscle_level_fluid(soft_vals)
+    own_muscle = own_muscle_reference(fluid, own, pixel_mm) if contra is None else None
+    muscle_fl = _muscle_level_fluid(soft_vals) if own_muscle is None else own_muscle.level
     if not fluid_usable:
         nothing = np.zeros_like(own.limb)
         not_measured = {"not measured": qc_mod.FLUID_NOT_FAT_SUPPRESSED}
@@ -771,8 +863,11 @@ def side_findings(
     usable_mirror = mirror is not None and mirror.bone_dice >= settings.edema_mirror_min_bone_dice
     edema, edema_qc = edema_mask(
         t1, fluid, own, soft_vals, muscle_fl, settings, voxel_mm3,
-        own_reference=contra is None, mirror=mirror if usable_mirror else None,
+        own_muscle_sd=None if own_muscle is None else own_muscle.sd,
+        mirror=mirror if usable_mirror else None,
     )
+    if own_muscle is not None:
+        edema_qc["own_muscle_sd"] = own_muscle.sd
     edema_qc["mirror_bone_dice"] = None if mirror is None else mirror.bone_dice
     edema_qc["mirror_used"] = usable_mirror
     return SideFindings(lesion, edema, muscle_fl, lesion_qc, edema_qc)
@@ -835,7 +930,7 @@ def segment_arrays(
     labels = np.zeros(t1.shape, dtype=np.uint8)
     for side in present:
         findings = side_findings(t1, fluid, side, tissues, mirrors.get(side), fluid_usable,
-                                 settings, voxel_mm3)
+                                 settings, voxel_mm3, pixel_mm)
         _paint_side(labels, side, tissues[side], findings)
         qc[side] = _side_qc(tissues[side], findings)
     return labels, qc
