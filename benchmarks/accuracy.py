@@ -33,6 +33,7 @@ from pipeline.validation.evaluation import (
     TARGETS,
     Case,
     format_table,
+    hybrid_true_ml,
     measured_volumes,
     run_case,
     score_case,
@@ -86,7 +87,7 @@ def _run_hybrid(case: hybrid.HybridCase, work: Path) -> dict[str, Any]:
         return {"hybrid": {"case": case.name, "failed": "workflow error", "seconds": seconds}}
     scored = score_hybrid(subject_dir, truth, case_dir)
     return {"hybrid": summarise_hybrid(case.name, scored) | {"seconds": seconds},
-            "measured": measured_volumes(subject_dir)}
+            "measured": measured_volumes(subject_dir), "true": hybrid_true_ml(truth)}
 
 
 def _twins(names: list[str], run: Any, twin_of: dict[str, str],
@@ -104,8 +105,8 @@ def _twins(names: list[str], run: Any, twin_of: dict[str, str],
         diffs = twin_differences(a["measured"], b["measured"], a.get("true"), b.get("true"))
         if detail:
             print(f"\n## {name} against its twin {twin}\n")
-            print(format_table(diffs, ["study_date", "side", "structure", "case_ml", "twin_ml",
-                                       "diff_pct", "true_diff_pct"]))
+            print(format_table(diffs, ["study_date", "side", "structure", "true_ml", "case_ml",
+                                       "twin_ml", "diff_pct", "true_diff_pct"]))
         rows.append(summarise_twin(name, twin, diffs))
     return rows
 
@@ -170,7 +171,7 @@ def main() -> int:
                                      "expected", "failed", "seconds"]))
     if twin_rows:
         print("\n## Against the twin imaged bilaterally: largest |volume difference| in % "
-              "(lesion from 2 mL, edema from 10 mL)\n")
+              "(lesion from 2 mL, edema from 10 mL true)\n")
         print(format_table(twin_rows, ["case", "twin", "limb_worst_pct", "soft_tissue_worst_pct",
                                        "bone_worst_pct", "marrow_lesion_worst_pct",
                                        "edema_worst_pct"]))

@@ -328,6 +328,8 @@ def twin_differences(case_ml: dict[tuple[str, str, str], float | None],
         row: dict[str, Any] = {"study_date": key[0], "side": key[1], "structure": key[2],
                                "case_ml": a, "twin_ml": b,
                                "diff_pct": None if a is None or not b else 100.0 * (a - b) / b}
+        if true_ml is not None and key in true_ml:
+            row["true_ml"] = true_ml[key]
         if true_ml is not None and twin_true_ml is not None and key in true_ml:
             t, u = true_ml[key], twin_true_ml.get(key)
             row["true_diff_pct"] = None if not u else 100.0 * (t - u) / u
@@ -337,13 +339,27 @@ def twin_differences(case_ml: dict[tuple[str, str, str], float | None],
 
 def summarise_twin(name: str, twin: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Largest |difference| (%) per structure between a case and its twin, over sessions and
-    sides (lesion from 2 mL, edema from 10 mL, as the accuracy targets score them)."""
+    sides (lesion from 2 mL, edema from 10 mL, as the accuracy targets score them: of the true
+    volume where the rows have it, else of the twin's)."""
     floor = {"marrow_lesion": TARGETS["lesion_scored_from_ml"], "edema": 10.0}
     out: dict[str, Any] = {"case": name, "twin": twin}
     for structure in STRUCTURES:
         vals = [abs(r["diff_pct"]) for r in rows if r["structure"] == structure
-                and r["diff_pct"] is not None and (r["twin_ml"] or 0) >= floor.get(structure, 0)]
+                and r["diff_pct"] is not None
+                and (r.get("true_ml", r["twin_ml"]) or 0) >= floor.get(structure, 0)]
         out[f"{structure}_worst_pct"] = max(vals) if vals else None
+    return out
+
+
+def hybrid_true_ml(truth: dict[str, Any]) -> dict[tuple[str, str, str], float]:
+    """Inserted lesion and edema (mL) of a hybrid case's truth.json per (study_date, side,
+    structure); the contralateral leg has none."""
+    other = "right" if truth["affected_side"] == "left" else "left"
+    out = {}
+    for s in truth["sessions"]:
+        for structure, key in (("marrow_lesion", "lesion_ml"), ("edema", "edema_ml")):
+            out[(s["study_date"], truth["affected_side"], structure)] = float(s[key])
+            out[(s["study_date"], other, structure)] = 0.0
     return out
 
 
