@@ -321,12 +321,15 @@ def twin_differences(case_ml: dict[tuple[str, str, str], float | None],
                      twin_true_ml: dict[tuple[str, str, str], float] | None = None,
                      ) -> list[dict[str, Any]]:
     """Per session, side and structure: a case's measured volume against its twin's (the same
-    patient imaged otherwise), difference in %; with the truths, the true difference too."""
+    patient imaged otherwise), difference in %; with the truths, the true difference too.
+    ``imaged`` is False for a side the case's session does not image (no limb measured: a
+    follow-up of the affected leg alone)."""
+    imaged = {(d, side) for (d, side, st), v in case_ml.items() if st == "limb" and v}
     rows = []
     for key in sorted(k for k in case_ml if k in twin_ml):
         a, b = case_ml[key], twin_ml[key]
         row: dict[str, Any] = {"study_date": key[0], "side": key[1], "structure": key[2],
-                               "case_ml": a, "twin_ml": b,
+                               "imaged": (key[0], key[1]) in imaged, "case_ml": a, "twin_ml": b,
                                "diff_pct": None if a is None or not b else 100.0 * (a - b) / b}
         if true_ml is not None and key in true_ml:
             row["true_ml"] = true_ml[key]
@@ -338,14 +341,14 @@ def twin_differences(case_ml: dict[tuple[str, str, str], float | None],
 
 
 def summarise_twin(name: str, twin: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Largest |difference| (%) per structure between a case and its twin, over sessions and
-    sides (lesion from 2 mL, edema from 10 mL, as the accuracy targets score them: of the true
-    volume where the rows have it, else of the twin's)."""
+    """Largest |difference| (%) per structure between a case and its twin, over the sessions
+    and sides the case images (lesion from 2 mL, edema from 10 mL, as the accuracy targets
+    score them: of the true volume where the rows have it, else of the twin's)."""
     floor = {"marrow_lesion": TARGETS["lesion_scored_from_ml"], "edema": 10.0}
     out: dict[str, Any] = {"case": name, "twin": twin}
     for structure in STRUCTURES:
         vals = [abs(r["diff_pct"]) for r in rows if r["structure"] == structure
-                and r["diff_pct"] is not None
+                and r["diff_pct"] is not None and r.get("imaged", True)
                 and (r.get("true_ml", r["twin_ml"]) or 0) >= floor.get(structure, 0)]
         out[f"{structure}_worst_pct"] = max(vals) if vals else None
     return out

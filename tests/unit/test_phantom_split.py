@@ -222,6 +222,7 @@ def test_twin_differences_and_summary() -> None:
     assert by[("left", "limb")]["diff_pct"] == pytest.approx(1.0)
     assert by[("left", "limb")]["true_diff_pct"] == pytest.approx(0.5)
     assert by[("right", "limb")]["diff_pct"] is None
+    assert by[("right", "limb")]["imaged"] is False  # no limb measured: not imaged
     summary = ev.summarise_twin("a", "b", rows)
     assert summary["limb_worst_pct"] == pytest.approx(1.0)
     assert summary["edema_worst_pct"] is None  # 5 mL edema: below the 10 mL that is scored
