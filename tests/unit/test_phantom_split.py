@@ -226,3 +226,28 @@ def test_twin_differences_and_summary() -> None:
     summary = ev.summarise_twin("a", "b", rows)
     assert summary["limb_worst_pct"] == pytest.approx(1.0)
     assert summary["edema_worst_pct"] is None  # 5 mL edema: below the 10 mL that is scored
+
+
+def test_the_index_pairs_the_phantoms_series_by_geometry(tmp_path: Path) -> None:
+    """The workflow's index (pipeline.io) reads a split phantom as intended: one session whose
+    roles each have a left and a right part (left = series 3/4), the wrong tag warned; a
+    follow-up of the affected leg alone is a one-part session."""
+    from pipeline.io.scan import index_folder
+    from pipeline.io.selection import select_sessions, split_warnings
+
+    spec = small_spec(n_slices=3, supersample_xy=1, supersample_z=1, sessions=(
+        phantom.SessionSpec(day=0, split_series=True),
+        phantom.SessionSpec(day=7, split_series=True, affected_only=True)),
+        split_right_offset_mm=(0.5, 0.3), split_wrong_laterality="right")
+    phantom.generate(spec, tmp_path)
+    sessions, refused = select_sessions(index_folder(tmp_path / "dicom").series)
+    assert refused == [] and len(sessions) == 2
+    first, follow_up = sorted(sessions, key=lambda s: s["session"])
+    for role in ("anatomical", "fluid"):
+        parts = first[role]["parts"]
+        assert [p["side"] for p in parts] == ["left", "right"]
+        assert [p["series_number"] for p in parts] == (
+            [3, 5] if role == "anatomical" else [4, 6])
+        assert "parts" not in follow_up[role]
+    warnings = split_warnings([first])
+    assert len(warnings) == 2 and all("geometry shows the right leg" in w for w in warnings)
