@@ -147,12 +147,6 @@ MIN_MUSCLE_LIKE_VOXELS: Final = 20
 EDEMA_LEVEL_ROUNDS: Final = 3
 #: Edema never grows below this multiple of muscle (normal muscle's noise and shading).
 EDEMA_GROW_MIN_REL_MUSCLE: Final = 1.2
-#: One limb, its own reference (no contralateral limb, no mirrored control): edema grows only
-#: where normal muscle rarely reaches, this many sd above its level (0.6 % of normal muscle,
-#: one-sided); the mirrored control plays this part with two limbs. Chosen on 24 limbs
-#: segmented alone (18 phantom, 6 hybrid real; 13 with edema): 2 sd took in the noisy rim of
-#: sparse edema (affonlyold day 20: +17 %, Dice 0.75), 3 sd cut edema by up to 17 %.
-OWN_REFERENCE_GROW_SD: Final = 2.5
 
 # Contrast checks (_contrast_checks)
 #: The anatomical image locates fat for the fluid check only when its fat ring is brighter
@@ -555,6 +549,13 @@ def own_muscle_reference(
     soft = limb.soft_tissue & (fluid > 0)
     deep = qc_mod.deep_tissue(limb.limb, limb.bone, pixel_mm) & soft
     values = fluid[deep] if deep.sum() >= MIN_VALUES_FOR_MODE else fluid[soft]
+    ring = qc_mod.subcutaneous_ring(limb.limb, pixel_mm) & soft
+    if values.size and ring.any():
+        # fat is dark on a fat-suppressed image: deep voxels nearer the subcutaneous fat's
+        # level than the deep tissue's median are fat (intermuscular, or fatty marrow the
+        # bone outline missed: 25 % of a real calf's deep tissue)
+        fat_level = float(np.median(fluid[ring]))
+        values = values[values > _half_way(fat_level, float(np.median(values)))]
     few = _too_few_for_mode(values)
     if few is not None:
         return OwnMuscleReference(few, 0.0)
@@ -660,9 +661,11 @@ def edema_mask(
     alone are biased upward by the seed threshold); specks are removed.
 
     With `own_muscle_sd` (one limb only, its own reference: `muscle_fl` and this spread are
-    its normal muscle's, :func:`own_muscle_reference`) the seeds are above
-    `edema_seed_min_rel_muscle` x muscle and above the same percentile of normal muscle
-    (level + z sd), and growth stops :data:`OWN_REFERENCE_GROW_SD` sd above muscle.
+    its normal muscle's, :func:`own_muscle_reference`) edema must be brighter than the same
+    `edema_seed_percentile` of normal muscle (level + z sd), seeds and growth alike: with no
+    voxel-wise control this bound does what the mirrored limb's does with two limbs (with
+    1.2 x muscle alone, growth took in the noisy rim of sparse edema: phantom affonlyold day
+    20, +17 %, Dice 0.75).
 
     With `mirror` (the contralateral limb mirrored onto this one, :mod:`pipeline.mirror`)
     edema must also be brighter than the same place of the healthy limb: seeds by
@@ -673,10 +676,11 @@ def edema_mask(
     seed_thr = settings.edema_seed_min_rel_muscle * muscle_fl
     grow_min = EDEMA_GROW_MIN_REL_MUSCLE * muscle_fl
     if own_muscle_sd is not None:
-        # the limb's own normal muscle, its spread read on the lower side of its peak
-        seed_z = float(special.ndtri(settings.edema_seed_percentile / 100.0))
-        seed_thr = max(seed_thr, muscle_fl + seed_z * own_muscle_sd)
-        grow_min = max(grow_min, muscle_fl + OWN_REFERENCE_GROW_SD * own_muscle_sd)
+        # the brightest normal muscle: its edema_seed_percentile, as if normally distributed
+        z = float(special.ndtri(settings.edema_seed_percentile / 100.0))
+        normal_max = muscle_fl + z * own_muscle_sd
+        seed_thr = max(seed_thr, normal_max)
+        grow_min = max(grow_min, normal_max)
     elif mirror is None:
         # without a voxel-wise control, the control limb's brightest soft tissue sets the bar
         seed_thr = max(seed_thr, float(np.percentile(ref_soft, settings.edema_seed_percentile)))
