@@ -124,7 +124,10 @@ def run_cohort(sheet: Path, work: Path, cores: int, executor: str = "local"
            "--directory", str(work), "--configfile", str(ROOT / "config" / "config.yaml"),
            "--printshellcmds"]
     if executor == "slurm":
-        cmd += ["--profile", str(ROOT / "profiles" / "slurm"), *SLURM_OPTIONS]
+        # --cores: the test cluster's one node has `cores` CPUs; on a cluster it caps the cpus
+        # a group job asks for (a subject's images group: one per session side by side)
+        cmd += ["--profile", str(ROOT / "profiles" / "slurm"), *SLURM_OPTIONS,
+                "--cores", str(cores)]
     else:
         cmd += ["--cores", str(cores)]
     cmd += ["--config", f"subjects_sheet={sheet}", f"results_dir={work / 'results'}"]
@@ -145,20 +148,25 @@ def run_cohort(sheet: Path, work: Path, cores: int, executor: str = "local"
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     if proc.returncode != 0:
         raise SystemExit(f"workflow failed ({proc.returncode}); see {log_path}")
-    jobs = [p for p in monitor.procs.values() if p.kind != SNAKEMAKE]
+    jobs = monitor.jobs()
+    note = ""
     if executor == "slurm":  # jobs and in-job Snakemake are not children: their samples
         modules = Counter(p.command.split()[0] for p in jobs)
-        in_jobs = sum(p.cpu_s for (pid, _), p in monitor.procs.items()
-                      if p.kind == SNAKEMAKE and pid != proc.pid)
+        in_jobs = [p.cpu_s for (pid, _), p in monitor.procs.items()
+                   if p.kind == SNAKEMAKE and pid != proc.pid]
         # the benchmark's Snakemake (and its sbatch/squeue) + the Snakemake in each job
-        total = usage.ru_utime + usage.ru_stime + in_jobs + sum(p.cpu_s for p in jobs)
+        total = usage.ru_utime + usage.ru_stime + sum(in_jobs) + sum(p.cpu_s for p in jobs)
         snakemake_cpu = total - sum(p.cpu_s for p in jobs)
+        note = (f"Snakemake CPU: {snakemake_cpu - sum(in_jobs):.1f} s submitting (its own, "
+                f"sbatch, squeue), {sum(in_jobs):.1f} s in {len(in_jobs)} Snakemake "
+                f"processes inside the SLURM jobs ({statistics.median(in_jobs or [0]):.2f} s "
+                "median)")
     else:
         modules = Counter(re.findall(r"^Shell command: \S+ -m pipeline\.cli (\w+)",
                                      log_path.read_text(), flags=re.M))
         total = usage.ru_utime + usage.ru_stime
     return {"wall_s": wall, "total_cpu_s": total, "snakemake_cpu_s": snakemake_cpu,
-            "jobs": modules, "procs": jobs}
+            "jobs": modules, "procs": jobs, "note": note}
 
 
 def requested(rules_dir: Path = ROOT / "rules") -> dict[str, tuple[int, int]]:
@@ -229,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cohort of {n} ...", file=sys.stderr)
         result = run_cohort(sheet, run_dir, args.cores, args.executor)
         rule_tables[n] = rule_table(result["procs"])  # type: ignore[arg-type]
+        if result["note"]:
+            rule_tables[n].insert(0, f"{result['note']}\n")
         jobs: Counter[str] = result["jobs"]  # type: ignore[assignment]
         for module in jobs:
             if module not in startup:

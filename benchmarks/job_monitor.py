@@ -11,6 +11,10 @@ Per process it keeps the last CPU time seen (``utime + stime``) and the kernel's
 mark of its resident memory (``VmHWM``: the peak RSS over the whole life of the process, so a
 sample taken any time before it exits holds the peak up to then). What a sample cannot see:
 the CPU and memory growth of the last ``interval_s`` of a process's life.
+
+A job's worker processes (the index step reads headers in a process pool: same command line,
+its parent the job's process) belong to the job: :meth:`JobMonitor.jobs` adds their CPU, and
+their peaks to the job's peak (an upper bound of what the job held at once).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -32,6 +36,8 @@ RULE_OF_COMMAND = {
     "export dataset": "export", "research": "research_export",
 }
 SNAKEMAKE = "snakemake"
+#: Processes that may turn into a job by exec (re-read until they do or end).
+LAUNCHERS = ("sh", "bash", "dash", "srun")
 
 
 @dataclass
@@ -40,6 +46,7 @@ class Proc:
 
     kind: str  # a rule name, or SNAKEMAKE
     command: str  # the limbtrack subcommand ("" for Snakemake)
+    ppid: int = 0
     cpu_s: float = 0.0
     peak_rss_mib: float = 0.0
     first_s: float = 0.0
@@ -71,6 +78,8 @@ class JobMonitor:
         self.interval_s = interval_s
         self.procs: dict[tuple[int, int], Proc] = {}
         self._ignored: set[tuple[int, int]] = set()
+        # a shell (or srun) may exec the job's command later, keeping its pid and start time
+        self._launchers: set[tuple[int, int]] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._t0 = time.monotonic()
@@ -113,9 +122,13 @@ class JobMonitor:
                     argv = raw.decode(errors="replace").rstrip("\0").split("\0")
                     kind = classify(argv)
                     if kind is None or not self._belongs(pid, " ".join(argv)):
-                        self._ignored.add(key)
+                        if Path(argv[0]).name in LAUNCHERS:
+                            self._launchers.add(key)
+                        else:
+                            self._ignored.add(key)
                         continue
-                    proc = self.procs[key] = Proc(kind[0], kind[1], first_s=now)
+                    self._launchers.discard(key)
+                    proc = self.procs[key] = Proc(kind[0], kind[1], int(stat[1]), first_s=now)
                 status = Path(f"/proc/{pid}/status").read_text()
             except (OSError, IndexError, ValueError):
                 continue  # gone meanwhile
@@ -125,3 +138,23 @@ class JobMonitor:
                 if line.startswith("VmHWM:"):
                     proc.peak_rss_mib = max(proc.peak_rss_mib, int(line.split()[1]) / 1024)
                     break
+
+    def jobs(self) -> list[Proc]:
+        """One record per job (its workers folded in: CPU summed, peaks summed), Snakemake's
+        processes left out."""
+        by_pid = {pid: p for (pid, _), p in self.procs.items() if p.kind != SNAKEMAKE}
+        roots: dict[int, Proc] = {}
+        workers: list[tuple[int, Proc]] = []
+        for pid, p in by_pid.items():
+            parent = by_pid.get(p.ppid)
+            if parent is not None and parent.command == p.command:
+                workers.append((p.ppid, p))
+            else:
+                roots[pid] = replace(p)
+        for ppid, w in workers:
+            root = ppid
+            while root not in roots:  # a worker's worker
+                root = by_pid[root].ppid
+            roots[root].cpu_s += w.cpu_s
+            roots[root].peak_rss_mib += w.peak_rss_mib
+        return list(roots.values())

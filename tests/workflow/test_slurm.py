@@ -1,4 +1,5 @@
-"""A cohort through a real SLURM cluster (issue 7): the same tables as a local run.
+"""A cohort through a real SLURM cluster (issue 7): the same tables as a local run, and a
+subject that fails blocks none of the others (issue 16: keep-going in profiles/slurm).
 
 tests/slurm_setup.sh installs (apt, as root) and starts a one-node SLURM on this machine;
 tests/slurm_teardown.sh stops the daemons it started, by PID. Without root or apt the test is
@@ -27,8 +28,11 @@ TEARDOWN = ROOT / "tests" / "slurm_teardown.sh"
 SKIP_EXIT = 77  # slurm_setup.sh: SLURM cannot be set up on this machine
 # (subject, seed, affected side): small two-session phantoms, one of them right-sided.
 COHORT = (("S1", 11, "left"), ("S2", 12, "right"))
+# A subject whose folder holds no DICOM study: its index fails, listed between the others.
+FAILING = "S0"
 # profiles/slurm groups jobs: per subject the index, its images (convert, segment, register of
-# every session) and its tables (measure, longitudinal, report); then the cohort's table.
+# every session) and its tables (measure, longitudinal, report); then the cohort's table, which
+# waits for every subject and so is not run when one fails (onerror writes it instead).
 SLURM_JOBS_PER_SUBJECT = 3
 SLURM_TIMEOUT_S = 240
 STATUS_DELAY_S = 2  # first status check after a submission; MinJobAge (300 s) >= 3 x this
@@ -86,8 +90,12 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("cohort")
     with ThreadPoolExecutor(max_workers=2) as pool:
         dirs = list(pool.map(lambda c: make_phantom(base / c[0], *c), COHORT))
+    failing = base / FAILING / "dicom"
+    failing.mkdir(parents=True)
+    (failing / "notes.txt").write_text("no DICOM here\n", encoding="utf-8")
     return write_sheet(base / "subjects.tsv",
-                       [(s, d, side) for (s, _, side), d in zip(COHORT, dirs, strict=True)])
+                       [(FAILING, failing, "left")]
+                       + [(s, d, side) for (s, _, side), d in zip(COHORT, dirs, strict=True)])
 
 
 def job_states(job_ids: list[str], env: dict[str, str]) -> dict[str, tuple[str, str]]:
@@ -122,24 +130,36 @@ def test_cohort_on_slurm_equals_local(slurm_env: dict[str, str], cohort: Path,
     slurm_s = time.monotonic() - start
     log = proc.stdout + proc.stderr
     job_ids = re.findall(r"submitted with SLURM jobid (\d+)", log)
-    assert proc.returncode == 0, (f"SLURM run failed ({proc.returncode}; 124 = timeout):\n"
-                                  f"{log[-6000:]}")
+    # the failing subject fails the run (exit 1, not a timeout) after the others finished:
+    # no --keep-going here, the profile's
+    assert proc.returncode == 1, (f"SLURM run: exit {proc.returncode}, expected 1 (124 = "
+                                  f"timeout):\n{log[-6000:]}")
     states = job_states(job_ids, slurm_env)
     print(f"\n{len(job_ids)} SLURM jobs in {slurm_s:.0f} s (job id, state, rule):")
     for job_id in job_ids:
         state, comment = states.get(job_id, ("(gone from squeue)", ""))
         print(f"  {job_id:>5}  {state:<10} {comment}")
-    assert all(states.get(j, ("",))[0] == "COMPLETED" for j in job_ids), states
-    comments = {comment for _, comment in states.values()}
+    by_rule = {comment: state for state, comment in states.values()}
+    assert by_rule.get(f"rule_index_wildcards_{FAILING}") == "FAILED", by_rule
+    ok = [j for j, (_, comment) in states.items() if FAILING not in comment]
+    assert all(states[j][0] == "COMPLETED" for j in ok), states
     for subject, _, _ in COHORT:  # each subject's first step ran as a job of its own
-        assert f"rule_index_wildcards_{subject}" in comments, comments
-    assert len(job_ids) == SLURM_JOBS_PER_SUBJECT * len(COHORT) + 1, states
+        assert f"rule_index_wildcards_{subject}" in by_rule, by_rule
+    # the failing subject's index, every job of the others; no cohort table job
+    assert len(job_ids) == 1 + SLURM_JOBS_PER_SUBJECT * len(COHORT), states
+    assert "no DICOM image series found" in (
+        slurm_dir / "results" / FAILING / "logs" / "index.log").read_text(encoding="utf-8")
+    for subject, _, _ in COHORT:
+        assert (slurm_dir / "results" / subject / "report.html").is_file(), subject
+    # onerror still lists every subject, the failed one with its reason
+    cohort_tsv = (slurm_dir / "results" / "cohort.tsv").read_text(encoding="utf-8")
+    assert all(s in cohort_tsv for s in (FAILING, *(c[0] for c in COHORT))), cohort_tsv
 
     start = time.monotonic()
     local = subprocess.run(snakemake_cmd(local_dir, cohort, local_dir / "results",
                                          "--profile", str(ROOT / "profiles" / "local")),
                            capture_output=True, text=True, timeout=600)
-    assert local.returncode == 0, local.stderr[-4000:]
+    assert local.returncode == 1, local.stderr[-4000:]  # the failing subject, as on SLURM
     print(f"the same cohort locally (profiles/local): {time.monotonic() - start:.0f} s")
     for subject, _, _ in COHORT:
         for name in ("volumes.tsv", "longitudinal.tsv"):
