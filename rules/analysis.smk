@@ -17,7 +17,9 @@ rule segment:
         "../environment.yml"
     group: "session"
     threads: 1
-    # peak RSS 1.05 GB at 512x384x60; ~4.1 GB expected at 512x512x200
+    # Peak RSS (benchmarks/cohort_speed.py --realistic, 2026-11-26): 556 MiB and 22 s CPU at
+    # 320x320x40 (60 jobs); 1.05 GB at 512x384x60 (earlier). Their line gives 3.4 GB at
+    # 512x512x200, the largest study planned for: x 1.3 margin -> 5000. CPU x 13 there: 5 min.
     resources:
         mem_mb=5000,
         runtime=30,
@@ -43,9 +45,11 @@ rule register:
     conda:
         "../environment.yml"
     threads: 1
-    # peak RSS 0.72 GB and 3 min at 512x384x60 (0.5 mm); ~2.7 GB at 512x512x200
+    # Peak RSS (cohort_speed.py --realistic, 2026-11-26): 333 MiB and 4 s CPU at 320x320x40
+    # (40 jobs); 0.72 GB and 3 min at 512x384x60 (0.5 mm; earlier). Their line gives 2.6 GB
+    # at 512x512x200: x 1.3 margin -> 3500 (was 3000, 1.15 x).
     resources:
-        mem_mb=3000,
+        mem_mb=3500,
         runtime=30,
     shell:
         "{params.limbtrack} register --fixed-image {input.fixed_image:q}"
@@ -79,9 +83,12 @@ rule measure:
         "../environment.yml"
     group: "tables"
     threads: 1
-    # peak RSS 390 MB for 2 sessions of 512x384x60
+    # Peak RSS grows with sessions x voxels: 216 MiB and 4 s CPU for 3 sessions of 320x320x40
+    # (cohort_speed.py --realistic, 2026-11-26; 20 jobs), 390 MB for 2 of 512x384x60
+    # (earlier); their line gives 2.2 GB for 3 sessions of 512x512x200: x 1.3 -> 3000 (was
+    # 2000). More or larger sessions: --set-resources measure:mem_mb=N.
     resources:
-        mem_mb=2000,
+        mem_mb=3000,
         runtime=10,
     shell:
         "{params.limbtrack} measure --subject {wildcards.subject} --day0 {params.day0}"
@@ -115,7 +122,7 @@ rule longitudinal:
         "../environment.yml"
     group: "tables"
     threads: 1
-    # peak RSS 23 MB: tables only
+    # peak RSS 36 MiB, 0.6 s CPU (3 sessions; cohort_speed.py --realistic): tables only
     resources:
         mem_mb=500,
         runtime=10,

@@ -19,7 +19,8 @@ checkpoint index:
     conda:
         "../environment.yml"
     threads: 1
-    # peak RSS 60 MB (320 files): headers only
+    # peak RSS 58 MiB, with its 2 header-reading workers ~140 MiB, 1.3 s CPU (120 files;
+    # cohort_speed.py --realistic, 2026-11-26); 60 MB at 320 files: headers only
     resources:
         mem_mb=1000,
         runtime=30,
@@ -47,7 +48,8 @@ rule convert:
         "../environment.yml"
     group: "session"
     threads: 1
-    # peak RSS 280 MB at 512x384x60; ~700 MB expected at 512x512x200
+    # peak RSS 211 MiB, 1.8 s CPU at 320x320x40 (cohort_speed.py --realistic, 2026-11-26;
+    # 60 jobs), 280 MB at 512x384x60 (earlier): their line gives ~600 MB at 512x512x200
     resources:
         mem_mb=1000,
         runtime=20,

@@ -33,9 +33,12 @@ rule report:
         "../environment.yml"
     group: "tables"
     threads: 1
-    # peak RSS 520 MB for 2 sessions of 512x384x60
+    # Peak RSS grows with sessions x voxels: 261 MiB and 7 s CPU for 3 sessions of 320x320x40
+    # (cohort_speed.py --realistic, 2026-11-26; 20 jobs), 520 MB for 2 of 512x384x60
+    # (earlier); their line gives 3.3 GB for 3 sessions of 512x512x200: x 1.3 -> 4500 (was
+    # 3000). More or larger sessions: --set-resources report:mem_mb=N.
     resources:
-        mem_mb=3000,
+        mem_mb=4500,
         runtime=10,
     shell:
         "{params.limbtrack} report --summary {input.summary:q}"
@@ -63,6 +66,7 @@ rule cohort:
     conda:
         "../environment.yml"
     threads: 1
+    # peak RSS 22 MiB, 0.1 s CPU for 20 subjects (cohort_speed.py --realistic): text only
     resources:
         mem_mb=500,
         runtime=5,
