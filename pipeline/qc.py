@@ -295,22 +295,28 @@ def format_slices(slices: Sequence[int]) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in _runs(slices))
 
 
-def void_flag(side: str, slices: Sequence[int], n_slices: int, fraction: float) -> QCFlag | None:
+def void_flag(side: str, slices: Sequence[int], n_slices: int, fraction: float,
+              *, uncovered: bool = False) -> QCFlag | None:
     """``signal_void_slices`` for one side: ``warn`` when the slices are runs at the ends of
-    the series (left out of the extent), ``exclude`` when some lie between good slices."""
+    the series (left out of the extent), ``exclude`` when some lie between good slices.
+    `uncovered`: the slices hold no signal at all because the leg's own series does not
+    reach them (the legs imaged in separate series, :mod:`pipeline.io.split`), not signal
+    loss."""
     if not slices:
         return None
     runs = _runs(slices)
     interior = [r for r in runs if r[0] > 0 and r[1] < n_slices - 1]
     where = format_slices(slices)
+    what = ("are not covered by this leg's own series (the legs were imaged in separate "
+            "series)" if uncovered else
+            f"have signal below {fraction:.0%} of the series' typical level")
     if interior:
         return QCFlag("", side, SIGNAL_VOID_SLICES, "exclude",
-                      f"slices {where} of {n_slices} have signal below {fraction:.0%} of the "
-                      "series' typical level, some between good slices: the limb cannot be "
-                      "measured as one piece", tuple(slices))
+                      f"slices {where} of {n_slices} {what}, some between good slices: the "
+                      "limb cannot be measured as one piece", tuple(slices))
+    why = "" if uncovered else " (coil edge or artefact)"
     return QCFlag("", side, SIGNAL_VOID_SLICES, "warn",
-                  f"slices {where} of {n_slices} have signal below {fraction:.0%} of the "
-                  "series' typical level (coil edge or artefact): left out of the extent",
+                  f"slices {where} of {n_slices} {what}{why}: left out of the extent",
                   tuple(slices))
 
 

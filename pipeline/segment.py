@@ -798,7 +798,13 @@ def _signal_and_fov_checks(
         out[side] = limb
         n_slices = limb.shape[0]
         cut = qc_mod.border_contact_slices(limb, pixel_mm, settings.min_fov_contact_mm)
-        for flag in (qc_mod.void_flag(side, void, n_slices, settings.signal_void_fraction),
+        # no signal at all: slices the leg's own series does not reach (pipeline/io/split.py
+        # leaves them 0), not signal loss
+        uncovered = [k for k in void if not np.any(raw_fluid[k][band[k]])]
+        lost = [k for k in void if k not in uncovered]
+        for flag in (qc_mod.void_flag(side, lost, n_slices, settings.signal_void_fraction),
+                     qc_mod.void_flag(side, uncovered, n_slices,
+                                      settings.signal_void_fraction, uncovered=True),
                      qc_mod.fov_flag(side, cut, n_slices)):
             if flag is not None:
                 flags.append(flag)

@@ -52,6 +52,33 @@ def test_void_slices_at_the_ends_warn_and_between_good_ones_exclude() -> None:
     assert qc.void_flag("left", [], 9, 0.4) is None
 
 
+def test_slices_a_legs_own_series_does_not_reach_are_named_as_such() -> None:
+    flag = qc.void_flag("right", [0, 1, 22, 23], 24, 0.4, uncovered=True)
+    assert flag is not None and flag.severity == "warn"
+    assert "are not covered by this leg's own series" in flag.message
+    assert "coil edge" not in flag.message and "left out of the extent" in flag.message
+
+
+def test_segmentation_tells_uncovered_slices_from_signal_loss() -> None:
+    from pipeline.segment import SegmentSettings, _signal_and_fov_checks
+
+    t1 = np.full((10, 40, 80), 100.0)
+    fluid = np.full((10, 40, 80), 50.0)
+    t1[:, :, 40:][[0, 1]] = 0.0  # the right leg's series does not reach slices 0-1
+    fluid[:, :, 40:][[0, 1]] = 0.0
+    fluid[:, :, 40:][9] = 5.0  # slice 9: signal loss (coil edge)
+    limbs = {"right": np.zeros((10, 40, 80), bool), "left": np.zeros((10, 40, 80), bool)}
+    limbs["right"][:, 10:30, 50:70] = True
+    limbs["left"][:, 10:30, 10:30] = True
+    _, flags = _signal_and_fov_checks(limbs, t1, fluid, 100.0, 5.0,
+                                      SegmentSettings.default())
+    messages = sorted(f.message for f in flags if f.side == "right")
+    assert len(messages) == 2
+    assert messages[0].startswith("slices 0-1 of 10 are not covered by this leg's own series")
+    assert messages[1].startswith("slices 9 of 10 have signal below")
+    assert not [f for f in flags if f.side == "left"]
+
+
 def test_border_contact_counts_millimetres_along_the_edge() -> None:
     limb = np.zeros((3, 40, 40), bool)
     limb[0, 10:30, 10:30] = True  # well inside
