@@ -152,7 +152,7 @@ def run_cohort(sheet: Path, work: Path, cores: int, executor: str = "local"
     note = ""
     if executor == "slurm":  # jobs and in-job Snakemake are not children: their samples
         modules = Counter(p.command.split()[0] for p in jobs)
-        in_jobs = [p.cpu_s for (pid, _), p in monitor.procs.items()
+        in_jobs = [p.cpu_s for (pid, _, _), p in monitor.procs.items()
                    if p.kind == SNAKEMAKE and pid != proc.pid]
         # the benchmark's Snakemake (and its sbatch/squeue) + the Snakemake in each job
         total = usage.ru_utime + usage.ru_stime + sum(in_jobs) + sum(p.cpu_s for p in jobs)

@@ -76,10 +76,10 @@ class JobMonitor:
     def __init__(self, run_dir: Path, interval_s: float = 0.1):
         self.run_dir = str(run_dir.resolve())
         self.interval_s = interval_s
-        self.procs: dict[tuple[int, int], Proc] = {}
-        self._ignored: set[tuple[int, int]] = set()
+        self.procs: dict[tuple[int, int, str], Proc] = {}
+        self._ignored: set[tuple[int, int, str]] = set()
         # a shell (or srun) may exec the job's command later, keeping its pid and start time
-        self._launchers: set[tuple[int, int]] = set()
+        self._launchers: set[tuple[int, int, str]] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._t0 = time.monotonic()
@@ -112,8 +112,11 @@ class JobMonitor:
                 continue
             pid = int(name)
             try:
-                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                key = (pid, int(stat[19]))  # starttime: a reused pid is another process
+                comm, rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
+                stat = rest.split()
+                # starttime: a reused pid is another process; comm changes with an exec (a
+                # shell, srun or slurmstepd's child becoming a job or a Snakemake)
+                key = (pid, int(stat[19]), comm)
                 if key in self._ignored:
                     continue
                 proc = self.procs.get(key)
@@ -142,7 +145,7 @@ class JobMonitor:
     def jobs(self) -> list[Proc]:
         """One record per job (its workers folded in: CPU summed, peaks summed), Snakemake's
         processes left out."""
-        by_pid = {pid: p for (pid, _), p in self.procs.items() if p.kind != SNAKEMAKE}
+        by_pid = {pid: p for (pid, _, _), p in self.procs.items() if p.kind != SNAKEMAKE}
         roots: dict[int, Proc] = {}
         workers: list[tuple[int, Proc]] = []
         for pid, p in by_pid.items():

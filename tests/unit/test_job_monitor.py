@@ -37,11 +37,12 @@ def test_workers_fold_into_their_job() -> None:
     proc = job_monitor.Proc
     monitor = job_monitor.JobMonitor(ROOT)
     monitor.procs = {
-        (10, 1): proc("index", "index", ppid=5, cpu_s=2.0, peak_rss_mib=60.0),
-        (11, 2): proc("index", "index", ppid=10, cpu_s=1.0, peak_rss_mib=40.0),
-        (12, 3): proc("index", "index", ppid=10, cpu_s=1.5, peak_rss_mib=40.0),
-        (20, 4): proc("index", "index", ppid=6, cpu_s=3.0, peak_rss_mib=70.0),  # another job
-        (30, 5): proc(job_monitor.SNAKEMAKE, "", ppid=1, cpu_s=9.0, peak_rss_mib=300.0),
+        (10, 1, "python"): proc("index", "index", ppid=5, cpu_s=2.0, peak_rss_mib=60.0),
+        (11, 2, "python"): proc("index", "index", ppid=10, cpu_s=1.0, peak_rss_mib=40.0),
+        (12, 3, "python"): proc("index", "index", ppid=10, cpu_s=1.5, peak_rss_mib=40.0),
+        # another index job
+        (20, 4, "python"): proc("index", "index", ppid=6, cpu_s=3.0, peak_rss_mib=70.0),
+        (30, 5, "python"): proc(job_monitor.SNAKEMAKE, "", ppid=1, cpu_s=9.0, peak_rss_mib=300.0),
     }
     jobs = sorted(monitor.jobs(), key=lambda p: p.cpu_s)
     assert [(p.cpu_s, p.peak_rss_mib) for p in jobs] == [(3.0, 70.0), (4.5, 140.0)]
