@@ -48,7 +48,7 @@ from pathlib import Path
 import pipeline
 from pipeline.io.files import read_tsv
 from pipeline.io.identity import patient_fingerprint
-from pipeline.io.nifti_input import is_sessions_sheet
+from pipeline.io.sheet import is_sessions_sheet
 from pipeline.progress import Progress
 from pipeline.workflow import DATE_RE, SIDES, SUBJECT_RE
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.baseline import baseline_position, session_day
 from pipeline.io.files import is_within, read_tsv, walk_entries
-from pipeline.io.nifti_input import SHEET_COLUMNS, is_sessions_sheet
+from pipeline.io.sheet import SHEET_COLUMNS, is_sessions_sheet
 
 SUBJECT_RE = re.compile(r"[A-Za-z0-9]+")
 DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")

@@ -37,7 +37,12 @@ CASES = [
 
 def imported_at_startup(command: str) -> set[str]:
     """Top-level packages in sys.modules after importing the subcommand's module."""
-    code = (f"import json, sys, pipeline.cli, {COMMANDS[command][0]}; "
+    return imported_by(f"pipeline.cli, {COMMANDS[command][0]}")
+
+
+def imported_by(modules: str) -> set[str]:
+    """Top-level packages in sys.modules after ``import <modules>`` in a fresh Python."""
+    code = (f"import json, sys, {modules}; "
             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120).stdout
@@ -51,3 +56,11 @@ def test_step_does_not_import_what_it_does_not_use(command: str, absent: tuple[s
     assert COMMANDS[command][0].split(".")[0] in loaded  # the module itself was imported
     unexpected = sorted(loaded & set(absent))
     assert not unexpected, f"limbtrack {command} imports {unexpected} at start-up"
+
+
+def test_snakefile_helpers_import_no_array_or_image_package() -> None:
+    """Every Snakemake process imports pipeline.workflow (the Snakefile's helpers): on a SLURM
+    cluster one per job, so nibabel there (with pydicom and scipy) cost each ~0.5 s."""
+    loaded = imported_by("pipeline.workflow")
+    unexpected = sorted(loaded & {"numpy", "nibabel", "pydicom", "scipy", "SimpleITK"})
+    assert not unexpected, f"pipeline.workflow imports {unexpected}"
