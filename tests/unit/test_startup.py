@@ -60,7 +60,7 @@ def test_step_does_not_import_what_it_does_not_use(command: str, absent: tuple[s
 
 def test_snakefile_helpers_import_no_array_or_image_package() -> None:
     """Every Snakemake process imports pipeline.workflow (the Snakefile's helpers): on a SLURM
-    cluster one per job, so nibabel there (with pydicom and scipy) cost each ~0.5 s."""
+    cluster one per job, so nibabel there (with pydicom and scipy) cost each ~0.3 s."""
     loaded = imported_by("pipeline.workflow")
     unexpected = sorted(loaded & {"numpy", "nibabel", "pydicom", "scipy", "SimpleITK"})
     assert not unexpected, f"pipeline.workflow imports {unexpected}"
