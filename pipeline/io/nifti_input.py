@@ -52,6 +52,7 @@ from pipeline.io.files import (
     write_json_atomic,
     write_tsv_atomic,
 )
+from pipeline.io.sheet import SHEET_COLUMNS
 
 ROLE_ALIASES = {
     "anatomical": "anatomical", "t1w": "anatomical", "t1": "anatomical",
@@ -59,7 +60,6 @@ ROLE_ALIASES = {
 }
 ROLE_CLASS = {"anatomical": "T1w", "fluid": "fluid"}
 ROLE_SUFFIX = {"anatomical": "T1w", "fluid": "fluid"}
-SHEET_COLUMNS = ("subject", "study_date", "role", "path")
 INDEX_COLUMNS = ("study_date", "study_time", "series_number", "series_description", "modality",
                  "sequence_class", "orientation", "n_files", "rows", "columns",
                  "pixel_spacing_mm", "slice_spacing_mm", "status", "reason")
@@ -71,12 +71,6 @@ XFORM_TOLERANCE_MM = 0.1
 
 class SheetError(ValueError):
     """The sessions sheet cannot be used; the message names the file, line and problem."""
-
-
-def is_sessions_sheet(input_path: str | Path) -> bool:
-    """True when the subject's input is a sessions sheet (a .tsv file), not a study folder."""
-    p = Path(input_path)
-    return p.suffix.lower() == ".tsv" and p.is_file()
 
 
 def _orientation(affine: np.ndarray) -> str:
