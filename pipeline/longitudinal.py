@@ -105,6 +105,8 @@ class Visit:
     affected_ml: dict[str, float | None]
     contralateral_ml: dict[str, float | None]
     qc: list[str] = field(default_factory=list)
+    #: QC codes of the contralateral side's rows (volumes.tsv)
+    contralateral_qc: list[str] = field(default_factory=list)
     #: standard deviation (mL) of each volume from the repeatability model; absent: unknown
     affected_sd_ml: dict[str, float | None] = field(default_factory=dict)
     contralateral_sd_ml: dict[str, float | None] = field(default_factory=dict)
@@ -146,6 +148,8 @@ class Visit:
         if self.contralateral_from:
             return False
         contra = self.contralateral_ml.get("limb", 0.0)
+        if qc_mod.LIMB_NOT_IN_VIEW in self.contralateral_qc:
+            return False
         return (contra is None and bool(self.qc)) or (contra is not None and contra > 0)
 
     @property
@@ -190,6 +194,8 @@ def visits_from_rows(rows: Sequence[Mapping[str, str]]) -> list[Visit]:
         else:
             v.contralateral_ml[r["structure"]] = value
             v.contralateral_sd_ml[r["structure"]] = sd
+            v.contralateral_qc = sorted({*v.contralateral_qc, *(
+                c.strip() for c in (r.get("qc") or "").split(",") if c.strip())})
         for code in (r.get("qc") or "").split(","):
             if code.strip() and code.strip() != "n/a" and code.strip() not in v.qc:
                 v.qc.append(code.strip())

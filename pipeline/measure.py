@@ -164,6 +164,9 @@ def infer_affected_side(sessions: Sequence[SessionVolumes]) -> tuple[str | None,
             if None not in (s.volumes_ml["left"][structure], s.volumes_ml["right"][structure])
         )
 
+    imaged = [side for side in SIDES if any(s.volumes_ml[side]["limb"] for s in sessions)]
+    if len(imaged) == 1:
+        return imaged[0], f"the only limb the sessions image is the {imaged[0]} one"
     for structure, margin_ml, rel in (
         ("marrow_lesion", 1.0, 0.0),
         ("edema", 10.0, 0.0),
@@ -386,6 +389,12 @@ def measure_session(
             if (s.label, sd, structure) in gone:
                 vols[sd][structure] = None
     qc_codes: dict[str, list[str]] = {sd: qc_mod.codes_for(flags, s.label, sd) for sd in SIDES}
+    # a side the session does not image is not measured: empty, never 0, and says why
+    present = sides_present(sitk.GetArrayViewFromImage(labels))
+    for sd in SIDES:
+        if sd not in present:
+            vols[sd] = dict.fromkeys(STRUCTURES)
+            qc_codes[sd].append(qc_mod.LIMB_NOT_IN_VIEW)
     pixel, slice_ = grid_mm(labels)
     return SessionVolumes(s.label, s.study_date, s.day, vols, z_range, n, qc_codes, pixel,
                           slice_, misregistration_mm(s.xfm))

@@ -37,6 +37,9 @@ code                        severity  consequence for the numbers
                                       slice spacing, slice positions, tilt, receive coil or
                                       tissue signal level enough to bias the comparison of the
                                       legs (listed in the message); nothing is removed
+``limb_not_in_view``        warn      the session does not image this side's limb (a follow-up
+                                      of the affected leg alone, a one-leg study): its volumes
+                                      are not measured, empty (never 0)
 ``contralateral_too_old``   warn      the session images the affected limb alone and the
                                       nearest session imaging the contralateral limb is more
                                       than ``response.contralateral_max_age_days`` away: no
@@ -71,6 +74,7 @@ IMAGES_DO_NOT_OVERLAP: Final = "images_do_not_overlap"
 CONTRALATERAL_FROM_OTHER_SESSION: Final = "contralateral_from_other_session"
 CONTRALATERAL_TOO_OLD: Final = "contralateral_too_old"
 SPLIT_SERIES_DIFFER: Final = "split_series_differ"
+LIMB_NOT_IN_VIEW: Final = "limb_not_in_view"
 
 #: Structures made not available by an ``exclude`` flag of each code (all: every structure).
 EXCLUDED_STRUCTURES: Final[dict[str, tuple[str, ...]]] = {
@@ -86,6 +90,8 @@ EXCLUDED_STRUCTURES: Final[dict[str, tuple[str, ...]]] = {
     # raised by the converter, always ``warn``: the legs are measured, the message says why
     # their comparison may be biased
     SPLIT_SERIES_DIFFER: (),
+    # raised by measure for a side with no limb in the label map; its volumes are None there
+    LIMB_NOT_IN_VIEW: (),
 }
 
 #: What each code means for the numbers, in words (README, report legend).
@@ -106,6 +112,7 @@ MEANING: Final[dict[str, str]] = {
     "contralateral limb near enough: asymmetry not available",
     SPLIT_SERIES_DIFFER: "left and right leg imaged in separate series that differ (spacing, "
     "slices, coil or signal level): their comparison may be biased",
+    LIMB_NOT_IN_VIEW: "this limb is not in the session's images: its volumes are not measured",
 }
 
 BOTH: Final = "both"

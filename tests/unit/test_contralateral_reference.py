@@ -31,17 +31,19 @@ MAX_AGE = Thresholds.default().contralateral_max_age_days
 def visit(day: int, asym_pct: float = 0.0, lesion: float = 0.0, edema: float = 0.0,
           both: bool = True, contra_soft: float = 1000.0) -> Visit:
     """A visit with soft-tissue asymmetry `asym_pct` against a contralateral soft tissue of
-    `contra_soft` mL; ``both=False``: the affected limb alone (contralateral 0 mL, as
-    volumes.tsv has it for a limb not in the image)."""
+    `contra_soft` mL; ``both=False``: the affected limb alone (contralateral not measured,
+    ``limb_not_in_view``, as volumes.tsv has it for a limb not in the image)."""
     soft = round(1000.0 * (1.0 + asym_pct / 100.0), 3)
     affected = {"limb": soft + 200.0 + lesion, "soft_tissue": soft, "bone": 200.0 + lesion,
                 "marrow_lesion": lesion, "edema": edema}
     contra: dict[str, float | None] = (
         {**CONTRA, "soft_tissue": contra_soft, "limb": contra_soft + 200.0} if both
-        else dict.fromkeys(CONTRA, 0.0))
+        else dict.fromkeys(CONTRA))
     date = (dt.date.fromisoformat(DAY0) + dt.timedelta(days=day)).isoformat()
+    codes = [] if both else [qc_mod.LIMB_NOT_IN_VIEW]
     return Visit(date, day, affected, contra, affected_sd_ml=dict(SD),
-                 contralateral_sd_ml=dict(SD), session=date.replace("-", ""))
+                 contralateral_sd_ml=dict(SD), session=date.replace("-", ""),
+                 qc=list(codes), contralateral_qc=list(codes))
 
 
 def test_nearest_session_gives_the_reference_and_its_sd_grows():

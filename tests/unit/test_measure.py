@@ -434,3 +434,26 @@ def test_session_records(tmp_path):
     assert loaded.label_map is not None and loaded.transform is not None
     assert loaded.loaded() is loaded and loaded == s  # the images do not count as identity
     assert collect_flags([s]) == []
+
+
+def test_a_side_the_session_does_not_image_is_empty_with_its_reason(tmp_path):
+    from pipeline.measure import measure_session
+
+    counts = {0: 200, 5: 30, 6: 25, 7: 20, 8: 5}  # the left limb only
+    data = label_array(counts, (5, 8, 7))
+    path = write_dseg(tmp_path / "one_leg_dseg.nii.gz", data, np.diag([2.0, 2.0, 5.0, 1.0]))
+    s = read_session("20240307", "2024-03-07", 6, path).loaded()
+    m = measure_session(s, None, (-np.inf, np.inf), [], [])
+    assert m.volumes_ml["right"] == dict.fromkeys(DESIGN_STRUCTURES)  # never 0
+    assert m.qc["right"] == ["limb_not_in_view"] and m.qc["left"] == []
+    assert m.volumes_ml["left"]["limb"] == pytest.approx(80 * 20 / 1000)
+    [row] = [r for r in volume_rows("s", [m], "left")
+             if r["side"] == "right" and r["structure"] == "limb"]
+    assert row["volume_ml"] is None and row["qc"] == "limb_not_in_view"
+
+
+def test_side_is_the_only_limb_imaged():
+    s = [sv(left={"limb": 1000, "soft_tissue": 950}, right={"limb": 0})]
+    s[0].volumes_ml["right"] = dict.fromkeys(DESIGN_STRUCTURES)
+    side, why = infer_affected_side(s)
+    assert side == "left" and "the only limb" in why
