@@ -105,8 +105,6 @@ class Visit:
     affected_ml: dict[str, float | None]
     contralateral_ml: dict[str, float | None]
     qc: list[str] = field(default_factory=list)
-    #: QC codes of the contralateral side's rows (volumes.tsv)
-    contralateral_qc: list[str] = field(default_factory=list)
     #: standard deviation (mL) of each volume from the repeatability model; absent: unknown
     affected_sd_ml: dict[str, float | None] = field(default_factory=dict)
     contralateral_sd_ml: dict[str, float | None] = field(default_factory=dict)
@@ -115,6 +113,8 @@ class Visit:
     #: key of the session whose contralateral values this one uses because it images the
     #: affected limb alone (:func:`carry_contralateral`); "" when they are its own
     contralateral_from: str = ""
+    #: QC codes of the contralateral side's rows (volumes.tsv)
+    contralateral_qc: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> str:
