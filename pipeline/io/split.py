@@ -287,16 +287,15 @@ def _medial_edge(image: sitk.Image, towards_left: bool) -> tuple[int, int]:
     return axis, end
 
 
-def _cut_slices(array: NDArray[np.floating[Any]], pixel_mm: float, min_contact_mm: float,
-                medial: tuple[int, int]) -> list[int]:
+def _cut_slices(array: NDArray[np.floating[Any]], level: float | None, pixel_mm: float,
+                min_contact_mm: float, medial: tuple[int, int]) -> list[int]:
     """Slices where the leg (the largest piece of tissue brighter than
-    :data:`TISSUE_FRACTION` of the tissue level) runs along an in-plane edge of its own field
-    of view for `min_contact_mm` or more. The `medial` edge (facing the other leg) is left
-    out: a one-leg field of view often cuts the other leg there, and this leg's tissue past it
-    is the other series' to show."""
+    :data:`TISSUE_FRACTION` of the tissue `level`, :func:`_tissue_level`) runs along an
+    in-plane edge of its own field of view for `min_contact_mm` or more. The `medial` edge
+    (facing the other leg) is left out: a one-leg field of view often cuts the other leg
+    there, and this leg's tissue past it is the other series' to show."""
     from scipy import ndimage  # noqa: PLC0415 - only split sessions use it
 
-    level = _tissue_level(array)
     if level is None:
         return []
     labelled, n = ndimage.label(array > level * TISSUE_FRACTION)
@@ -420,8 +419,9 @@ def compose(parts: Sequence[Part], *, t1_like: bool, min_contact_mm: float) -> C
     if t1_like:
         for p in parts:
             array = sitk.GetArrayViewFromImage(p.image)
-            cut = _cut_slices(np.asarray(array), float(min(p.image.GetSpacing()[:2])),
-                              min_contact_mm, _medial_edge(p.image, p.side == "right"))
+            cut = _cut_slices(np.asarray(array), levels[p.side],
+                              float(min(p.image.GetSpacing()[:2])), min_contact_mm,
+                              _medial_edge(p.image, p.side == "right"))
             flag = qc_mod.fov_flag(p.side, cut, array.shape[0])
             if flag is not None:
                 flags.append(qc_mod.QCFlag(
