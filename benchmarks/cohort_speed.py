@@ -6,9 +6,10 @@ time, subjects per hour, and where the CPU time went:
 
 - *Snakemake*: the CPU time of the Snakemake process itself (DAG, scheduling, checkpoint
   re-evaluation), read from /proc/<pid>/stat just before it exits;
-- *job start-up*: per job, starting Python and importing the module of the step's
-  ``limbtrack`` subcommand (:data:`pipeline.cli.COMMANDS`; ``python -c "import pipeline.cli,
-  <module>"``, measured separately, median of 3) times the number of jobs of each step;
+- *job start-up*: per job, starting Python and importing the modules of what the job runs
+  (:data:`pipeline.cli.COMMANDS`; a rule chaining steps with ``limbtrack steps`` imports each
+  step's; ``python -c "import pipeline.cli, <modules>"``, measured separately, median of 3)
+  times the number of jobs of each kind;
 - *compute*: the jobs' CPU time (from the kernel's accounting of Snakemake's children) minus
   their start-up.
 
@@ -42,6 +43,7 @@ import argparse
 import os
 import re
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -51,7 +53,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from job_monitor import SNAKEMAKE, JobMonitor, Proc
+from job_monitor import SNAKEMAKE, JobMonitor, Proc, job_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -96,13 +98,17 @@ def child_cpu_s(cmd: list[str]) -> float:
 
 
 def startup_cpu_s(command: str, repeats: int = 3) -> float:
-    """Median CPU seconds to start Python and import the module of ``limbtrack command``
-    (a job's fixed cost)."""
+    """Median CPU seconds to start Python and import the modules of a job's ``command``
+    (:func:`job_monitor.job_command`; a chain of steps imports every step's module): the
+    job's fixed cost."""
     from pipeline.cli import COMMANDS
 
-    module = COMMANDS[command][0]
+    steps = command.split(" :: ")
+    modules = [COMMANDS[step.split()[0]][0] for step in steps]
+    if len(steps) > 1:
+        modules.append(COMMANDS["steps"][0])
     return statistics.median(
-        child_cpu_s([sys.executable, "-c", f"import pipeline.cli, {module}"])
+        child_cpu_s([sys.executable, "-c", f"import pipeline.cli, {', '.join(modules)}"])
         for _ in range(repeats)
     )
 
@@ -151,7 +157,7 @@ def run_cohort(sheet: Path, work: Path, cores: int, executor: str = "local"
     jobs = monitor.jobs()
     note = ""
     if executor == "slurm":  # jobs and in-job Snakemake are not children: their samples
-        modules = Counter(p.command.split()[0] for p in jobs)
+        modules = Counter(p.command for p in jobs)
         in_jobs = [p.cpu_s for (pid, _, _), p in monitor.procs.items()
                    if p.kind == SNAKEMAKE and pid != proc.pid]
         # the benchmark's Snakemake (and its sbatch/squeue) + the Snakemake in each job
@@ -162,8 +168,10 @@ def run_cohort(sheet: Path, work: Path, cores: int, executor: str = "local"
                 f"processes inside the SLURM jobs ({statistics.median(in_jobs or [0]):.2f} s "
                 "median)")
     else:
-        modules = Counter(re.findall(r"^Shell command: \S+ -m pipeline\.cli (\w+)",
-                                     log_path.read_text(), flags=re.M))
+        modules = Counter(
+            job_command(shlex.split(line))
+            for line in re.findall(r"^Shell command: \S+ -m pipeline\.cli (.*)$",
+                                   log_path.read_text(), flags=re.M))
         total = usage.ru_utime + usage.ru_stime
     return {"wall_s": wall, "total_cpu_s": total, "snakemake_cpu_s": snakemake_cpu,
             "jobs": modules, "procs": jobs, "note": note}

@@ -26,12 +26,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
-#: ``limbtrack`` subcommand (with its first argument where one module serves several rules)
-#: -> the rule that runs it (rules/*.smk).
+#: ``limbtrack`` subcommands a rule runs (with the first argument where one module serves
+#: several rules: ``nifti convert``, ``export tables``).
+STEP_COMMANDS = ("index", "nifti index", "convert", "nifti convert", "segment", "register",
+                 "measure", "longitudinal", "report", "cohort", "export tables",
+                 "export dicom", "export dataset", "research")
+#: A job's command (:func:`job_command`) -> the rule that runs it (rules/*.smk).
 RULE_OF_COMMAND = {
-    "index": "index", "nifti index": "index", "convert": "convert", "nifti convert": "convert",
-    "segment": "segment", "register": "register", "measure": "measure",
-    "longitudinal": "longitudinal", "report": "report", "cohort": "cohort",
+    "index": "index", "nifti index": "index", "convert :: segment": "convert_segment",
+    "nifti convert :: segment": "convert_segment", "register": "register",
+    "measure :: longitudinal :: report": "measure_report", "cohort": "cohort",
     "export tables": "export_tables", "export dicom": "export_dicom",
     "export dataset": "export", "research": "research_export",
 }
@@ -45,7 +49,7 @@ class Proc:
     """One process seen: what it is, its last CPU time and its peak RSS so far."""
 
     kind: str  # a rule name, or SNAKEMAKE
-    command: str  # the limbtrack subcommand ("" for Snakemake)
+    command: str  # what the job runs (job_command; "" for Snakemake)
     ppid: int = 0
     cpu_s: float = 0.0
     peak_rss_mib: float = 0.0
@@ -53,17 +57,38 @@ class Proc:
     last_s: float = 0.0
 
 
+def step_command(words: list[str]) -> str:
+    """The subcommand at the start of ``words`` (:data:`STEP_COMMANDS`), else its first word."""
+    for n in (2, 1):
+        command = " ".join(words[:n])
+        if command in STEP_COMMANDS:
+            return command
+    return words[0] if words else ""
+
+
+def job_command(words: list[str]) -> str:
+    """What a job runs, from the words after ``-m pipeline.cli``: ``segment``, ``nifti
+    convert``; for ``limbtrack steps`` its steps joined by `` :: `` (``convert :: segment``)."""
+    if words[:1] != ["steps"]:
+        return step_command(words)
+    rest = words[words.index("--") + 1:] if "--" in words else []
+    chain: list[list[str]] = [[]]
+    for word in rest:
+        if word == "::":
+            chain.append([])
+        else:
+            chain[-1].append(word)
+    return " :: ".join(step_command(step) for step in chain)
+
+
 def classify(argv: list[str]) -> tuple[str, str] | None:
-    """(kind, subcommand) of a command line: a limbtrack job or a Snakemake process, else None
-    (the shells around the jobs, sbatch, squeue, ...)."""
+    """(kind, command) of a command line: a limbtrack job (its rule, :func:`job_command`) or a
+    Snakemake process, else None (the shells around the jobs, sbatch, squeue, ...)."""
     for i in range(1, len(argv) - 1):
         if argv[i] == "pipeline.cli" and argv[i - 1] == "-m":
-            words = argv[i + 1:i + 3]
-            for n in (2, 1):
-                command = " ".join(words[:n])
-                if command in RULE_OF_COMMAND:
-                    return RULE_OF_COMMAND[command], command
-            return None
+            command = job_command(argv[i + 1:])
+            rule = RULE_OF_COMMAND.get(command)
+            return (rule, command) if rule else None
     head = [Path(a).name for a in argv[:3]]
     if SNAKEMAKE in head and not Path(argv[0]).name.endswith("sh"):
         return SNAKEMAKE, ""

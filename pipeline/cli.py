@@ -39,6 +39,8 @@ COMMANDS = {
     "export": ("pipeline.export.session",
                "label tables, BIDS dataset files, DICOM SEG + SR (export tables|dataset|dicom)"),
     "research": ("pipeline.export.research", "de-identified export with shifted dates"),
+    "steps": ("pipeline.steps", "several commands in one process, each with its own log "
+              "(a rule chaining steps)"),
 }
 
 

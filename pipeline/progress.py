@@ -90,15 +90,25 @@ def step_label(rule: str, wildcards: Any, with_subject: bool = False) -> str:
     return " ".join(parts)
 
 
+def _log_lines(path: str | Path) -> list[str]:
+    """The non-empty lines of a log, stripped; none when it is missing."""
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines()]
+    except OSError:
+        return []
+    return [ln for ln in lines if ln]
+
+
+def states_an_error(path: str | Path) -> bool:
+    """Whether a log has a line that states an error (:data:`_ERROR_LINE`)."""
+    return any(_ERROR_LINE.match(ln) for ln in _log_lines(path))
+
+
 def last_meaningful_line(path: str | Path) -> str:
     """The line of a step's log that says what went wrong: the last error line (``ERROR ...``,
     ``ValueError: ...``), else the last non-empty line; its ``ERROR`` level word dropped.
     Empty when the file is missing or empty."""
-    try:
-        lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines()]
-    except OSError:
-        return ""
-    lines = [ln for ln in lines if ln]
+    lines = _log_lines(path)
     errors = [ln for ln in lines if _ERROR_LINE.match(ln)]
     line = (errors or lines or [""])[-1]
     return re.sub(r"^(ERROR|CRITICAL):?\s+", "", line)
@@ -235,6 +245,8 @@ class Progress(logging.Handler):
         label = self.labels.get(jobid) or step_label(
             str(getattr(record, "rule_name", "") or "step"), None)
         logs = [str(p) for p in _as_list(getattr(record, "log", None))]
+        # a rule chaining steps (limbtrack steps) has a log per step: the failed one first
+        logs.sort(key=lambda p: not states_an_error(p))
         reason = next((r for r in (last_meaningful_line(p) for p in logs) if r), "")
         self.failures.append(Failure(label, reason, logs[0] if logs else ""))
         if not self.tty:

@@ -99,7 +99,11 @@ def test_rules_run_limbtrack_subcommands():
         text = smk.read_text()
         if smk.name != "report.smk":  # another change brings it along
             assert "-m pipeline." not in text, smk
-        for sub in re.findall(r'(?m)^\s+"\{params\.limbtrack\} (\w+|\{params\.\w+\})', text):
+        # a rule's own subcommand, and each step of a `steps` chain (after `--` and `::`)
+        subs = re.findall(r'(?m)^\s+"\{params\.limbtrack\} (\w+|\{params\.\w+\})', text)
+        subs += re.findall(r'(?:--"\s*"|:: ) ?(\w+|\{params\.\w+\})', text)
+        for sub in subs:
             seen.add(sub)
             assert sub.startswith("{params.") or sub in cli.COMMANDS, (smk, sub)
-    assert {"segment", "register", "measure", "longitudinal", "export", "research"} <= seen
+    assert {"steps", "segment", "register", "measure", "longitudinal", "report", "export",
+            "research"} <= seen

@@ -20,16 +20,23 @@ _spec.loader.exec_module(job_monitor)
 
 def test_classify_jobs_snakemake_and_others() -> None:
     py = "/venv/bin/python"
-    assert job_monitor.classify([py, "-m", "pipeline.cli", "segment", "--t1", "a"]) == (
-        "segment", "segment")
+    assert job_monitor.classify([py, "-m", "pipeline.cli", "register", "--fixed", "a"]) == (
+        "register", "register")
     assert job_monitor.classify([py, "-m", "pipeline.cli", "export", "tables", "--dseg"]) == (
         "export_tables", "export tables")
-    assert job_monitor.classify([py, "-m", "pipeline.cli", "nifti", "convert", "--x"]) == (
-        "convert", "nifti convert")
+    # rules chaining steps (limbtrack steps): the rule from the steps' commands
+    steps = [py, "-m", "pipeline.cli", "steps", "--log", "a.log", "--log", "b.log", "--"]
+    assert job_monitor.classify([*steps, "nifti", "convert", "--x", "::", "segment", "--t1"]
+                                ) == ("convert_segment", "nifti convert :: segment")
+    assert job_monitor.classify([*steps, "convert", "--x", "::", "segment", "--t1"]) == (
+        "convert_segment", "convert :: segment")
+    assert job_monitor.classify([*steps[:-1], "--log", "c.log", "--", "measure", "::",
+                                 "longitudinal", "--x", "::", "report", "--y"]) == (
+        "measure_report", "measure :: longitudinal :: report")
     assert job_monitor.classify([py, "-m", "snakemake", "--target-jobs", "x"]) == (
         job_monitor.SNAKEMAKE, "")
     # the shell around a job, and a subcommand no rule runs
-    assert job_monitor.classify(["/bin/sh", "-c", f"{py} -m pipeline.cli segment"]) is None
+    assert job_monitor.classify(["/bin/sh", "-c", f"{py} -m pipeline.cli register"]) is None
     assert job_monitor.classify([py, "-m", "pipeline.cli", "phantom", "out"]) is None
 
 
@@ -55,7 +62,7 @@ def test_a_live_job_is_seen_with_its_peak(tmp_path: Path) -> None:
     (fake / "__init__.py").write_text("")
     (fake / "cli.py").write_text(
         "import sys, time\nblock = bytearray(50 * 2**20)\nsys.stdin.read()\n")
-    child = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "measure"], cwd=tmp_path,
+    child = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "register"], cwd=tmp_path,
                              stdin=subprocess.PIPE, env={**os.environ, "PYTHONPATH": ""})
     try:
         monitor = job_monitor.JobMonitor(tmp_path)
@@ -69,5 +76,5 @@ def test_a_live_job_is_seen_with_its_peak(tmp_path: Path) -> None:
         assert child.stdin is not None
         child.stdin.close()
         child.wait(timeout=30)
-    assert [p.kind for p in jobs] == ["measure"]
+    assert [p.kind for p in jobs] == ["register"]
     assert jobs[0].peak_rss_mib >= 50

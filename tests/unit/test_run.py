@@ -197,6 +197,24 @@ def test_failed_step_is_named_with_the_reason_from_its_log(tmp_path: Path) -> No
     assert lines[1] == f"  step log: {log}"
 
 
+def test_failed_step_of_a_chain_names_the_log_that_states_the_error(tmp_path: Path) -> None:
+    """convert_segment keeps a log per step (limbtrack steps): the reason and the log shown are
+    the failed step's, not the first log's."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    convert = logs / "convert_ses-20240304.log"
+    segment = logs / "segment_ses-20240304.log"
+    convert.write_text("INFO session 20240304: T1 TSE AX -> sub-P1_ses-20240304_T1w.nii.gz\n")
+    segment.write_text("INFO N4\nERROR no limb found in the anatomical image\n")
+    progress, _, _ = line_progress()
+    progress.handle(job_info(7, "convert_segment", "20240304"))
+    progress.handle(record("job_error", level=logging.ERROR, jobid=7,
+                           rule_name="convert_segment", log=[str(convert), str(segment)],
+                           msg="Error in rule convert_segment, jobid: 7"))
+    assert progress.failure() == Failure("convert_segment ses-20240304",
+                                         "no limb found in the anatomical image", str(segment))
+
+
 def test_error_outside_any_step_is_the_failure() -> None:
     progress, _, _ = line_progress()
     progress.handle(record("error", level=logging.ERROR,

@@ -18,6 +18,8 @@ from pipeline.cli import COMMANDS
 
 # (subcommand, packages its module must not import at start-up, why it needs none of them)
 CASES = [
+    # the chain of steps imports each step's module when it runs it, nothing before
+    ("steps", ("numpy", "SimpleITK", "nibabel", "pydicom", "matplotlib", "scipy")),
     # label maps are read with SimpleITK; nibabel (with pydicom, which nibabel imports) is
     # for measure_label_map only, which the step does not call
     ("measure", ("nibabel", "pydicom")),

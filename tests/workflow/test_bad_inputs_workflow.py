@@ -13,7 +13,7 @@ Cases and where they are tested:
   file rewritten, the series settings changed: here test_input_digest_*,
   test_session_entry_digest_*, and end to end test_rerun_* (slow)
 - events.tsv edited: test_input_digest_ignores_the_events_file, test_rerun_after_events_edit
-  (slow; needs the events as an input of rule longitudinal, see its skip reason)
+  (slow; needs the events as an input of rule measure_report, see its skip reason)
 - a follow-up of six contiguous thin slices (ITK "less than 4 pixels"):
   test_register::test_thin_follow_up_is_registered / test_three_slice_follow_up_in_plane /
   test_cli_itk_failure_flags_registration_failed
@@ -486,14 +486,14 @@ def test_rerun_second_plain_run_does_nothing(serial: dict[str, Path]) -> None:
 
 def _longitudinal_reads_events() -> bool:
     text = (ROOT / "rules" / "analysis.smk").read_text()
-    block = text[text.index("rule longitudinal:"):text.index("output:", text.index(
-        "rule longitudinal:"))]
+    block = text[text.index("rule measure_report:"):text.index("output:", text.index(
+        "rule measure_report:"))]
     return "events_input" in block
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _longitudinal_reads_events(),
-                    reason="needs `unpack(events_input),` in the input of rule longitudinal "
+                    reason="needs `unpack(events_input),` in the input of rule measure_report "
                            "(rules/analysis.smk)")
 def test_rerun_after_events_edit(serial: dict[str, Path]) -> None:
     events = serial["patient"] / "events.tsv"
@@ -501,7 +501,8 @@ def test_rerun_after_events_edit(serial: dict[str, Path]) -> None:
     events.write_text(before + "3\tCRS grade 2\tCRS grade\n")
     try:
         proc = snakemake(serial["wd"], serial["patient"], serial["results"], "-n")
-        assert jobs_run(proc) == {"longitudinal", "report"}
+        # measure, longitudinal and report are one job (rules/analysis.smk: measure_report)
+        assert jobs_run(proc) == {"measure_report"}
     finally:
         events.write_text(before)
 
@@ -512,8 +513,8 @@ def test_rerun_after_a_study_is_added(serial: dict[str, Path]) -> None:
     shutil.copytree(serial["third"], serial["patient"] / serial["third"].name)
     new = "20240321"  # day 20
     proc = snakemake(serial["wd"], serial["patient"], serial["results"])
-    assert jobs_run(proc) == {"index", f"convert {new}", f"segment {new}", f"register {new}",
-                              "measure", "longitudinal", "report"}
+    assert jobs_run(proc) == {"index", f"convert_segment {new}", f"register {new}",
+                              "measure_report"}
     sessions = (serial["results"] / "P1" / "sessions.tsv").read_text()
     assert "2024-03-21" in sessions
     assert before != tree_digest(serial["patient"])  # (the copy, not the workflow)

@@ -28,12 +28,22 @@ def _snakemake(*args: str) -> str:
 
 
 def _command(output: str, subcommand: str) -> list[str]:
-    """The argument list of the one printed shell command that runs `limbtrack subcommand`."""
-    marker = f"-m pipeline.cli {subcommand} "
-    lines = [ln for ln in output.splitlines() if marker in ln]
-    assert len(lines) == 1, lines
-    words = shlex.split(lines[0].split(marker, 1)[1])
-    return words[: words.index(">")]
+    """The argument list of `limbtrack subcommand` in the one printed shell command that runs
+    it, alone or as a step of `limbtrack steps` (between ``--``/``::`` and ``::``/the end)."""
+    marker = "-m pipeline.cli "
+    found = []
+    for line in (ln for ln in output.splitlines() if marker in ln):
+        words = shlex.split(line.split(marker, 1)[1])
+        words = words[: words.index(">")] if ">" in words else words
+        if words[0] == "steps":
+            words = words[words.index("--") + 1:]
+        while words:
+            step = words[: words.index("::")] if "::" in words else words
+            if step[0] == subcommand:
+                found.append(step[1:])
+            words = words[len(step) + 1:]
+    assert len(found) == 1, found
+    return found[0]
 
 
 def _values(argv: list[str], option: str) -> list[str]:

@@ -30,8 +30,8 @@ SKIP_EXIT = 77  # slurm_setup.sh: SLURM cannot be set up on this machine
 COHORT = (("S1", 11, "left"), ("S2", 12, "right"))
 # A subject whose folder holds no DICOM study: its index fails, listed between the others.
 FAILING = "S0"
-# profiles/slurm groups jobs: per subject the index, its images (convert, segment, register of
-# every session) and its tables (measure, longitudinal, report); then the cohort's table, which
+# profiles/slurm groups jobs: per subject the index, its images (convert_segment and register of
+# every session) and its tables (measure_report); then the cohort's table, which
 # waits for every subject and so is not run when one fails (onerror writes it instead).
 SLURM_JOBS_PER_SUBJECT = 3
 SLURM_TIMEOUT_S = 240
