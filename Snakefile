@@ -4,6 +4,7 @@ import json
 import shlex
 import sys
 
+from snakemake.logging import logger
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
@@ -12,6 +13,8 @@ from pipeline.workflow import (
     as_flag,
     baseline_session,
     convert_command,
+    index_first_advice,
+    index_targets,
     index_args,
     is_dicom_input,
     lift_default_submission_limit,
@@ -85,9 +88,23 @@ rule all:
     default_target: True
 
 
+rule index_all:
+    # Every subject's index and nothing more: the first run of a large cohort (README,
+    # "Cohorts"), so that the second one knows every subject's sessions when it builds its DAG
+    # (pipeline.workflow.index_first_advice). `limbtrack run --cohort` runs both.
+    input:
+        index_targets(RESULTS, SUBJECTS),
+
+
 onstart:
     # Snakemake's own CPU linear in the cohort: see pipeline.workflow (a timer pile-up)
     lift_default_submission_limit(workflow.scheduler)
+    _advice = index_first_advice(
+        sum(1 for job in workflow.dag.needrun_jobs() if job.rule.name == "index"),
+        {job.rule.name for job in workflow.dag.targetjobs},
+    )
+    if _advice:
+        logger.warning(f"limbtrack: {_advice}")
 
 
 onerror:

@@ -1,11 +1,13 @@
 """Cohort throughput on this machine, and how much of it is workflow overhead (issue 7).
 
 Cohorts of small phantom subjects (two sessions each, 16 slices of 128 x 96) run through the
-workflow with ``--cores 2`` in a fresh working folder. For each cohort size it prints the wall
-time, subjects per hour, and where the CPU time went:
+workflow with profiles/local and ``--cores 2`` in a fresh working folder, as README says for a
+cohort (and ``limbtrack run --cohort`` does): a first Snakemake run indexes every subject (their
+``sessions.json`` as targets), a second one does the rest. For each cohort size it prints the
+wall time, subjects per hour, and where the CPU time went (both runs together):
 
-- *Snakemake*: the CPU time of the Snakemake process itself (DAG, scheduling, checkpoint
-  re-evaluation), read from /proc/<pid>/stat just before it exits;
+- *Snakemake*: the CPU time of the Snakemake processes themselves (DAG, scheduling, checkpoint
+  re-evaluation), read from /proc/<pid>/stat just before they exit;
 - *job start-up*: per job, starting Python and importing the modules of what the job runs
   (:data:`pipeline.cli.COMMANDS`; a rule chaining steps with ``limbtrack steps`` imports each
   step's; ``python -c "import pipeline.cli, <modules>"``, measured separately, median of 3)
@@ -54,6 +56,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from job_monitor import SNAKEMAKE, JobMonitor, Proc, job_command
+
+from pipeline.workflow import index_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -122,24 +126,10 @@ def self_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
 
 
-def run_cohort(sheet: Path, work: Path, cores: int, executor: str = "local"
-               ) -> dict[str, object]:
-    """Run the cohort; wall time, CPU (all, Snakemake's own), jobs per subcommand, and the
-    processes the job monitor saw."""
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-           "--directory", str(work), "--configfile", str(ROOT / "config" / "config.yaml"),
-           "--printshellcmds"]
-    if executor == "slurm":
-        # --cores: the test cluster's one node has `cores` CPUs; on a cluster it caps the cpus
-        # a group job asks for (a subject's images group: one per session side by side)
-        cmd += ["--profile", str(ROOT / "profiles" / "slurm"), *SLURM_OPTIONS,
-                "--cores", str(cores)]
-    else:
-        cmd += ["--cores", str(cores)]
-    cmd += ["--config", f"subjects_sheet={sheet}", f"results_dir={work / 'results'}"]
-    log_path = work / "snakemake.log"
+def run_phase(cmd: list[str], log_path: Path) -> tuple[float, float, float, int]:
+    """Run one Snakemake command: (wall s, its own CPU s, its CPU with its children's, pid)."""
     start = time.perf_counter()
-    with open(log_path, "w") as log, JobMonitor(work) as monitor:
+    with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         snakemake_cpu = 0.0
         while True:
@@ -154,25 +144,56 @@ def run_cohort(sheet: Path, work: Path, cores: int, executor: str = "local"
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     if proc.returncode != 0:
         raise SystemExit(f"workflow failed ({proc.returncode}); see {log_path}")
+    return wall, snakemake_cpu, usage.ru_utime + usage.ru_stime, proc.pid
+
+
+def run_cohort(sheet: Path, work: Path, cores: int, executor: str = "local"
+               ) -> dict[str, object]:
+    """Run the cohort as README says (limbtrack run --cohort does the same): every subject's
+    index first (its sessions.json as targets), then the rest, through profiles/local or
+    profiles/slurm. Wall time, CPU (all, Snakemake's own), jobs per command, and the processes
+    the job monitor saw, both runs together."""
+    profile = "slurm" if executor == "slurm" else "local"
+    # --cores: this machine's cores; on SLURM (the test cluster's one node has `cores` CPUs)
+    # it caps the cpus a group job asks for (a subject's images group: a session each)
+    opts = ["--snakefile", str(ROOT / "Snakefile"), "--directory", str(work),
+            "--configfile", str(ROOT / "config" / "config.yaml"), "--printshellcmds",
+            "--profile", str(ROOT / "profiles" / profile), "--cores", str(cores)]
+    if executor == "slurm":
+        opts += SLURM_OPTIONS
+    results = work / "results"
+    opts += ["--config", f"subjects_sheet={sheet}", f"results_dir={results}"]
+    subjects = [line.split("\t", 1)[0] for line in sheet.read_text().splitlines()[1:]]
+    phases = {"index": index_targets(str(results), subjects), "all": []}
+    wall = own_cpu = total = 0.0
+    pids, logs = [], []
+    with JobMonitor(work) as monitor:
+        for name, targets in phases.items():
+            log_path = work / f"snakemake_{name}.log"
+            w, own, cpu, pid = run_phase(
+                [sys.executable, "-m", "snakemake", *targets, *opts], log_path)
+            wall, own_cpu, total, pids = wall + w, own_cpu + own, total + cpu, [*pids, pid]
+            logs.append(log_path)
     jobs = monitor.jobs()
     note = ""
     if executor == "slurm":  # jobs and in-job Snakemake are not children: their samples
         modules = Counter(p.command for p in jobs)
         in_jobs = [p.cpu_s for (pid, _, _), p in monitor.procs.items()
-                   if p.kind == SNAKEMAKE and pid != proc.pid]
+                   if p.kind == SNAKEMAKE and pid not in pids]
         # the benchmark's Snakemake (and its sbatch/squeue) + the Snakemake in each job
-        total = usage.ru_utime + usage.ru_stime + sum(in_jobs) + sum(p.cpu_s for p in jobs)
+        total += sum(in_jobs) + sum(p.cpu_s for p in jobs)
         snakemake_cpu = total - sum(p.cpu_s for p in jobs)
         note = (f"Snakemake CPU: {snakemake_cpu - sum(in_jobs):.1f} s submitting (its own, "
                 f"sbatch, squeue), {sum(in_jobs):.1f} s in {len(in_jobs)} Snakemake "
                 f"processes inside the SLURM jobs ({statistics.median(in_jobs or [0]):.2f} s "
                 "median)")
     else:
+        snakemake_cpu = own_cpu
         modules = Counter(
             job_command(shlex.split(line))
+            for log_path in logs
             for line in re.findall(r"^Shell command: \S+ -m pipeline\.cli (.*)$",
                                    log_path.read_text(), flags=re.M))
-        total = usage.ru_utime + usage.ru_stime
     return {"wall_s": wall, "total_cpu_s": total, "snakemake_cpu_s": snakemake_cpu,
             "jobs": modules, "procs": jobs, "note": note}
 

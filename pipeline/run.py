@@ -20,6 +20,12 @@ live, as for the documented command; the paths given here are made absolute firs
 the folder ``limbtrack run`` was started in. ``--rerun-incomplete`` is always on: a run that was
 killed is resumed by running the same command again.
 
+A cohort runs in two passes: every subject's index (its ``sessions.json`` as targets,
+:func:`pipeline.workflow.index_targets`), then the rest, so that Snakemake knows every
+subject's sessions when it builds its DAG and plans the cohort once instead of after each
+subject's index; it keeps going past a failed subject (``--keep-going``), which is listed
+with its reason in the cohort table.
+
 Progress (:mod:`pipeline.progress`) goes to standard error; Snakemake's own messages go only to
 its log file (``.snakemake/log/``), named when the run fails. At the end the report's path is
 printed (``<results>/<subject>/report.html``; ``<results>/cohort.html`` for a cohort) and the
@@ -50,7 +56,14 @@ from pipeline.io.files import read_tsv
 from pipeline.io.identity import patient_fingerprint
 from pipeline.io.sheet import is_sessions_sheet
 from pipeline.progress import Progress
-from pipeline.workflow import DATE_RE, SIDES, SUBJECT_RE
+from pipeline.workflow import (
+    DATE_RE,
+    SIDES,
+    SUBJECT_RE,
+    ConfigError,
+    index_targets,
+    load_subjects,
+)
 
 #: The repository: the Snakefile and the working folder of every run.
 REPO_ROOT = Path(pipeline.__file__).resolve().parents[1]
@@ -264,10 +277,14 @@ def _config_value(value: str) -> str:
     return "!!str '" + value.replace("'", "''") + "' "
 
 
-def snakemake_args(plan: RunPlan) -> list[str]:
-    """Snakemake's command-line arguments of a run (without the program name)."""
-    args = ["--snakefile", str(SNAKEFILE), "--directory", str(REPO_ROOT),
+def snakemake_args(plan: RunPlan, targets: Sequence[str] = ()) -> list[str]:
+    """Snakemake's command-line arguments of a run (without the program name): the
+    `targets` (default: the Snakefile's ``all``) and the options. A cohort keeps going past
+    a failed subject."""
+    args = [*targets, "--snakefile", str(SNAKEFILE), "--directory", str(REPO_ROOT),
             "--rerun-incomplete", "--nocolor"]
+    if plan.cohort:
+        args.append("--keep-going")
     if plan.cores:
         args += ["--cores", plan.cores]
     if plan.profile:
@@ -335,9 +352,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"limbtrack run: {err}", file=sys.stderr)
         return 2
     stderr = sys.stderr
-    progress = Progress(stderr, tty=stderr.isatty(), cores=_cores_number(plan.cores),
+
+    def new_progress() -> Progress:
+        return Progress(stderr, tty=stderr.isatty(), cores=_cores_number(plan.cores),
                         with_subject=plan.cohort)
+
     try:
+        if plan.cohort:
+            # Every subject's index first, then the rest: the second run knows every
+            # subject's sessions when it builds its DAG (pipeline.workflow.index_first_advice).
+            # A subject whose index failed is tried again there, and reported there.
+            try:
+                subjects = load_subjects(plan.config)
+            except ConfigError:
+                subjects = {}  # the second run says what is wrong with the sheet
+            if subjects:
+                targets = index_targets(plan.config["results_dir"], subjects)
+                execute(snakemake_args(plan, targets), new_progress())
+        progress = new_progress()
         ok, output = execute(snakemake_args(plan), progress)
     except KeyboardInterrupt:
         print("limbtrack run: interrupted; run the same command again to resume",

@@ -11,7 +11,7 @@ import json
 import os
 import re
 import shlex
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -364,6 +364,39 @@ def pass_research_salt(config: Mapping[str, Any]) -> None:
     salt = str(config.get("research", {}).get("salt") or "")
     if salt:
         os.environ["LIMBTRACK_RESEARCH_SALT"] = salt
+
+
+#: The target that indexes every subject of a cohort and nothing more (the Snakefile's rule).
+INDEX_ALL = "index_all"
+#: Subjects still to index above which a run is advised to index them first.
+INDEX_FIRST_ABOVE_SUBJECTS = 16
+
+
+def index_targets(results_dir: str, subjects: Iterable[str]) -> list[str]:
+    """Every subject's ``sessions.json`` (an output of its index), in the subjects' order:
+    the input of the Snakefile's ``index_all``, and the targets of the first pass of
+    ``limbtrack run --cohort``. Given as files, the targets make Snakemake's DAG hold the
+    index jobs alone, so a finished index re-plans nothing (an ``index_all`` job gathering
+    them is re-planned after each one: 0.08 s per subject at 512 in a synthetic workflow,
+    0.012 s with the files)."""
+    results = results_dir.rstrip("/")
+    return [f"{results}/{subject}/sessions.json" for subject in sorted(subjects)]
+
+
+def index_first_advice(unindexed: int, target_rules: set[str]) -> str:
+    """The warning for a run that would index more than :data:`INDEX_FIRST_ABOVE_SUBJECTS`
+    subjects and go on past their index in the same run; empty when none is due.
+
+    Why: each subject's index is a checkpoint, and after every checkpoint Snakemake re-plans
+    the whole DAG of the run, so its own CPU grows with the square of the subjects still to
+    index (docs/design.md, Costs). Indexed subjects' sessions are known when the DAG is built:
+    a first run with the target ``index_all`` makes the second one plan once."""
+    if unindexed <= INDEX_FIRST_ABOVE_SUBJECTS or target_rules <= {INDEX_ALL, "index"}:
+        return ""
+    return (f"{unindexed} subjects are not indexed yet, and Snakemake re-plans the whole run "
+            "after each one's index (its own CPU grows with the square of their number). "
+            f"Index them first: the same command with the target {INDEX_ALL}, then without "
+            "it; `limbtrack run --cohort` does both.")
 
 
 #: Snakemake's default ``--max-jobs-per-timespan`` (its command line's ``100/1s``).

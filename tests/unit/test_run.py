@@ -378,3 +378,43 @@ def test_no_subject_without_a_patient_id(tmp_path: Path) -> None:
     sheet.write_text("subject\tstudy_date\trole\tpath\n")
     with pytest.raises(run.RunError, match="--subject"):
         run.default_subject(sheet)
+
+
+def test_cohort_runs_every_index_first_then_the_rest(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    """Two Snakemake runs for a cohort: the subjects' sessions.json as targets (their index
+    jobs alone), then the whole workflow, both keeping going past a failed subject; one run
+    for a single subject."""
+    for name in ("P7", "Q8"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "subjects.tsv").write_text(
+        "subject\tinput_dir\tday0\taffected_side\n"
+        f"Q8\t{tmp_path / 'Q8'}\t2024-05-02\tleft\nP7\t{tmp_path / 'P7'}\t2024-05-02\tright\n")
+    calls: list[list[str]] = []
+
+    def fake_execute(args: list[str], progress: Progress) -> tuple[bool, str]:
+        calls.append(list(args))
+        report = tmp_path / "r" / "cohort.html"
+        report.parent.mkdir(exist_ok=True)
+        report.write_text("<html></html>")
+        return True, ""
+
+    monkeypatch.setattr(run, "execute", fake_execute)
+    monkeypatch.chdir(tmp_path)
+    assert run.main(["--cohort", "subjects.tsv", "--results", "r", "--cores", "2"]) == 0
+    assert len(calls) == 2
+    first, second = calls
+    results = tmp_path / "r"
+    assert first[:2] == [f"{results}/P7/sessions.json", f"{results}/Q8/sessions.json"]
+    assert second[0] == "--snakefile"  # no targets: the Snakefile's `all`
+    assert first[2:] == second and "--keep-going" in second
+    assert capsys.readouterr().out == f"Report: {results / 'cohort.html'}\n"
+
+    calls.clear()
+    (tmp_path / "r" / "P7").mkdir()
+    (tmp_path / "r" / "P7" / "report.html").write_text("<html></html>")
+    assert run.main([str(tmp_path / "P7"), "--day0", "2024-05-02", "--subject", "P7",
+                     "--results", "r"]) == 0
+    assert len(calls) == 1 and calls[0][0] == "--snakefile" and "--keep-going" not in calls[0]

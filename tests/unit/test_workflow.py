@@ -9,11 +9,14 @@ import pytest
 
 from pipeline import cli
 from pipeline.workflow import (
+    INDEX_FIRST_ABOVE_SUBJECTS,
     ConfigError,
     baseline_session,
     convert_command,
     default_events,
     index_args,
+    index_first_advice,
+    index_targets,
     is_dicom_input,
     lift_default_submission_limit,
     limbtrack_command,
@@ -290,3 +293,17 @@ def test_default_submission_limit_is_lifted_a_chosen_one_kept():
     assert not lift_default_submission_limit(chosen)
     assert chosen.job_rate_limiter is not None
     assert not lift_default_submission_limit(SimpleNamespace(job_rate_limiter=None))
+
+
+def test_index_targets_are_every_subjects_sessions_json() -> None:
+    assert index_targets("/r/", ["Q8", "P7"]) == ["/r/P7/sessions.json", "/r/Q8/sessions.json"]
+
+
+def test_index_first_advice_only_for_many_subjects_run_past_their_index() -> None:
+    limit = INDEX_FIRST_ABOVE_SUBJECTS
+    assert index_first_advice(limit, {"all"}) == ""  # few enough
+    assert index_first_advice(limit + 1, {"index_all"}) == ""  # the first pass itself
+    assert index_first_advice(limit + 1, {"index"}) == ""  # sessions.json files as targets
+    advice = index_first_advice(limit + 1, {"all"})
+    assert advice.startswith(f"{limit + 1} subjects are not indexed yet")
+    assert "target index_all" in advice and "limbtrack run --cohort" in advice
