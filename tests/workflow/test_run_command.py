@@ -67,3 +67,32 @@ def test_failing_run_names_the_step_and_its_reason_in_one_line(tmp_path: Path) -
     assert "no DICOM image series found" in failed[0]
     assert "step log: " in proc.stderr and "Snakemake's log: " in proc.stderr
     assert not any(word in proc.stderr for word in SNAKEMAKE_CHATTER)
+
+
+def test_cohort_indexes_first_and_keeps_going_past_a_failed_subject(tmp_path: Path) -> None:
+    """``--cohort``: a first pass indexes every subject (index steps alone), the second does
+    the rest; a subject whose folder holds no image fails alone, named with its reason, and
+    the other's report and the cohort page are written."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "scan.txt").write_text("not an image\n")
+    sheet = tmp_path / "subjects.tsv"
+    sheet.write_text("subject\tinput_dir\tday0\taffected_side\tevents\n"
+                     f"demo\t{DEMO_DICOM}\t2024-03-01\tleft\t\nBAD\t{bad}\t2024-03-01\tleft\t\n")
+    results = tmp_path / "results"
+    proc = limbtrack_run("--cohort", str(sheet), "--results", str(results), "--cores", "2")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    steps = [m.group(3) for m in map(LINE.match, lines) if m and m.group(4) == "started"]
+    # the first pass: both indexes and nothing else; then the rest of the demo (the failed
+    # index is tried again there)
+    first = steps[:2]
+    assert sorted(first) == ["index sub-BAD", "index sub-demo"], steps
+    assert "convert_segment sub-demo ses-20240304" in steps[2:]
+    assert "measure_report sub-demo" in steps[2:] and "index sub-demo" not in steps[2:]
+    failed = [ln for ln in lines if ln.startswith("limbtrack run:")]
+    assert failed and failed[0].startswith("limbtrack run: step index sub-BAD failed: ")
+    assert "no DICOM image series found" in failed[0]
+    assert (results / "demo" / "report.html").is_file()
+    cohort = (results / "cohort.tsv").read_text(encoding="utf-8")
+    assert "demo" in cohort and "BAD" in cohort
