@@ -1,8 +1,8 @@
 """Cohort throughput on this machine, and how much of it is workflow overhead (issue 7).
 
 Cohorts of small phantom subjects (two sessions each, 16 slices of 128 x 96) run through the
-workflow with profiles/local and ``--cores 2`` in a fresh working folder, as README says for a
-cohort (and ``limbtrack run --cohort`` does): a first Snakemake run indexes every subject (their
+workflow with profiles/local and ``--cores 2`` in a fresh working folder, as ``limbtrack run
+--cohort`` runs them: above 16 subjects a first Snakemake run indexes every subject (their
 ``sessions.json`` as targets), a second one does the rest. For each cohort size it prints the
 wall time, subjects per hour, and where the CPU time went (both runs together):
 
@@ -57,7 +57,7 @@ from pathlib import Path
 
 from job_monitor import SNAKEMAKE, JobMonitor, Proc, job_command
 
-from pipeline.workflow import index_targets
+from pipeline.workflow import index_first, index_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -149,7 +149,7 @@ def run_phase(cmd: list[str], log_path: Path) -> tuple[float, float, float, int]
 
 def run_cohort(sheet: Path, work: Path, cores: int, executor: str = "local"
                ) -> dict[str, object]:
-    """Run the cohort as README says (limbtrack run --cohort does the same): every subject's
+    """Run the cohort as limbtrack run --cohort does: above 16 subjects every subject's
     index first (its sessions.json as targets), then the rest, through profiles/local or
     profiles/slurm. Wall time, CPU (all, Snakemake's own), jobs per command, and the processes
     the job monitor saw, both runs together."""
@@ -164,7 +164,9 @@ def run_cohort(sheet: Path, work: Path, cores: int, executor: str = "local"
     results = work / "results"
     opts += ["--config", f"subjects_sheet={sheet}", f"results_dir={results}"]
     subjects = [line.split("\t", 1)[0] for line in sheet.read_text().splitlines()[1:]]
-    phases = {"index": index_targets(str(results), subjects), "all": []}
+    phases = {"index": index_targets(str(results), subjects)} if index_first(len(subjects)) \
+        else {}
+    phases["all"] = []
     wall = own_cpu = total = 0.0
     pids, logs = [], []
     with JobMonitor(work) as monitor:

@@ -20,7 +20,8 @@ live, as for the documented command; the paths given here are made absolute firs
 the folder ``limbtrack run`` was started in. ``--rerun-incomplete`` is always on: a run that was
 killed is resumed by running the same command again.
 
-A cohort runs in two passes: every subject's index (its ``sessions.json`` as targets,
+A cohort of more than 16 subjects runs in two passes (:func:`pipeline.workflow.index_first`):
+every subject's index (its ``sessions.json`` as targets,
 :func:`pipeline.workflow.index_targets`), then the rest, so that Snakemake knows every
 subject's sessions when it builds its DAG and plans the cohort once instead of after each
 subject's index; it keeps going past a failed subject (``--keep-going``), which is listed
@@ -61,6 +62,7 @@ from pipeline.workflow import (
     SIDES,
     SUBJECT_RE,
     ConfigError,
+    index_first,
     index_targets,
     load_subjects,
 )
@@ -366,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 subjects = load_subjects(plan.config)
             except ConfigError:
                 subjects = {}  # the second run says what is wrong with the sheet
-            if subjects:
+            if index_first(len(subjects)):
                 targets = index_targets(plan.config["results_dir"], subjects)
                 execute(snakemake_args(plan, targets), new_progress())
         progress = new_progress()

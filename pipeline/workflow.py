@@ -383,6 +383,13 @@ def index_targets(results_dir: str, subjects: Iterable[str]) -> list[str]:
     return [f"{results}/{subject}/sessions.json" for subject in sorted(subjects)]
 
 
+def index_first(subjects: int) -> bool:
+    """Whether a cohort of `subjects` is run in two passes, every subject's index first
+    (:func:`index_targets`): above :data:`INDEX_FIRST_ABOVE_SUBJECTS`; below, the re-planning
+    costs less than a second Snakemake start (~2 s of CPU)."""
+    return subjects > INDEX_FIRST_ABOVE_SUBJECTS
+
+
 def index_first_advice(unindexed: int, target_rules: set[str]) -> str:
     """The warning for a run that would index more than :data:`INDEX_FIRST_ABOVE_SUBJECTS`
     subjects and go on past their index in the same run; empty when none is due.
@@ -391,7 +398,7 @@ def index_first_advice(unindexed: int, target_rules: set[str]) -> str:
     the whole DAG of the run, so its own CPU grows with the square of the subjects still to
     index (docs/design.md, Costs). Indexed subjects' sessions are known when the DAG is built:
     a first run with the target ``index_all`` makes the second one plan once."""
-    if unindexed <= INDEX_FIRST_ABOVE_SUBJECTS or target_rules <= {INDEX_ALL, "index"}:
+    if not index_first(unindexed) or target_rules <= {INDEX_ALL, "index"}:
         return ""
     return (f"{unindexed} subjects are not indexed yet, and Snakemake re-plans the whole run "
             "after each one's index (its own CPU grows with the square of their number). "

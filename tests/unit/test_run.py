@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from dicom_factory import PATIENT_TAGS, write_series
 
-from pipeline import run
+from pipeline import run, workflow
 from pipeline.io.identity import normalise_patient_id, patient_fingerprint
 from pipeline.progress import (
     Failure,
@@ -384,9 +384,9 @@ def test_cohort_runs_every_index_first_then_the_rest(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]
                                                      ) -> None:
-    """Two Snakemake runs for a cohort: the subjects' sessions.json as targets (their index
-    jobs alone), then the whole workflow, both keeping going past a failed subject; one run
-    for a single subject."""
+    """Two Snakemake runs for a cohort of more than 16: the subjects' sessions.json as targets
+    (their index jobs alone), then the whole workflow, both keeping going past a failed
+    subject; one run for fewer, and for a single subject."""
     for name in ("P7", "Q8"):
         (tmp_path / name).mkdir()
     (tmp_path / "subjects.tsv").write_text(
@@ -403,6 +403,12 @@ def test_cohort_runs_every_index_first_then_the_rest(tmp_path: Path,
 
     monkeypatch.setattr(run, "execute", fake_execute)
     monkeypatch.chdir(tmp_path)
+    # two subjects: one run (the re-planning costs less than a second Snakemake start)
+    assert run.main(["--cohort", "subjects.tsv", "--results", "r", "--cores", "2"]) == 0
+    assert len(calls) == 1 and calls[0][0] == "--snakefile" and "--keep-going" in calls[0]
+    capsys.readouterr()
+    calls.clear()
+    monkeypatch.setattr(workflow, "INDEX_FIRST_ABOVE_SUBJECTS", 1)  # as if there were 17
     assert run.main(["--cohort", "subjects.tsv", "--results", "r", "--cores", "2"]) == 0
     assert len(calls) == 2
     first, second = calls

@@ -69,30 +69,31 @@ def test_failing_run_names_the_step_and_its_reason_in_one_line(tmp_path: Path) -
     assert not any(word in proc.stderr for word in SNAKEMAKE_CHATTER)
 
 
-def test_cohort_indexes_first_and_keeps_going_past_a_failed_subject(tmp_path: Path) -> None:
-    """``--cohort``: a first pass indexes every subject (index steps alone), the second does
-    the rest; a subject whose folder holds no image fails alone, named with its reason, and
-    the other's report and the cohort page are written."""
+def test_cohort_indexes_first_and_keeps_going_past_failed_subjects(tmp_path: Path) -> None:
+    """``--cohort`` of more than 16 subjects: a first pass indexes every subject (index steps
+    alone), the second does the rest; subjects whose folder holds no image fail alone, named
+    with their reason, and the demo's report and the cohort page are written."""
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "scan.txt").write_text("not an image\n")
+    failing = [f"B{k:02d}" for k in range(1, 18)]  # 17 + the demo: above the 16 of one pass
     sheet = tmp_path / "subjects.tsv"
     sheet.write_text("subject\tinput_dir\tday0\taffected_side\tevents\n"
-                     f"demo\t{DEMO_DICOM}\t2024-03-01\tleft\t\nBAD\t{bad}\t2024-03-01\tleft\t\n")
+                     f"demo\t{DEMO_DICOM}\t2024-03-01\tleft\t\n"
+                     + "".join(f"{s}\t{bad}\t2024-03-01\tleft\t\n" for s in failing))
     results = tmp_path / "results"
     proc = limbtrack_run("--cohort", str(sheet), "--results", str(results), "--cores", "2")
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = proc.stderr.splitlines()
     steps = [m.group(3) for m in map(LINE.match, lines) if m and m.group(4) == "started"]
-    # the first pass: both indexes and nothing else; then the rest of the demo (the failed
-    # index is tried again there)
-    first = steps[:2]
-    assert sorted(first) == ["index sub-BAD", "index sub-demo"], steps
-    assert "convert_segment sub-demo ses-20240304" in steps[2:]
-    assert "measure_report sub-demo" in steps[2:] and "index sub-demo" not in steps[2:]
+    # the first pass: the 18 indexes and nothing else; then the rest of the demo (the failed
+    # indexes are tried again there, and reported there)
+    assert sorted(steps[:18]) == sorted(f"index sub-{s}" for s in ["demo", *failing]), steps
+    assert "convert_segment sub-demo ses-20240304" in steps[18:]
+    assert "measure_report sub-demo" in steps[18:] and "index sub-demo" not in steps[18:]
     failed = [ln for ln in lines if ln.startswith("limbtrack run:")]
-    assert failed and failed[0].startswith("limbtrack run: step index sub-BAD failed: ")
+    assert failed and re.match(r"limbtrack run: step index sub-B\d\d failed: ", failed[0])
     assert "no DICOM image series found" in failed[0]
     assert (results / "demo" / "report.html").is_file()
     cohort = (results / "cohort.tsv").read_text(encoding="utf-8")
-    assert "demo" in cohort and "BAD" in cohort
+    assert all(s in cohort for s in ["demo", *failing])
