@@ -377,8 +377,7 @@ def index_targets(results_dir: str, subjects: Iterable[str]) -> list[str]:
     the input of the Snakefile's ``index_all``, and the targets of the first pass of
     ``limbtrack run --cohort``. Given as files, the targets make Snakemake's DAG hold the
     index jobs alone, so a finished index re-plans nothing (an ``index_all`` job gathering
-    them is re-planned after each one: 0.08 s per subject at 512 in a synthetic workflow,
-    0.012 s with the files)."""
+    them is re-planned after each one; benchmarks/checkpoint_scaling.py compares both)."""
     results = results_dir.rstrip("/")
     return [f"{results}/{subject}/sessions.json" for subject in sorted(subjects)]
 
