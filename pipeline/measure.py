@@ -335,12 +335,14 @@ def fov_pieces(s: Session) -> tuple[tuple[Geometry, ...], ...]:
 def measurement_extent(
     label_maps: Sequence[sitk.Image], transforms: Sequence[sitk.Transform | None],
     usable: Sequence[bool], pieces: Sequence[tuple[tuple[Geometry, ...], ...]] | None = None,
+    sides: Sequence[Sequence[str]] | None = None,
 ) -> tuple[tuple[float, float], list[FieldOfView], dict[str, Any]]:
     """The baseline cranio-caudal extent every usable session covers, the fields of view to
     intersect in-plane, and how they were set; every slice (with a warning) when no common
     extent can be set. The baseline is the session without a transform. `pieces`: per
     session, the grids of the one-leg series its images were composed of
-    (:func:`fov_pieces`)."""
+    (:func:`fov_pieces`). `sides`: per session, the sides its label map holds (found here
+    when not given)."""
     pieces = list(pieces) if pieces is not None else [()] * len(label_maps)
     info: dict[str, Any] = {"method": "common extent after registration"}
     fovs: list[FieldOfView] = []
@@ -362,9 +364,11 @@ def measurement_extent(
                     length_mm=round(z_hi - z_lo, 2))
         if len(maps_ok) > 1:
             pieces_ok = [p for p, u in zip(pieces, usable, strict=True) if u]
-            fovs = [FieldOfView(Geometry.of(m), t, p,
-                                tuple(sides_present(sitk.GetArrayViewFromImage(m))))
-                    for m, t, p in zip(maps_ok, trs_ok, pieces_ok, strict=True)]
+            sides_ok = ([tuple(sides_present(sitk.GetArrayViewFromImage(m))) for m in maps_ok]
+                        if sides is None else
+                        [tuple(d) for d, u in zip(sides, usable, strict=True) if u])
+            fovs = [FieldOfView(Geometry.of(m), t, p, d)
+                    for m, t, p, d in zip(maps_ok, trs_ok, pieces_ok, sides_ok, strict=True)]
             info["in_plane"] = "voxels seen by every session's field of view"
     except ValueError as err:
         z_lo, z_hi = -np.inf, np.inf
@@ -376,9 +380,11 @@ def measurement_extent(
 def measure_session(
     s: Session, transform: sitk.Transform | None, extent: tuple[float, float],
     fovs: Sequence[FieldOfView], flags: Sequence[QCFlag],
+    present: Sequence[str] | None = None,
 ) -> SessionVolumes:
     """Volumes of one (loaded) session inside `extent` and every field of view in `fovs`;
-    a structure an ``exclude`` flag removes is None."""
+    a structure an ``exclude`` flag removes is None. `present`: the sides its label map
+    holds (found here when not given)."""
     labels = s.labels
     z_range, n = _extent_of(labels)
     vols: dict[str, dict[str, float | None]] = {
@@ -390,7 +396,8 @@ def measure_session(
                 vols[sd][structure] = None
     qc_codes: dict[str, list[str]] = {sd: qc_mod.codes_for(flags, s.label, sd) for sd in SIDES}
     # a side the session does not image is not measured: empty, never 0, and says why
-    present = sides_present(sitk.GetArrayViewFromImage(labels))
+    if present is None:
+        present = sides_present(sitk.GetArrayViewFromImage(labels))
     for sd in SIDES:
         if sd not in present:
             vols[sd] = dict.fromkeys(STRUCTURES)
@@ -443,10 +450,13 @@ def measure_subject(
                                    key=lambda s: s.study_date))
     transforms = [None if s.label == baseline else s.transform for s in ordered]
     usable = [not qc_mod.session_excluded(flags, s.label) for s in ordered]
+    # each label map scanned once for its sides (the extent's fields of view and the volumes)
+    sides = [sides_present(sitk.GetArrayViewFromImage(s.labels)) for s in ordered]
     extent, fovs, extent_info = measurement_extent([s.labels for s in ordered], transforms,
-                                                   usable, [fov_pieces(s) for s in ordered])
-    measured = [measure_session(s, xfm, extent, fovs if ok else (), flags)
-                for s, xfm, ok in zip(ordered, transforms, usable, strict=True)]
+                                                   usable, [fov_pieces(s) for s in ordered],
+                                                   sides)
+    measured = [measure_session(s, xfm, extent, fovs if ok else (), flags, present)
+                for s, xfm, ok, present in zip(ordered, transforms, usable, sides, strict=True)]
     side, how = resolve_side(affected_side, measured)
     return measured, side, how, extent_info
 
